@@ -1,0 +1,100 @@
+"""Tiny, randomly initialised diffusion models built from ComfyUI's own classes.
+
+They use the real ``comfy.supported_models`` configs, ``BaseModel`` subclasses, model_sampling
+(EPS + discrete schedule for SD1.5/SDXL, CONST flow for SD3/Flux) and ``ModelPatcher``: every
+hook, wrapper and patch a node installs runs exactly as with a real checkpoint. They build in
+milliseconds and sample an 8x8 latent in a fraction of a second on one CPU thread.
+"""
+from __future__ import annotations
+
+import torch
+
+ARCHS = ("sd15", "sdxl", "sd3", "flux")
+# (context tokens, context dim, pooled dim) the conditioning must have for each arch
+COND_SHAPES = {"sd15": (77, 64, None), "sdxl": (77, 64, 32), "sd3": (77, 64, 32), "flux": (16, 64, 32)}
+
+_UNET = {
+    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+    "num_res_blocks": [1, 1], "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1],
+    "channel_mult": [1, 2], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
+    "context_dim": 64, "use_temporal_resblock": False, "use_temporal_attention": False,
+}
+
+
+def _config(arch):
+    import comfy.supported_models as sm
+
+    if arch == "sd15":
+        cfg = sm.SD15(dict(_UNET))
+    elif arch == "sdxl":
+        cfg = sm.SDXL(dict(_UNET, adm_in_channels=32 + 1536, num_classes="sequential",
+                           use_linear_in_transformer=True))
+    elif arch == "sd3":
+        cfg = sm.SD3({"in_channels": 16, "out_channels": 16, "pos_embed_scaling_factor": None, "patch_size": 2,
+                      "depth": 2, "input_size": None, "adm_in_channels": 32, "num_patches": 256,
+                      "pos_embed_max_size": 16, "x_block_self_attn_layers": [],
+                      "context_embedder_config": {"target": "torch.nn.Linear",
+                                                  "params": {"in_features": 64, "out_features": 128}}})
+    elif arch == "flux":
+        cfg = sm.Flux({"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32,
+                       "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 2,
+                       "depth_single_blocks": 2, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2,
+                       "qkv_bias": True, "guidance_embed": True})
+    else:
+        raise ValueError(f"unknown tiny arch {arch!r}; one of {ARCHS}")
+    if arch in ("sd15", "sdxl"):
+        cfg.unet_config["num_heads"] = 2
+        cfg.unet_config["num_head_channels"] = -1
+    return cfg
+
+
+def _reinit(module: torch.nn.Module, seed: int) -> None:
+    """comfy's layers skip weight init (disable_weight_init): re-run torch's initialisers."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        done = set()
+        for m in module.modules():
+            for cls in type(m).__mro__:
+                if cls.__module__.startswith("torch.nn") and "reset_parameters" in cls.__dict__:
+                    cls.reset_parameters(m)
+                    done.update(id(p) for p in m.parameters(recurse=False))
+                    break
+        with torch.no_grad():  # custom modules without an initialiser (RMSNorm scale, ...)
+            for name, p in module.named_parameters():
+                if id(p) in done:
+                    continue
+                if p.ndim == 1:
+                    p.fill_(1.0 if name.endswith(("scale", "weight")) else 0.0)
+                else:
+                    p.normal_(0.0, 0.02)
+    finally:
+        torch.random.set_rng_state(gen_state)
+
+
+def build(arch: str = "sd15", seed: int = 0):
+    """A ModelPatcher around a tiny random model of ``arch``."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    cfg = _config(arch)
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model({}, "", device=torch.device("cpu"))
+    _reinit(model.diffusion_model, seed)
+    model.diffusion_model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def conditioning(arch: str, seed: int = 0, batch: int = 1):
+    """A CONDITIONING value shaped like the text encoder output ``arch`` expects."""
+    tokens, dim, pooled = COND_SHAPES[arch]
+    g = torch.Generator().manual_seed(seed)
+    cond = torch.randn(batch, tokens, dim, generator=g)
+    extra = {}
+    if pooled is not None:
+        extra["pooled_output"] = torch.randn(batch, pooled, generator=g)
+    if arch == "sdxl":
+        extra.update(width=64, height=64, crop_w=0, crop_h=0, target_width=64, target_height=64)
+    return [[cond, extra]]
