@@ -61,7 +61,8 @@ class GaussianMixture:
             return logw
         cls = torch.as_tensor(cls, dtype=torch.long).reshape(-1).expand(batch)
         mask = self.labels[None, :] == cls[:, None]
-        return torch.where(mask, logw, torch.full_like(logw, -math.inf))
+        logw = torch.where(mask, logw, torch.full_like(logw, -math.inf))
+        return logw - torch.logsumexp(logw, dim=-1, keepdim=True)   # p(k | class)
 
     # -- exact quantities ---------------------------------------------------------------------------
     def denoise(self, x, sigma, kind="ve", cls=None):

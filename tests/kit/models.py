@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .gmm import GaussianMixture
+from .schedules import flow_sigma_table, sd_sigma_table
 
 PREDICTIONS = ("eps", "v", "flow")
 
@@ -39,7 +40,7 @@ _SAMPLING = {"eps": EPS, "v": V_PREDICTION, "flow": CONST}
 
 
 class AnalyticModel:
-    """Exact denoiser of ``gmm`` for class ``cls`` (None: unconditional) at CFG scale ``cfg``.
+    """Exact denoiser of ``gmm`` (NFE counted per batch row and conditioning) for class ``cls`` (None: unconditional) at CFG scale ``cfg``.
 
     prediction: "eps" or "v" (VE sigma space, like SD1.5/SDXL) or "flow" (CONST, like SD3/Flux).
     bias: optional callable (x, sigma) -> tensor added to the prediction (an imperfect network).
@@ -51,6 +52,7 @@ class AnalyticModel:
         self.gmm, self.prediction, self.cls, self.cfg, self.bias = gmm, prediction, cls, cfg, bias
         self.kind = "flow" if prediction == "flow" else "ve"
         self.model_sampling = _SAMPLING[prediction]()
+        self.model_sampling.sigmas = flow_sigma_table() if self.kind == "flow" else sd_sigma_table()
         self.nfe = 0
         self.sigmas_seen: list[float] = []
 
@@ -77,7 +79,7 @@ class AnalyticModel:
         else:
             out = (x - d) / sig
             d = x - out * sig
-        self.nfe += (2 if (self.cls is not None and self.cfg != 1.0) else 1)
+        self.nfe += x.shape[0] * (2 if (self.cls is not None and self.cfg != 1.0) else 1)
         self.sigmas_seen.append(float(sigma.reshape(-1)[0]))
         return d.to(x.dtype)
 

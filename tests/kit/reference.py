@@ -15,7 +15,7 @@ import torch
 SIGMA_EPS = 1e-6
 
 
-def solve(denoise, x, sigma_from: float, sigma_to: float, h: float = 1e-2):
+def solve(denoise, x, sigma_from: float, sigma_to: float, h: float = 5e-3):
     """Integrate the PF-ODE of ``denoise(x, sigma)`` from sigma_from down to sigma_to (float64)."""
     x = x.to(torch.float64)
     end = max(float(sigma_to), SIGMA_EPS)
