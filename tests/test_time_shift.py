@@ -66,7 +66,8 @@ def test_shift_follows_the_excess_noise_per_sample():
     table = sd_sigma_table()
     sigma = float(table[500])
     levels = torch.tensor([table[420], table[500], table[580]], dtype=torch.float64)
-    x = x0 + levels[:, None] * noise_like((3, DIM), seed=3)
+    # states the network sees as forward-process samples at levels 420 / 500 / 580
+    x = (x0 + levels[:, None] * noise_like((3, DIM), seed=3)) * ((1 + sigma**2) / (1 + levels[:, None] ** 2)) ** 0.5
     idx = [sh.index(float(s)) for s in sh.choose(x, sigma)]
     assert abs(idx[0] - 420) < 30 and abs(idx[1] - 500) < 30 and abs(idx[2] - 580) < 30
 
