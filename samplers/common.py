@@ -81,7 +81,7 @@ def check_inputs(x: torch.Tensor, sigmas: torch.Tensor, kind: str) -> None:
 def alpha_s(sigma: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(alpha, s) of ``x = alpha * x0 + s * noise`` at ComfyUI noise level ``sigma``."""
     if kind == "flow":
-        return 1.0 - sigma, sigma
+        return (1.0 - sigma).clamp(min=0.0), sigma
     return torch.ones_like(sigma), sigma
 
 

@@ -58,10 +58,13 @@ def ab_mix(history: list[torch.Tensor], k: int, b: float = 1.0) -> torch.Tensor:
     return out
 
 
-def _ve_step(x, u, denoised, a, s, a_next, s_next, first):
-    """x_ve' = x_ve + (sigma_ve' - sigma_ve) u, written in ComfyUI's x (finite at alpha = 0)."""
-    x0_equiv = denoised if (first and float(a) == 0.0) else (x - s * u) / a
-    return a_next * x0_equiv + s_next * u
+def _ve_step(e, u, denoised, a, s, a_next, s_next, first):
+    """x_ve' = x_ve + (sigma_ve' - sigma_ve) u in ComfyUI's x, with e the current noise estimate:
+    x' = a' D + s' u + a' (s / a) (e - u). On the first step u = e, which keeps alpha = 0 (a flow
+    model at sigma = 1) exact and avoids dividing by a tiny alpha in low precision."""
+    if first:
+        return a_next * denoised + s_next * u
+    return a_next * denoised + s_next * u + (a_next * s / a) * (e - u)
 
 
 def _setup(model, x, sigmas, extra_args, kind):
@@ -87,7 +90,7 @@ def sample_plms_hb(model, x, sigmas, extra_args=None, callback=None, disable=Non
         eps_hist = [e] + eps_hist[: int(order) - 1]
         e_hat = ab_mix(eps_hist, int(order))
         v = e_hat if v is None else (1.0 - beta) * v + beta * e_hat
-        x = _ve_step(x, v, denoised, a[i], s[i], a[i + 1], s[i + 1], i == 0)
+        x = _ve_step(e, v, denoised, a[i], s[i], a[i + 1], s[i + 1], i == 0)
     return x
 
 
@@ -109,7 +112,7 @@ def sample_ghvb(model, x, sigmas, extra_args=None, callback=None, disable=None, 
         e = (x - a[i] * denoised) / s[i]
         v = e if not v_hist else (1.0 - beta) * v_hist[0] + beta * e
         v_hist = [v] + v_hist[: k - 1]
-        x = _ve_step(x, ab_mix(v_hist, k, beta), denoised, a[i], s[i], a[i + 1], s[i + 1], i == 0)
+        x = _ve_step(e, ab_mix(v_hist, k, beta), denoised, a[i], s[i], a[i + 1], s[i + 1], i == 0)
     return x
 
 

@@ -15,3 +15,4 @@ if "trainfree" not in sys.modules:  # a bare package object: pure layers import 
     pkg.__path__ = [str(ROOT)]
     sys.modules["trainfree"] = pkg
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "integration"))

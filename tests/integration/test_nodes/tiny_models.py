@@ -69,6 +69,9 @@ def _reinit(module: torch.nn.Module, seed: int) -> None:
                     p.fill_(1.0 if name.endswith(("scale", "weight")) else 0.0)
                 else:
                     p.normal_(0.0, 0.02)
+            for name, b in module.named_buffers():  # checkpoint-loaded buffers (SD3's pos_embed)
+                if name.endswith("pos_embed"):
+                    b.normal_(0.0, 0.02)
     finally:
         torch.random.set_rng_state(gen_state)
 

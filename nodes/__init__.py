@@ -1,0 +1,14 @@
+"""The only layer that imports ComfyUI: one small adapter module per method."""
+from . import momentum, time_shift
+from .sampler_support import register_dropdown_samplers
+
+_MODULES = (momentum, time_shift)
+
+NODE_CLASS_MAPPINGS = {}
+NODE_DISPLAY_NAME_MAPPINGS = {}
+for _module in _MODULES:
+    for _node_id, (_cls, _display) in _module.NODES.items():
+        NODE_CLASS_MAPPINGS[_node_id] = _cls
+        NODE_DISPLAY_NAME_MAPPINGS[_node_id] = _display
+
+DROPDOWN_SAMPLERS = register_dropdown_samplers({k: v for m in _MODULES for k, v in m.DROPDOWN.items()})

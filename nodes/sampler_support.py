@@ -1,0 +1,61 @@
+"""ComfyUI side of the pack's solvers: SAMPLER objects and the KSampler dropdown entries.
+
+Every TrainFree solver is a pure function in ``samplers/`` with ComfyUI's sampler signature;
+this module only wraps it in ``comfy.samplers.KSAMPLER`` (which drives ComfyUI's progress bar,
+previews and Cancel through the per-step callback) and makes it selectable by name.
+"""
+from __future__ import annotations
+
+import logging
+
+import comfy.k_diffusion.sampling as k_sampling
+import comfy.samplers
+
+from ..samplers.common import check_range
+
+CATEGORY = "trainfree/samplers"
+PREFIX = "trainfree_"
+log = logging.getLogger("trainfree")
+
+
+def ksampler(function, **options):
+    """A SAMPLER value for SamplerCustomAdvanced / SamplerCustom."""
+    return comfy.samplers.KSAMPLER(function, extra_options=options)
+
+
+def checked(**ranges):
+    """Validate node inputs with the solvers' own ranges: (value, lo, hi) per name."""
+    for name, (value, lo, hi) in ranges.items():
+        check_range(name, value, lo, hi)
+
+
+def _marked(function):
+    def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
+        return function(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **options)
+
+    sampler.__trainfree__ = True
+    return sampler
+
+
+def register_dropdown_samplers(entries: dict) -> list[str]:
+    """Make ``PREFIX + name`` selectable in KSampler / KSamplerSelect (paper defaults).
+
+    ComfyUI looks a sampler name up as ``comfy.k_diffusion.sampling.sample_<name>``; we add new
+    attributes there and publish extended *copies* of its name lists, so ComfyUI's own entries and
+    list objects are never rewritten. Re-registration (a reload) is harmless.
+    """
+    added = []
+    for name, function in entries.items():
+        full = PREFIX + name
+        attr = "sample_" + full
+        current = getattr(k_sampling, attr, None)
+        if current is not None and not getattr(current, "__trainfree__", False):
+            log.warning("trainfree: %s already exists (%s); not replacing it", attr, current)
+            continue
+        setattr(k_sampling, attr, _marked(function))
+        added.append(full)
+    names = list(comfy.samplers.SAMPLER_NAMES)
+    names += [n for n in added if n not in names]
+    comfy.samplers.SAMPLER_NAMES = names
+    comfy.samplers.KSampler.SAMPLERS = names
+    return added

@@ -1,0 +1,23 @@
+"""ComfyUI integration fixtures: skipped, saying why, when COMFYUI_PATH is not set."""
+import pytest
+
+from harness import Comfy, comfyui_path
+
+_COMFY = None
+
+
+def pytest_collection_modifyitems(config, items):
+    if comfyui_path() is None:
+        skip = pytest.mark.skip(reason="COMFYUI_PATH is not set: point it at a ComfyUI checkout to run "
+                                       "the integration tests (see README, 'Tests')")
+        for item in items:
+            if "integration" in str(item.fspath):
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def comfyui():
+    global _COMFY
+    if _COMFY is None:
+        _COMFY = Comfy(comfyui_path())
+    return _COMFY

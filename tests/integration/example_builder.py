@@ -1,0 +1,109 @@
+"""Writes example_workflows/*.json (UI format, loadable in ComfyUI as shipped).
+
+    python tests/integration/example_builder.py
+
+Each workflow is the classic SD1.5 text-to-image graph sampled by SamplerCustomAdvanced with one
+TrainFree node as its SAMPLER. The integration tests run every file through ComfyUI's executor.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parents[2] / "example_workflows"
+
+# node type -> (socket inputs [(name, type)], outputs [(name, type)])
+SOCKETS = {
+    "CheckpointLoaderSimple": ([], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
+    "CLIPTextEncode": ([("clip", "CLIP")], [("CONDITIONING", "CONDITIONING")]),
+    "EmptyLatentImage": ([], [("LATENT", "LATENT")]),
+    "BasicScheduler": ([("model", "MODEL")], [("SIGMAS", "SIGMAS")]),
+    "CFGGuider": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
+                  [("GUIDER", "GUIDER")]),
+    "RandomNoise": ([], [("NOISE", "NOISE")]),
+    "SamplerCustomAdvanced": ([("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"),
+                               ("sigmas", "SIGMAS"), ("latent_image", "LATENT")],
+                              [("output", "LATENT"), ("denoised_output", "LATENT")]),
+    "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
+    "SaveImage": ([("images", "IMAGE")], []),
+    "Note": ([], []),
+}
+
+EXAMPLES = {
+    "ghvb_sampler": ("TrainFreeGHVBSampler", [3.5], 15, 7.5,
+                     "GHVB (Generalized Heavy Ball) sampler. 'order' r = k - 1 + beta: lower is more stable at "
+                     "high CFG / few steps, higher is more accurate. Also in KSampler's list as trainfree_ghvb (r = 3.5)."),
+    "plms_heavy_ball_sampler": ("TrainFreePLMSHeavyBallSampler", [4, 0.9], 15, 7.5,
+                                "PLMS + heavy-ball momentum. beta 0.9 at CFG 7.5, 0.8 at 15, 0.6 at 22.5. "
+                                "Also in KSampler's list as trainfree_plms_hb."),
+    "dpmpp_2m_heavy_ball_sampler": ("TrainFreeDPMPP2MHeavyBallSampler", [0.8], 15, 7.5,
+                                    "DPM-Solver++(2M) + heavy-ball momentum (beta 0.8). Also in KSampler's list "
+                                    "as trainfree_dpmpp_2m_hb."),
+    "time_shift_ddim_sampler": ("TrainFreeTimeShiftDDIMSampler", [80, 300, 0.0], 10, 7.5,
+                                "Time-shift DDIM: the model is asked about the noise level the sample looks like. "
+                                "window / cutoff in model timesteps (of 1000). Also in KSampler's list as "
+                                "trainfree_ts_ddim."),
+    "time_shift_dpmpp_2m_sampler": ("TrainFreeTimeShiftDPMPP2MSampler", [30, 300, 0.0], 10, 7.5,
+                                    "Time-shift DPM-Solver++(2M). Also in KSampler's list as trainfree_ts_dpmpp_2m."),
+}
+
+
+def build(sampler_type, sampler_widgets, steps, cfg, note, prefix):
+    specs = [  # (id, type, widgets, pos)
+        (1, "CheckpointLoaderSimple", ["v1-5-pruned-emaonly-fp16.safetensors"], (20, 200)),
+        (2, "CLIPTextEncode", ["a watercolor painting of a lighthouse on a cliff at sunset, detailed"], (400, 60)),
+        (3, "CLIPTextEncode", ["blurry, low quality, watermark"], (400, 300)),
+        (4, "EmptyLatentImage", [512, 512, 1], (400, 540)),
+        (5, sampler_type, sampler_widgets, (800, 60)),
+        (6, "BasicScheduler", ["normal", steps, 1.0], (800, 260)),
+        (7, "CFGGuider", [cfg], (800, 440)),
+        (8, "RandomNoise", [0, "fixed"], (800, 600)),
+        (9, "SamplerCustomAdvanced", [], (1180, 200)),
+        (10, "VAEDecode", [], (1500, 200)),
+        (11, "SaveImage", [prefix], (1740, 200)),
+        (12, "Note", [note], (20, 520)),
+    ]
+    wires = [  # (from id, from slot, to id, to input name)
+        (1, 1, 2, "clip"), (1, 1, 3, "clip"), (1, 0, 6, "model"), (1, 0, 7, "model"), (2, 0, 7, "positive"),
+        (3, 0, 7, "negative"), (8, 0, 9, "noise"), (7, 0, 9, "guider"), (5, 0, 9, "sampler"),
+        (6, 0, 9, "sigmas"), (4, 0, 9, "latent_image"), (9, 0, 10, "samples"), (1, 2, 10, "vae"),
+        (10, 0, 11, "images"),
+    ]
+    types = {s[0]: s[1] for s in specs}
+
+    def sockets(t):
+        return SOCKETS.get(t, ([], [("SAMPLER", "SAMPLER")]))
+
+    links, nodes = [], []
+    for link_id, (src, slot, dst, name) in enumerate(wires, start=1):
+        links.append([link_id, src, slot, dst, [n for n, _ in sockets(types[dst])[0]].index(name),
+                      sockets(types[src])[1][slot][1]])
+    for order, (nid, t, widgets, pos) in enumerate(specs):
+        ins, outs = sockets(t)
+        node = {
+            "id": nid, "type": t, "pos": list(pos), "size": [340, 160 if t == "Note" else 100], "flags": {},
+            "order": order, "mode": 0,
+            "inputs": [{"name": n, "type": ty, "link": next((l[0] for l in links if l[3] == nid and l[4] == i), None)}
+                       for i, (n, ty) in enumerate(ins)],
+            "outputs": [{"name": n, "type": ty, "slot_index": i,
+                         "links": [l[0] for l in links if l[1] == nid and l[2] == i]} for i, (n, ty) in enumerate(outs)],
+            "properties": {} if t == "Note" else {"Node name for S&R": t},
+            "widgets_values": widgets,
+        }
+        if t == "Note":
+            node["color"], node["bgcolor"] = "#432", "#653"
+        nodes.append(node)
+    return {"last_node_id": len(specs), "last_link_id": len(links), "nodes": nodes, "links": links,
+            "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+def main():
+    OUT.mkdir(exist_ok=True)
+    for name, (t, widgets, steps, cfg, note) in EXAMPLES.items():
+        wf = build(t, widgets, steps, cfg, note, f"trainfree_{name}")
+        (OUT / f"{name}.json").write_text(json.dumps(wf, indent=1) + "\n")
+        print("wrote", OUT / f"{name}.json")
+
+
+if __name__ == "__main__":
+    main()

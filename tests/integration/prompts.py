@@ -1,0 +1,50 @@
+"""API-format prompts for the integration tests."""
+
+
+def custom_advanced(sampler_type, sampler_inputs, arch="sd15", steps=6, cfg=4.0, size=64, batch=1,
+                    scheduler="normal", seed=0, flip_sigmas=False):
+    """Tiny checkpoint -> text encode -> SamplerCustomAdvanced with a pack SAMPLER -> decode, stats."""
+    p = {
+        "ckpt": {"class_type": "TrainFreeTestTinyCheckpoint", "inputs": {"arch": arch, "seed": 0}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a lighthouse"}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "blurry"}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": batch}},
+        "sampler": {"class_type": sampler_type, "inputs": dict(sampler_inputs)},
+        "sched": {"class_type": "BasicScheduler", "inputs": {"model": ["ckpt", 0], "scheduler": scheduler,
+                                                             "steps": steps, "denoise": 1.0}},
+        "guider": {"class_type": "CFGGuider", "inputs": {"model": ["ckpt", 0], "positive": ["pos", 0],
+                                                         "negative": ["neg", 0], "cfg": cfg}},
+        "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
+        "sample": {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["sampler", 0],
+            "sigmas": ["sched", 0], "latent_image": ["latent", 0]}},
+        "stats": {"class_type": "TrainFreeTestLatentStats", "inputs": {"samples": ["sample", 0]}},
+    }
+    if flip_sigmas:
+        p["flip"] = {"class_type": "FlipSigmas", "inputs": {"sigmas": ["sched", 0]}}
+        p["sample"]["inputs"]["sigmas"] = ["flip", 0]
+    return p
+
+
+def ksampler(sampler_name, arch="sd15", steps=6, cfg=4.0, size=64, scheduler="normal", seed=0):
+    """The plain KSampler graph with a sampler picked from its dropdown."""
+    return {
+        "ckpt": {"class_type": "TrainFreeTestTinyCheckpoint", "inputs": {"arch": arch, "seed": 0}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a lighthouse"}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "blurry"}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "ks": {"class_type": "KSampler", "inputs": {
+            "model": ["ckpt", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
+            "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler_name, "scheduler": scheduler,
+            "denoise": 1.0}},
+        "stats": {"class_type": "TrainFreeTestLatentStats", "inputs": {"samples": ["ks", 0]}},
+    }
+
+
+SAMPLER_NODES = {
+    "TrainFreeGHVBSampler": {"order": 3.5},
+    "TrainFreePLMSHeavyBallSampler": {"order": 4, "beta": 0.9},
+    "TrainFreeDPMPP2MHeavyBallSampler": {"beta": 0.8},
+    "TrainFreeTimeShiftDDIMSampler": {"window": 80, "cutoff": 300, "data_variance": 0.0},
+    "TrainFreeTimeShiftDPMPP2MSampler": {"window": 30, "cutoff": 300, "data_variance": 0.0},
+}
