@@ -1,0 +1,235 @@
+"""Accuracy benchmark: error to the exact ODE solution versus model evaluations (NFE).
+
+    COMFYUI_PATH=/path/to/ComfyUI python -m bench [--out bench/out] [--batch 64]
+
+Runs the pack's solvers and ComfyUI's built-in samplers side by side, in one run, on the analytic
+Gaussian-mixture model (an exact denoiser, so the exact PF-ODE solution is known): eps (VE,
+Karras schedule) and rectified flow (CONST, linear schedule), at CFG 1 and 7.5. Prints markdown
+tables of RMSE and of the ratio to the best built-in at each NFE, a divergence-artifact table (CFG
+15), and saves a PNG plot when matplotlib is installed. Without COMFYUI_PATH only the pack runs.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+NFES = (4, 5, 6, 8, 10, 15, 20)
+OURS = {  # label -> (registry name, options)
+    "ghvb 3.5": ("ghvb", {"order": 3.5}),
+    "ghvb 1.5": ("ghvb", {"order": 1.5}),
+    "plms4+hb 0.9": ("plms_hb", {"order": 4, "beta": 0.9}),
+    "dpm++2m+hb 0.8": ("dpmpp_2m_hb", {"beta": 0.8}),
+    "ts_ddim": ("ts_ddim", {}),
+    "ts_dpm++2m": ("ts_dpmpp_2m", {}),
+}
+BUILTINS = ("euler", "heun", "dpmpp_2m", "dpmpp_2m_sde", "uni_pc", "uni_pc_bh2", "deis", "ipndm", "res_multistep")
+
+
+def _setup_imports():
+    torch.set_num_threads(1)
+    if "trainfree" not in sys.modules:
+        pkg = types.ModuleType("trainfree")
+        pkg.__path__ = [str(ROOT)]
+        sys.modules["trainfree"] = pkg
+    sys.path.insert(0, str(ROOT / "tests"))
+    comfy_path = os.environ.get("COMFYUI_PATH")
+    if not comfy_path:
+        return None
+    sys.path.insert(0, str(ROOT / "tests" / "integration"))
+    sys.path.insert(0, comfy_path)
+    from harness import _torchvision_stand_in
+
+    _torchvision_stand_in()
+    from comfy.cli_args import args
+
+    args.cpu = True
+    import comfy.k_diffusion.sampling as kds
+    import comfy.model_sampling as cms
+    from comfy.extra_samplers import uni_pc
+
+    fns = {n: getattr(kds, "sample_" + n) for n in BUILTINS if hasattr(kds, "sample_" + n)}
+    fns["uni_pc"], fns["uni_pc_bh2"] = uni_pc.sample_unipc, uni_pc.sample_unipc_bh2
+    fns["dpmpp_2m_sde"] = lambda *a, **k: kds.sample_dpmpp_2m_sde(*a, eta=0.0, **k)
+
+    class VE(cms.ModelSamplingDiscrete, cms.EPS):
+        pass
+
+    class Flow(cms.ModelSamplingDiscreteFlow, cms.CONST):
+        pass
+
+    return fns, {"ve": VE, "flow": Flow}
+
+
+class _Patcher:
+    def __init__(self, ms):
+        self.ms = ms
+
+    def get_model_object(self, name):
+        return self.ms
+
+
+class ComfyShaped:
+    """The analytic model behind ComfyUI's object chain (model.inner_model.inner_model...)."""
+
+    def __init__(self, model, model_sampling):
+        self.model = model
+        self.inner_model = types.SimpleNamespace(inner_model=types.SimpleNamespace(model_sampling=model_sampling),
+                                                 model_patcher=_Patcher(model_sampling),
+                                                 model_sampling=model_sampling)
+
+    def __call__(self, x, sigma, **kw):
+        return self.model(x, sigma.to(torch.float64), **kw)
+
+
+def _schedule(kind, n):
+    from kit.schedules import flow_linear, karras
+
+    return karras(n) if kind == "ve" else flow_linear(n)
+
+
+def _run(fn, model, x, sigmas, opts):
+    """One sampling run in float32, as ComfyUI runs (the analytic model computes in float64)."""
+    model.model.nfe = 0
+    out = fn(model, x.float(), sigmas.float(), extra_args={"seed": 0}, disable=True, **opts)
+    return out, model.model.nfe / (x.shape[0] * (2 if model.model.cfg != 1.0 else 1))
+
+
+def accuracy(kind, cfg, builtins, ms_classes, batch):
+    from kit import reference
+    from kit.gmm import default_mixture
+    from kit.models import AnalyticModel, initial_state, noise_like
+    from trainfree.samplers import SAMPLERS
+
+    base = AnalyticModel(default_mixture(), "eps" if kind == "ve" else "flow", cls=torch.arange(batch) % 3, cfg=cfg)
+    if ms_classes:
+        ms = ms_classes[kind]()
+        base.model_sampling = ms
+    model = ComfyShaped(base, base.model_sampling)
+    noise = noise_like((batch, 8), seed=42)
+    sig0 = float(_schedule(kind, 4)[0])
+    x = initial_state(noise, sig0, kind)
+    ref = reference.solve(base.exact, x, sig0, 0.0)
+    scale = float(ref.pow(2).mean().sqrt())
+    samplers = {label: (SAMPLERS[n], o) for label, (n, o) in OURS.items()}
+    samplers.update({n: (f, {}) for n, f in builtins.items()})
+    table = {}
+    for label, (fn, opts) in samplers.items():
+        row = {}
+        for steps in range(1, max(NFES) + 1):
+            try:
+                out, nfe = _run(fn, model, x, _schedule(kind, steps), opts)
+            except Exception as e:  # a built-in that cannot run this configuration
+                print(f"  {label} at {steps} steps: {type(e).__name__}: {e}", file=sys.stderr)
+                continue
+            err = float((out.double() - ref).pow(2).mean().sqrt()) / scale
+            nfe = int(round(nfe))
+            if nfe in NFES and (nfe not in row or err < row[nfe]):
+                row[nfe] = err if math.isfinite(err) else float("inf")
+        table[label] = row
+    return table
+
+
+def _fmt(v):
+    return "—" if v is None else ("inf" if not math.isfinite(v) else f"{v:.2e}")
+
+
+def print_tables(title, table, builtin_names):
+    best = {n: min((table[b].get(n, math.inf) for b in builtin_names), default=math.inf) for n in NFES}
+    print(f"\n### {title}: relative RMSE to the exact ODE solution\n")
+    print("| sampler | " + " | ".join(f"NFE {n}" for n in NFES) + " |")
+    print("|---|" + "---|" * len(NFES))
+    for label, row in table.items():
+        print(f"| {label} | " + " | ".join(_fmt(row.get(n)) for n in NFES) + " |")
+    if builtin_names:
+        print(f"\n{title}: ratio to the best ComfyUI built-in at the same NFE (< 1: better)\n")
+        print("| sampler | " + " | ".join(f"NFE {n}" for n in NFES) + " |")
+        print("|---|" + "---|" * len(NFES))
+        for label in OURS:
+            row = table[label]
+            print(f"| {label} | " + " | ".join(
+                f"{row[n] / best[n]:.2f}" if n in row and math.isfinite(best[n]) and best[n] > 0 else "—"
+                for n in NFES) + " |")
+
+
+def divergence(builtins, ms_classes, batch=300):
+    """Share of samples' elements beyond 3 data std (the paper's magnitude score) at CFG 15."""
+    from kit.gmm import default_mixture
+    from kit.models import AnalyticModel, initial_state, noise_like
+    from trainfree.samplers import SAMPLERS
+
+    gmm = default_mixture()
+    data = gmm.sample(20000, generator=torch.Generator().manual_seed(5))
+    base = AnalyticModel(gmm, "eps", cls=torch.arange(batch) % 3, cfg=15.0)
+    if ms_classes:
+        base.model_sampling = ms_classes["ve"]()
+    model = ComfyShaped(base, base.model_sampling)
+    runs = {"plms4 (AB4)": (SAMPLERS["plms"], {"order": 4})}
+    runs.update({label: (SAMPLERS[n], o) for label, (n, o) in OURS.items() if not n.startswith("ts")})
+    runs.update({n: (builtins[n], {}) for n in ("dpmpp_2m", "ipndm", "uni_pc") if n in builtins})
+    steps_list = (6, 8, 10, 15)
+    print("\n### Divergence artifacts at CFG 15 (share of elements beyond 3 data std; lower is better)\n")
+    print("| sampler | " + " | ".join(f"{s} steps" for s in steps_list) + " |")
+    print("|---|" + "---|" * len(steps_list))
+    for label, (fn, opts) in runs.items():
+        cells = []
+        for steps in steps_list:
+            sig = _schedule("ve", steps)
+            x = initial_state(noise_like((batch, 8), seed=1), sig[0], "ve")
+            out, _ = _run(fn, model, x, sig, opts)
+            z = ((out.double() - data.mean(0)) / data.std(0)).abs()
+            cells.append(f"{float((z > 3).double().mean()):.3f}")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
+def plot(results, out):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("\n(matplotlib not installed: no plot)")
+        return
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4.2), squeeze=False)
+    for ax, (title, table) in zip(axes[0], results.items()):
+        for label, row in table.items():
+            ns = [n for n in NFES if n in row and math.isfinite(row[n])]
+            ax.loglog(ns, [row[n] for n in ns], "-o" if label in OURS else "--", label=label,
+                      lw=2 if label in OURS else 1, ms=3)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("NFE")
+        ax.set_ylabel("relative RMSE")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "accuracy_vs_nfe.png", dpi=110)
+    print(f"\nplot saved to {out / 'accuracy_vs_nfe.png'}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args()
+    comfy = _setup_imports()
+    builtins, ms_classes = comfy if comfy else ({}, None)
+    if not comfy:
+        print("COMFYUI_PATH not set: benchmarking the pack's samplers only (no built-ins to compare)")
+    results = {}
+    for kind, cfg in (("ve", 1.0), ("ve", 7.5), ("flow", 1.0), ("flow", 7.5)):
+        title = f"{'eps/VE, Karras' if kind == 've' else 'rectified flow, linear t'}, CFG {cfg}"
+        results[title] = accuracy(kind, cfg, builtins, ms_classes, args.batch)
+        print_tables(title, results[title], [b for b in builtins])
+    divergence(builtins, ms_classes)
+    plot(results, args.out)
+
+
+if __name__ == "__main__":
+    main()
