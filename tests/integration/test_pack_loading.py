@@ -45,3 +45,17 @@ def test_dropdown_entries_extend_copies_of_comfys_lists(comfyui):
     assert cs.KSampler.SAMPLERS is cs.SAMPLER_NAMES
     for name in DROPDOWN:
         assert callable(cs.sampler_object(name).sampler_function)
+
+
+def test_pyproject_is_valid_for_the_registry(comfyui):
+    """ComfyUI's own copy of the registry parser (kept in sync with comfy-cli) reads our pyproject."""
+    from comfy_config import config_parser
+
+    from harness import ROOT
+
+    cfg = config_parser.extract_node_configuration(str(ROOT))
+    assert cfg is not None and "comfyui" not in cfg.project.name.lower()
+    assert cfg.project.version and cfg.project.urls.repository and cfg.project.urls.issues
+    assert cfg.project.license.file == "LICENSE"
+    assert cfg.tool_comfy.publisher_id and cfg.tool_comfy.display_name and cfg.tool_comfy.icon
+    assert cfg.project.supported_comfyui_version.startswith(">=")

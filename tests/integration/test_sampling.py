@@ -111,3 +111,32 @@ def test_second_run_at_another_resolution_and_batch(comfyui):
 def test_out_of_range_option_is_refused_at_validation(comfyui):
     ok, _, err = comfyui.run(custom_advanced("TrainFreeGHVBSampler", {"order": 9.0}))
     assert not ok and err[0][0] == "validation"
+
+
+def test_composes_with_lora_style_weight_patch_and_pag(comfyui):
+    """A weight patch (what LoRA loaders add) and core's PAG post-CFG patch change the result and
+    keep it finite; removing them restores the unpatched result bit for bit."""
+    import comfy.samplers
+    import comfy_extras.nodes_pag as pag
+
+    node = comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeGHVBSampler"]
+    sampler = node().get_sampler(2.5)[0]
+    tiny = comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models
+    base = tiny.build("sd15")
+    key = next(k for k in base.model_state_dict() if k.endswith("attn2.to_q.weight"))
+    lora = base.clone()
+    lora.add_patches({key: (torch.full_like(base.model_state_dict()[key], 0.05),)}, 1.0)
+    patched = pag.PerturbedAttentionGuidance.execute(lora, 2.0)[0]
+
+    def run(model):
+        latent = torch.zeros(2, 4, 8, 8)
+        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(5))
+        sig = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", 6)
+        return comfy.samplers.sample(model, noise, tiny.conditioning("sd15", 1, 2), tiny.conditioning("sd15", 2, 2),
+                                     4.0, model.load_device, sampler, sig, model_options=model.model_options,
+                                     latent_image=latent, seed=5)
+
+    plain = run(base)
+    with_patches = run(patched)
+    assert torch.isfinite(with_patches).all() and not torch.allclose(plain, with_patches)
+    assert torch.equal(run(base), plain)
