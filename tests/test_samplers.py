@@ -140,3 +140,24 @@ def test_explicit_kind_overrides_detection(name):
                                                                if name.startswith("ts_") else {})), auto)
     with pytest.raises(SamplerInputError, match="kind"):
         run(name, model, x, sig, kind="vp")
+
+
+# observed order of each solver's defaults as steps double (momentum: paper Theorem 1; PLMS/GHVB
+# above order 2 are limited to 2 by the paper's lower-order warm-up; time shift off = DDIM / DPM++)
+ORDERS = {"plms": 2, "plms_hb": 1, "ghvb": 2, "dpmpp_2m_hb": 1, "ts_ddim": 1, "ts_dpmpp_2m": 2}
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("pred", ["eps", "flow"])
+def test_convergence_order_as_steps_double(name, pred):
+    import math
+
+    model = AnalyticModel(default_mixture(), pred, cls=torch.tensor([0, 1, 2]), cfg=2.0)
+    s0, s1 = (3.0, 0.3) if model.kind == "ve" else (0.8, 0.2)
+    x = (1 - s0 if model.kind == "flow" else 1.0) * model.gmm.sample(3, generator=torch.Generator().manual_seed(3))
+    x = x + s0 * noise_like((3, 8))
+    ref = reference.solve(model.exact, x, s0, s1, h=2e-3)
+    errs = [float((run(name, model, x, torch.linspace(s0, s1, n + 1, dtype=torch.float64), **PLAIN.get(name, {}))
+                   - ref).pow(2).mean().sqrt()) for n in (32, 64, 128)]
+    slope = math.log2(errs[-2] / errs[-1])
+    assert ORDERS[name] - 0.2 < slope < ORDERS[name] + 0.35, (errs, slope)

@@ -1,0 +1,100 @@
+"""The main job, end to end: a real ComfyUI server with the pack in a custom_nodes folder, the
+shipped example workflow queued over HTTP, a failing prompt, and the next prompt still working."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from harness import PACK_NAME, ROOT, TEST_PACK, comfyui_path
+from test_example_workflows import _for_test
+from workflow_format import ui_to_api
+
+
+def _get(url):
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _post(url, data):
+    req = urllib.request.Request(url, json.dumps(data).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def server(comfyui, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("server")
+    (tmp / "custom_nodes").mkdir()
+    (tmp / "custom_nodes" / PACK_NAME).symlink_to(ROOT, target_is_directory=True)
+    (tmp / "custom_nodes" / TEST_PACK).symlink_to(ROOT / "tests" / "integration" / "test_nodes", target_is_directory=True)
+    (tmp / "paths.yaml").write_text(f"trainfree:\n  custom_nodes: {tmp / 'custom_nodes'}\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+           "--extra-model-paths-config", str(tmp / "paths.yaml"), "--output-directory", str(tmp / "out"),
+           "--database-url", "sqlite:///:memory:", "--disable-all-custom-nodes",
+           "--whitelist-custom-nodes", PACK_NAME, TEST_PACK]
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen(cmd, cwd=comfyui_path(), stdout=log, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                _get(base + "/system_stats")
+                break
+            except OSError:
+                assert proc.poll() is None, (tmp / "server.log").read_text()[-3000:]
+                time.sleep(0.5)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def _queue_and_wait(base, prompt):
+    status, body = _post(base + "/prompt", {"prompt": prompt, "client_id": "trainfree-tests"})
+    if status != 200:
+        return "rejected", body
+    pid = body["prompt_id"]
+    for _ in range(240):
+        hist = _get(f"{base}/history/{pid}")
+        if pid in hist and hist[pid]["status"].get("completed") is not None:
+            return hist[pid]["status"]["status_str"], hist[pid]
+        time.sleep(0.25)
+    raise TimeoutError(pid)
+
+
+def test_server_serves_the_pack_and_runs_an_example(server, comfyui):
+    info = _get(server + "/object_info/TrainFreeGHVBSampler")["TrainFreeGHVBSampler"]
+    assert info["category"] == "trainfree/samplers" and info["input"]["required"]["order"][1]["tooltip"]
+    assert "trainfree_ghvb" in _get(server + "/object_info/KSampler")["KSampler"]["input"]["required"]["sampler_name"][0]
+    templates = _get(server + "/api/workflow_templates")
+    assert "ghvb_sampler" in templates[PACK_NAME]
+    ui = _get(f"{server}/api/workflow_templates/{PACK_NAME}/ghvb_sampler.json")
+    api = _for_test(ui_to_api(ui, comfyui.nodes.NODE_CLASS_MAPPINGS), "sd15")
+    status, hist = _queue_and_wait(server, api)
+    assert status == "success", hist["status"]
+    assert any("finite=True" in v.get("text", [""])[0] for v in hist["outputs"].values())
+
+
+def test_failing_prompt_leaves_the_server_working(server, comfyui):
+    from prompts import custom_advanced
+
+    status, hist = _queue_and_wait(server, custom_advanced("TrainFreeGHVBSampler", {"order": 3.5}, flip_sigmas=True))
+    assert status == "error"
+    errors = [m for m in hist["status"]["messages"] if m[0] == "execution_error"]
+    assert "strictly decreasing" in errors[0][1]["exception_message"]
+    status, _ = _queue_and_wait(server, custom_advanced("TrainFreeTimeShiftDDIMSampler",
+                                                        {"window": 80, "cutoff": 300, "data_variance": 0.0}, seed=9))
+    assert status == "success"
