@@ -4,19 +4,16 @@ from __future__ import annotations
 from functools import partial
 
 from ..samplers.momentum import MAX_ORDER, sample_dpmpp_2m_hb, sample_ghvb, sample_plms_hb
-from .sampler_support import CATEGORY, checked, ksampler
+from .sampler_support import SamplerNode, checked, ksampler
 
 PAPER = "Wizadwongsa & Suwajanakorn, Diffusion Sampling with Momentum for Mitigating Divergence Artifacts (arXiv 2307.11118)"
 
 
-class TrainFreeGHVBSampler:
+class TrainFreeGHVBSampler(SamplerNode):
     DESCRIPTION = ("Generalized Heavy Ball (GHVB) multistep sampler: Adams-Bashforth with momentum. Fewer "
                    "divergence artifacts (blown-out colours, noise blobs) at low step counts and high CFG than "
                    f"PLMS/DPM-Solver++, keeping most of their accuracy. From {PAPER}.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("SAMPLER",)
     OUTPUT_TOOLTIPS = ("A GHVB sampler for SamplerCustomAdvanced / SamplerCustom.",)
-    FUNCTION = "get_sampler"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -32,14 +29,11 @@ class TrainFreeGHVBSampler:
         return (ksampler(sample_ghvb, order=float(order)),)
 
 
-class TrainFreePLMSHeavyBallSampler:
+class TrainFreePLMSHeavyBallSampler(SamplerNode):
     DESCRIPTION = ("PLMS (Adams-Bashforth) sampler with heavy-ball momentum: an exponential moving average of "
                    "the solver's noise estimate damps the oscillations that cause divergence artifacts at high "
                    f"CFG. First-order accurate. From {PAPER}.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("SAMPLER",)
     OUTPUT_TOOLTIPS = ("A PLMS + heavy-ball sampler for SamplerCustomAdvanced / SamplerCustom.",)
-    FUNCTION = "get_sampler"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -56,13 +50,10 @@ class TrainFreePLMSHeavyBallSampler:
         return (ksampler(sample_plms_hb, order=int(order), beta=float(beta)),)
 
 
-class TrainFreeDPMPP2MHeavyBallSampler:
+class TrainFreeDPMPP2MHeavyBallSampler(SamplerNode):
     DESCRIPTION = ("DPM-Solver++(2M) with heavy-ball momentum on its second-order data estimate: the same "
                    f"solver with damped oscillations at high CFG and few steps. From {PAPER}.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("SAMPLER",)
     OUTPUT_TOOLTIPS = ("A DPM-Solver++(2M) + heavy-ball sampler for SamplerCustomAdvanced / SamplerCustom.",)
-    FUNCTION = "get_sampler"
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -18,6 +18,14 @@ PREFIX = "trainfree_"
 log = logging.getLogger("trainfree")
 
 
+class SamplerNode:
+    """Common shape of the pack's SAMPLER nodes (V1 schema: stable across ComfyUI releases)."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("SAMPLER",)
+    FUNCTION = "get_sampler"
+
+
 def ksampler(function, **options):
     """A SAMPLER value for SamplerCustomAdvanced / SamplerCustom."""
     return comfy.samplers.KSAMPLER(function, extra_options=options)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from functools import partial
 
 from ..samplers.time_shift import sample_ts_ddim, sample_ts_dpmpp_2m
-from .sampler_support import CATEGORY, checked, ksampler
+from .sampler_support import SamplerNode, checked, ksampler
 
 PAPER = ("Li et al., Alleviating Exposure Bias in Diffusion Models through Sampling with Shifted Time Steps "
          "(ICLR 2024, arXiv 2305.15583)")
@@ -25,40 +25,35 @@ def _inputs(window, cutoff, source):
     }}
 
 
-class TrainFreeTimeShiftDDIMSampler:
+class _TimeShiftSampler(SamplerNode):
+    """Both time-shift nodes: the same inputs, their own solver and paper default window."""
+
+    SOLVER, WINDOW, SOURCE = None, 0, ""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return _inputs(cls.WINDOW, 300, cls.SOURCE)
+
+    def get_sampler(self, window, cutoff, data_variance):
+        checked(window=(window, 0, 1000), cutoff=(cutoff, 0, 1000), data_variance=(data_variance, 0.0, 10.0))
+        return (ksampler(self.SOLVER, window=int(window), cutoff=int(cutoff), data_variance=float(data_variance)),)
+
+
+class TrainFreeTimeShiftDDIMSampler(_TimeShiftSampler):
     DESCRIPTION = ("DDIM (Euler) sampler with shifted time steps: each step asks the model about the noise level "
                    "the current sample actually looks like (matched on its variance), reducing exposure bias. "
                    f"From {PAPER}.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("SAMPLER",)
     OUTPUT_TOOLTIPS = ("A TS-DDIM sampler for SamplerCustomAdvanced / SamplerCustom.",)
-    FUNCTION = "get_sampler"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return _inputs(80, 300, "official TS-DDIM example")
-
-    def get_sampler(self, window, cutoff, data_variance):
-        checked(window=(window, 0, 1000), cutoff=(cutoff, 0, 1000), data_variance=(data_variance, 0.0, 10.0))
-        return (ksampler(sample_ts_ddim, window=int(window), cutoff=int(cutoff), data_variance=float(data_variance)),)
+    SOLVER = staticmethod(sample_ts_ddim)
+    WINDOW, SOURCE = 80, "official TS-DDIM example"
 
 
-class TrainFreeTimeShiftDPMPP2MSampler:
+class TrainFreeTimeShiftDPMPP2MSampler(_TimeShiftSampler):
     DESCRIPTION = ("DPM-Solver++(2M) with shifted time steps: the network time and the step start follow the "
                    f"noise level the sample looks like, reducing exposure bias. From {PAPER}.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("SAMPLER",)
     OUTPUT_TOOLTIPS = ("A TS-DPM-Solver++(2M) sampler for SamplerCustomAdvanced / SamplerCustom.",)
-    FUNCTION = "get_sampler"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return _inputs(30, 300, "official TS-DPM-Solver example")
-
-    def get_sampler(self, window, cutoff, data_variance):
-        checked(window=(window, 0, 1000), cutoff=(cutoff, 0, 1000), data_variance=(data_variance, 0.0, 10.0))
-        return (ksampler(sample_ts_dpmpp_2m, window=int(window), cutoff=int(cutoff),
-                         data_variance=float(data_variance)),)
+    SOLVER = staticmethod(sample_ts_dpmpp_2m)
+    WINDOW, SOURCE = 30, "official TS-DPM-Solver example"
 
 
 NODES = {
