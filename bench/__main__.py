@@ -196,8 +196,10 @@ def plot(results, out):
     except ImportError:
         print("\n(matplotlib not installed: no plot)")
         return
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4.2), squeeze=False)
-    for ax, (title, table) in zip(axes[0], results.items()):
+    cols = 2
+    rows = (len(results) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.6 * rows), squeeze=False)
+    for ax, (title, table) in zip(axes.flat, results.items()):
         for label, row in table.items():
             ns = [n for n in NFES if n in row and math.isfinite(row[n])]
             ax.loglog(ns, [row[n] for n in ns], "-o" if label in OURS else "--", label=label,
@@ -206,7 +208,7 @@ def plot(results, out):
         ax.set_xlabel("NFE")
         ax.set_ylabel("relative RMSE")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=6, ncol=2)
+    axes[0][0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     out.mkdir(parents=True, exist_ok=True)
     fig.savefig(out / "accuracy_vs_nfe.png", dpi=110)

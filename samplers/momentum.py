@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import alpha_s, check_inputs, check_range, half_log_snr, report, resolve_kind
+from .common import SamplerInputError, alpha_s, check_inputs, check_range, half_log_snr, report, resolve_kind
 
 AB_CONSTANTS = (1.0, 1.0 / 2.0, 5.0 / 12.0, 3.0 / 8.0, 251.0 / 720.0)
 MAX_ORDER = len(AB_CONSTANTS)
@@ -80,6 +80,8 @@ def sample_plms_hb(model, x, sigmas, extra_args=None, callback=None, disable=Non
                    order=4, beta=0.9, kind=None):
     """PLMS (Adams-Bashforth, fixed coefficients) of ``order`` with heavy-ball momentum ``beta``."""
     check_range("order", order, 1, MAX_ORDER)
+    if int(order) != order:
+        raise SamplerInputError(f"order must be a whole number for PLMS, got {order!r} (GHVB takes fractions)")
     check_range("beta", beta, 0.01, 1.0)
     extra_args, kind, a, s, s_in = _setup(model, x, sigmas, extra_args, kind)
     eps_hist, v = [], None

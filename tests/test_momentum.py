@@ -156,7 +156,8 @@ def test_stability_region_grows_as_beta_shrinks():
     assert b1 < b08 < b05
 
 
-@pytest.mark.parametrize("bad", [{"order": 0}, {"order": 6}, {"beta": 0.0}, {"beta": 1.5}, {"beta": float("nan")}])
+@pytest.mark.parametrize("bad", [{"order": 0}, {"order": 6}, {"beta": 0.0}, {"beta": 1.5}, {"beta": float("nan")},
+                                 {"order": 2.5, "beta": 0.9}])
 def test_options_out_of_range(bad):
     m = _model("ve")
     sampler = sample_ghvb if set(bad) == {"order"} else sample_plms_hb
