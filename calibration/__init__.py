@@ -1,0 +1,105 @@
+"""Calibration files: what a method measured on one model, saved with safetensors (never pickle).
+
+Pure torch + safetensors, no ComfyUI import. A file holds named tensors and string metadata:
+``trainfree.method``, ``trainfree.format`` and the *keys* it was computed for (model fingerprint,
+schedule, latent shape, ...). Loading states the keys the caller has and refuses a file computed
+for anything else, naming both. Writes go to a temporary name first and are renamed into place,
+so an interrupted calibration never leaves a half-written file behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import torch
+
+FORMAT = "1"
+SUFFIX = ".safetensors"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class CalibrationError(ValueError):
+    """A calibration file is missing, unreadable, or was computed for something else."""
+
+
+def file_in(root, name: str) -> Path:
+    """``root/name.safetensors``, refusing names that would leave ``root`` (paths, '..', odd characters)."""
+    stem = name[: -len(SUFFIX)] if name.endswith(SUFFIX) else name
+    if not _NAME.match(stem) or ".." in stem:
+        raise CalibrationError(f"invalid calibration name {name!r}: use letters, digits, '.', '_' and '-' only "
+                               "(no folders)")
+    root = Path(root).resolve()
+    path = (root / (stem + SUFFIX)).resolve()
+    if path.parent != root:
+        raise CalibrationError(f"invalid calibration name {name!r}: it leaves the calibration folder")
+    return path
+
+
+def fingerprint(named_tensors, extra: str = "", samples_per_tensor: int = 4096) -> str:
+    """A short, stable hash of a model's weights: names, shapes, dtypes and a strided sample of
+    values of every tensor (fast for multi-GB models; any real fine-tune or LoRA changes it)."""
+    h = hashlib.sha256(extra.encode())
+    for name, t in sorted(named_tensors, key=lambda kv: kv[0]):
+        t = t.detach()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+        flat = t.reshape(-1)
+        if flat.numel():
+            step = max(1, flat.numel() // samples_per_tensor)
+            h.update(flat[::step][:samples_per_tensor].to("cpu", torch.float32).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save(path, tensors: dict, method: str, keys: dict) -> Path:
+    """Write ``tensors`` with ``keys`` atomically (temporary file, then rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"trainfree.method": method, "trainfree.format": FORMAT}
+    meta.update({f"key.{k}": str(v) for k, v in keys.items()})
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load(path, method: str, keys: dict) -> dict:
+    """Read a calibration file and check it was made by ``method`` for exactly ``keys``."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationError(f"calibration file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # truncated or not a safetensors file
+        raise CalibrationError(f"calibration file {path.name} is unreadable ({type(e).__name__}: {e}); "
+                               "delete it and calibrate again") from e
+    if meta.get("trainfree.method") != method:
+        raise CalibrationError(f"{path.name} holds {meta.get('trainfree.method', 'unknown')!r} data, not {method!r}")
+    if meta.get("trainfree.format") != FORMAT:
+        raise CalibrationError(f"{path.name} has format {meta.get('trainfree.format')!r}; this version reads {FORMAT!r}")
+    stored = {k[4:]: v for k, v in meta.items() if k.startswith("key.")}
+    wrong = {k: (stored.get(k), str(v)) for k, v in keys.items() if stored.get(k) != str(v)}
+    if wrong:
+        detail = "; ".join(f"{k}: file has {a!r}, this run has {b!r}" for k, (a, b) in wrong.items())
+        raise CalibrationError(f"{path.name} was computed for something else ({detail}); calibrate again for this "
+                               "model and settings")
+    return tensors
+
+
+def stored_keys(path) -> dict:
+    """The keys a calibration file was computed for (for listings)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return {k[4:]: v for k, v in meta.items() if k.startswith("key.")}

@@ -1,0 +1,69 @@
+"""Calibration files: safetensors only, keyed, atomic, refused for another model, confined to their folder."""
+import os
+
+import pytest
+import torch
+
+from trainfree.calibration import CalibrationError, file_in, fingerprint, load, save, stored_keys
+
+KEYS = {"model": "abc123", "schedule": "karras-10", "shape": "4x64x64"}
+
+
+def test_round_trip(tmp_path):
+    t = {"l": torch.randn(5, 3), "s": torch.arange(4.0)}
+    path = save(file_in(tmp_path, "ems_test"), t, "dpm_solver_v3", KEYS)
+    back = load(path, "dpm_solver_v3", KEYS)
+    assert set(back) == {"l", "s"} and all(torch.equal(back[k], t[k]) for k in t)
+    assert stored_keys(path) == KEYS
+    assert path.read_bytes()[:8] != b"\x80\x04\x95"   # not a pickle
+    assert [p.name for p in tmp_path.iterdir()] == ["ems_test.safetensors"]
+
+
+def test_refuses_other_model_naming_both(tmp_path):
+    path = save(file_in(tmp_path, "x"), {"a": torch.ones(1)}, "dpm_solver_v3", KEYS)
+    with pytest.raises(CalibrationError, match=r"model: file has 'abc123', this run has 'zzz'"):
+        load(path, "dpm_solver_v3", dict(KEYS, model="zzz"))
+    with pytest.raises(CalibrationError, match="schedule"):
+        load(path, "dpm_solver_v3", dict(KEYS, schedule="normal-20"))
+    with pytest.raises(CalibrationError, match="not 'dc_solver'"):
+        load(path, "dc_solver", KEYS)
+
+
+def test_missing_and_truncated_files(tmp_path):
+    with pytest.raises(CalibrationError, match="not found"):
+        load(tmp_path / "nope.safetensors", "m", {})
+    path = save(file_in(tmp_path, "t"), {"a": torch.randn(1000)}, "m", {})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CalibrationError, match="unreadable"):
+        load(path, "m", {})
+
+
+def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
+    import safetensors.torch as st
+
+    def boom(*a, **k):
+        open(a[1], "wb").write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(st, "save_file", boom)
+    with pytest.raises(KeyboardInterrupt):
+        save(file_in(tmp_path, "half"), {"a": torch.ones(2)}, "m", {})
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "/etc/passwd", "..", ".hidden", "x" * 200, "a\\b", ""])
+def test_names_cannot_leave_the_folder(tmp_path, name):
+    with pytest.raises(CalibrationError, match="invalid calibration name"):
+        file_in(tmp_path, name)
+
+
+def test_fingerprint_sees_weights_not_object_identity():
+    a = {"w": torch.randn(300, 300), "b": torch.zeros(3)}
+    same = {k: v.clone() for k, v in a.items()}
+    tuned = {k: v.clone() for k, v in a.items()}
+    tuned["w"][0, 0] += 1e-3                      # inside the strided sample
+    assert fingerprint(a.items()) == fingerprint(same.items())
+    assert fingerprint(a.items()) != fingerprint(tuned.items())
+    assert fingerprint(a.items()) != fingerprint(a.items(), extra="lora:0.8")
+    assert len(fingerprint(a.items())) == 16 and os.sep not in fingerprint(a.items())
