@@ -27,6 +27,10 @@ SOCKETS = {
     "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
     "SaveImage": ([("images", "IMAGE")], []),
     "Note": ([], []),
+    "TrainFreeDPMSolverV3Calibrate": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                                       ("latent_image", "LATENT")], [("TRAINFREE_EMS", "TRAINFREE_EMS")]),
+    "TrainFreeDPMSolverV3Sampler": ([("ems", "TRAINFREE_EMS")], [("SAMPLER", "SAMPLER")]),
+    "TrainFreeDPMSolverV3Load": ([], [("TRAINFREE_EMS", "TRAINFREE_EMS")]),
 }
 
 EXAMPLES = {
@@ -45,10 +49,24 @@ EXAMPLES = {
                                 "trainfree_ts_ddim."),
     "time_shift_dpmpp_2m_sampler": ("TrainFreeTimeShiftDPMPP2MSampler", [30, 300, 0.0], 10, 7.5,
                                     "Time-shift DPM-Solver++(2M). Also in KSampler's list as trainfree_ts_dpmpp_2m."),
+    "dpm_solver_v3_calibrate_and_sample": (
+        "TrainFreeDPMSolverV3Sampler", [2, False, "full", True], 6, 7.5,
+        "DPM-Solver-v3: the Calibrate node measures the model's statistics once (minutes to an hour on a GPU, "
+        "5 x samples x grid points model calls) and saves them to models/trainfree/dpm_solver_v3; later runs "
+        "load the file. Calibrate at the CFG you sample with. Best at 5-10 steps.", "calibrate"),
+    "dpm_solver_v3_load_and_sample": (
+        "TrainFreeDPMSolverV3Sampler", [2, False, "full", True], 6, 7.5,
+        "DPM-Solver-v3 with statistics saved earlier by the Calibrate node (run the calibrate_and_sample example "
+        "once first). The sampler refuses statistics computed for another model.", "load"),
+}
+EXTRA = {  # extra nodes feeding the sampler's 'ems' input
+    "calibrate": ("TrainFreeDPMSolverV3Calibrate", [7.5, 64, 32, 30, "per channel (any resolution)", 0, "fixed",
+                                                    "sd15_cfg7.5", False]),
+    "load": ("TrainFreeDPMSolverV3Load", ["sd15_cfg7.5.safetensors"]),
 }
 
 
-def build(sampler_type, sampler_widgets, steps, cfg, note, prefix):
+def build(sampler_type, sampler_widgets, steps, cfg, note, prefix, extra=None):
     specs = [  # (id, type, widgets, pos)
         (1, "CheckpointLoaderSimple", ["v1-5-pruned-emaonly-fp16.safetensors"], (20, 200)),
         (2, "CLIPTextEncode", ["a watercolor painting of a lighthouse on a cliff at sunset, detailed"], (400, 60)),
@@ -69,6 +87,13 @@ def build(sampler_type, sampler_widgets, steps, cfg, note, prefix):
         (6, 0, 9, "sigmas"), (4, 0, 9, "latent_image"), (9, 0, 10, "samples"), (1, 2, 10, "vae"),
         (10, 0, 11, "images"),
     ]
+    if extra == "calibrate":
+        specs += [(13, *EXTRA[extra], (400, 760)), (14, "EmptyLatentImage", [512, 512, 4], (20, 760))]
+        wires += [(1, 0, 13, "model"), (2, 0, 13, "positive"), (3, 0, 13, "negative"), (14, 0, 13, "latent_image"),
+                  (13, 0, 5, "ems")]
+    elif extra == "load":
+        specs.append((13, *EXTRA[extra], (400, 760)))
+        wires.append((13, 0, 5, "ems"))
     types = {s[0]: s[1] for s in specs}
 
     def sockets(t):
@@ -99,8 +124,8 @@ def build(sampler_type, sampler_widgets, steps, cfg, note, prefix):
 
 def main():
     OUT.mkdir(exist_ok=True)
-    for name, (t, widgets, steps, cfg, note) in EXAMPLES.items():
-        wf = build(t, widgets, steps, cfg, note, f"trainfree_{name}")
+    for name, (t, widgets, steps, cfg, note, *extra) in EXAMPLES.items():
+        wf = build(t, widgets, steps, cfg, note, f"trainfree_{name}", *extra)
         (OUT / f"{name}.json").write_text(json.dumps(wf, indent=1) + "\n")
         print("wrote", OUT / f"{name}.json")
 

@@ -69,6 +69,7 @@ class Comfy:
         (custom / PACK_NAME).symlink_to(ROOT, target_is_directory=True)
         (custom / TEST_PACK).symlink_to(ROOT / "tests" / "integration" / "test_nodes", target_is_directory=True)
         folder_paths.folder_names_and_paths["custom_nodes"] = ([str(custom)], set())
+        folder_paths.folder_names_and_paths["trainfree"] = ([str(self.tmp / "models" / "trainfree")], {".safetensors"})
         folder_paths.set_output_directory(str(self.tmp / "output"))
         folder_paths.set_temp_directory(str(self.tmp / "temp"))
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))

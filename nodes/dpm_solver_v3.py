@@ -1,0 +1,207 @@
+"""DPM-Solver-v3 nodes: calibrate the empirical model statistics (EMS) once, then sample with them."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import torch
+
+from .. import calibration
+from ..samplers.common import kind_of_sampling
+from ..samplers.dpm_solver_v3 import sample_dpm_solver_v3
+from ..samplers.dpm_solver_v3_ems import EMS, estimate, lambda_range
+from ..samplers.momentum import sample_dpmpp_2m_hb
+from .calibration_support import find_file, list_files, method_dir, model_fingerprint, schedule_key
+from .sampler_support import CATEGORY, SamplerNode, ksampler
+
+METHOD = "dpm_solver_v3"
+EMS_TYPE = "TRAINFREE_EMS"
+PAPER = "Zheng et al., DPM-Solver-v3: Improved Diffusion ODE Solver with Empirical Model Statistics (NeurIPS 2023)"
+log = logging.getLogger("trainfree")
+
+
+@dataclass
+class EmsRecord:
+    ems: EMS
+    keys: dict
+    name: str
+
+
+def _keys(model, shape, cfg, per_pixel):
+    ms = model.get_model_object("model_sampling")
+    return {"model": model_fingerprint(model), "schedule": schedule_key(ms), "cfg": f"{cfg:g}",
+            "stats": "pixel:" + "x".join(map(str, shape)) if per_pixel else f"channel:{shape[0]}"}
+
+
+def _calibrate_fn(record, samples, grid_points, data_steps, per_pixel, seed, clean):
+    """A sampler function run under ComfyUI's guider: the model it receives is the guided denoiser."""
+    def run(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        ms = model.inner_model.inner_model.model_sampling
+        kind = kind_of_sampling(ms)
+        batches = max(1, samples // x.shape[0])
+        data_sig = comfy.samplers.calculate_sigmas(ms, "normal", data_steps).to(x.device)
+        total = batches * (0 if clean is not None else data_steps) + 2 * grid_points * batches
+        pbar, done = comfy.utils.ProgressBar(total), [0]
+
+        def tick(*_):
+            done[0] += 1
+            pbar.update_absolute(done[0], total)
+            comfy.model_management.throw_exception_if_processing_interrupted()
+
+        if clean is not None:
+            x0 = [c.to(x) for c in clean.split(x.shape[0])]
+        else:
+            gen = torch.Generator().manual_seed(seed)
+            x0 = []
+            for _ in range(batches):
+                noise = torch.randn(x.shape, generator=gen).to(x)
+                start = ms.noise_scaling(data_sig[0], noise, torch.zeros_like(x), max_denoise=True)
+                x0.append(sample_dpmpp_2m_hb(model, start, data_sig, extra_args, callback=tick, beta=1.0))
+        lo, hi = lambda_range(float(ms.sigma_max), float(ms.sigma_min), kind)
+        grid = torch.linspace(lo - 0.05, hi + 0.05, grid_points, dtype=torch.float64)
+        pool = () if per_pixel else tuple(range(2, x.ndim))
+        record["ems"] = estimate(model, x0, grid, kind, extra_args, pool_dims=pool, seed=seed, progress=tick)
+        return x
+    return run
+
+
+class TrainFreeDPMSolverV3Calibrate:
+    DESCRIPTION = ("Computes DPM-Solver-v3's empirical model statistics for the connected model, prompts, CFG and "
+                   "latent size, and saves them under models/trainfree/dpm_solver_v3/<name>.safetensors. If that "
+                   "file already exists for this model and settings it is loaded instead (calibrate once). "
+                   f"From {PAPER}.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (EMS_TYPE,)
+    OUTPUT_TOOLTIPS = ("The statistics, for the DPM-Solver-v3 Sampler node.",)
+    FUNCTION = "calibrate"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model to calibrate (with its LoRAs and patches applied)."}),
+            "positive": ("CONDITIONING", {"tooltip": "Prompts typical of what you will generate."}),
+            "negative": ("CONDITIONING", {"tooltip": "Negative prompt used with CFG."}),
+            "latent_image": ("LATENT", {"tooltip": "Latent size to calibrate at; its batch size is the calibration "
+                                                   "batch (memory)."}),
+            "cfg": ("FLOAT", {"default": 7.5, "min": 1.0, "max": 30.0, "step": 0.1,
+                              "tooltip": "CFG scale you will sample with (the paper computes SD statistics per scale)."}),
+            "samples": ("INT", {"default": 64, "min": 1, "max": 8192,
+                                "tooltip": "Monte-Carlo samples per grid point (paper: 1024; more is smoother)."}),
+            "grid_points": ("INT", {"default": 32, "min": 8, "max": 1200,
+                                    "tooltip": "Points of the log-SNR grid (paper: 120-1200). Cost: 5 x samples x "
+                                               "grid points model evaluations."}),
+            "data_steps": ("INT", {"default": 30, "min": 5, "max": 200,
+                                   "tooltip": "DPM-Solver++ steps used to draw the model's own clean samples."}),
+            "statistics": (["per channel (any resolution)", "per pixel (this resolution)"],
+                           {"tooltip": "Per-channel statistics serve every resolution and need fewer samples."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Calibration noise seed."}),
+            "name": ("STRING", {"default": "my_model_cfg7.5",
+                                "tooltip": "File name (letters, digits, . _ -) under models/trainfree/dpm_solver_v3."}),
+            "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Recompute even if a matching file exists."}),
+        }, "optional": {
+            "clean_latents": ("LATENT", {"tooltip": "Optional clean latents (e.g. VAE-encoded images) to use as data "
+                                                    "instead of the model's own samples."}),
+        }}
+
+    def calibrate(self, model, positive, negative, latent_image, cfg, samples, grid_points, data_steps, statistics,
+                  seed, name, overwrite, clean_latents=None):
+        path = calibration.file_in(method_dir(METHOD), name)
+        latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
+        per_pixel = statistics.startswith("per pixel")
+        keys = _keys(model, tuple(latent.shape[1:]), cfg, per_pixel)
+        if path.exists() and not overwrite:
+            try:
+                return (EmsRecord(_from_tensors(calibration.load(path, METHOD, keys)), keys, path.name),)
+            except calibration.CalibrationError as e:
+                raise calibration.CalibrationError(f"{e}. Choose another name, or set overwrite to replace it.") from e
+        clean = None
+        if clean_latents is not None:
+            clean = model.model.process_latent_in(clean_latents["samples"])
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        record = {}
+        run = _calibrate_fn(record, samples, grid_points, data_steps, per_pixel, seed, clean)
+        ms = model.get_model_object("model_sampling")
+        sig = comfy.samplers.calculate_sigmas(ms, "normal", 1)
+        noise = torch.zeros_like(latent)
+        guider.sample(noise, latent, comfy.samplers.KSAMPLER(run), sig, disable_pbar=True, seed=seed)
+        ems = record["ems"]
+        calibration.save(path, ems.tensors(), METHOD, keys)
+        log.info("trainfree: DPM-Solver-v3 statistics saved to %s", path)
+        return (EmsRecord(ems, keys, path.name),)
+
+
+def _from_tensors(t):
+    return EMS(t["lambda"], t["l"], t["s"], t["b"])
+
+
+class TrainFreeDPMSolverV3Load:
+    DESCRIPTION = "Loads DPM-Solver-v3 statistics saved by the calibration node (checked against the model when sampling)."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (EMS_TYPE,)
+    OUTPUT_TOOLTIPS = ("The statistics, for the DPM-Solver-v3 Sampler node.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"ems_name": (list_files(METHOD), {"tooltip": "A file in models/trainfree/dpm_solver_v3."})}}
+
+    def load(self, ems_name):
+        path = find_file(METHOD, calibration.file_in(method_dir(METHOD), ems_name).name)
+        if path is None:
+            raise calibration.CalibrationError(f"calibration file not found: {ems_name}")
+        keys = calibration.stored_keys(path)
+        return (EmsRecord(_from_tensors(calibration.load(path, METHOD, keys)), keys, path.name),)
+
+
+def _sample_checked(model, x, sigmas, extra_args=None, callback=None, disable=None, record=None, half=False, **opts):
+    patcher = model.inner_model.model_patcher
+    ms = model.inner_model.inner_model.model_sampling
+    if record is not None:
+        have = {"model": model_fingerprint(patcher), "schedule": schedule_key(ms)}
+        wrong = {k: (record.keys.get(k), v) for k, v in have.items() if record.keys.get(k) != v}
+        if wrong:
+            detail = "; ".join(f"{k}: statistics for {a!r}, this model {b!r}" for k, (a, b) in wrong.items())
+            raise calibration.CalibrationError(f"{record.name} was computed for another model or schedule ({detail}); "
+                                               "calibrate this model with the DPM-Solver-v3 Calibrate node")
+    if half:   # the corrector only in the low-noise half of the model's time range (paper: t <= 0.5)
+        s = float(ms.percent_to_sigma(0.5))
+        opts["corrector_sigma_max"] = s / (1 - s) if kind_of_sampling(ms) == "flow" else s
+    return sample_dpm_solver_v3(model, x, sigmas, extra_args, callback, disable,
+                                ems=None if record is None else record.ems, **opts)
+
+
+class TrainFreeDPMSolverV3Sampler(SamplerNode):
+    DESCRIPTION = ("DPM-Solver-v3: a multistep ODE solver whose parameterisation is fitted to the model through "
+                   "empirical statistics (connect them from the Calibrate or Load node). Without statistics it is "
+                   f"DPM-Solver++. Best at 5-10 steps. From {PAPER}.")
+    OUTPUT_TOOLTIPS = ("A DPM-Solver-v3 sampler for SamplerCustomAdvanced / SamplerCustom.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "order": ("INT", {"default": 2, "min": 1, "max": 3,
+                              "tooltip": "Multistep order (paper: 2 with guidance, 3 without)."}),
+            "pseudo_order": ("BOOLEAN", {"default": False,
+                                         "tooltip": "Pseudo-order predictor (paper: helps at 5 steps or fewer)."}),
+            "corrector": (["full", "half", "off"], {"tooltip": "0-NFE corrector; 'half' only at low noise (paper: "
+                                                              "better at 5-6 steps with large CFG)."}),
+            "lower_order_final": ("BOOLEAN", {"default": True, "tooltip": "Lower order on the last steps (stabler)."}),
+        }, "optional": {"ems": (EMS_TYPE, {"tooltip": "Statistics from the Calibrate or Load node; none = DPM-Solver++."})}}
+
+    def get_sampler(self, order, pseudo_order, corrector, lower_order_final, ems=None):
+        return (ksampler(_sample_checked, record=ems, order=int(order), pseudo=bool(pseudo_order),
+                         corrector=corrector != "off", half=corrector == "half",
+                         lower_order_final=bool(lower_order_final)),)
+
+
+NODES = {
+    "TrainFreeDPMSolverV3Calibrate": (TrainFreeDPMSolverV3Calibrate, "DPM-Solver-v3 Calibrate (TrainFree)"),
+    "TrainFreeDPMSolverV3Load": (TrainFreeDPMSolverV3Load, "DPM-Solver-v3 Load Statistics (TrainFree)"),
+    "TrainFreeDPMSolverV3Sampler": (TrainFreeDPMSolverV3Sampler, "DPM-Solver-v3 Sampler (TrainFree)"),
+}
+DROPDOWN = {}   # without its statistics DPM-Solver-v3 is DPM-Solver++: no dropdown entry
