@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-NFES = (4, 5, 6, 8, 10, 15, 20)
-OURS = {  # label -> (registry name, options)
+NFES = (4, 5, 6, 8, 10, 15, 20)   # issue targets: 5, 6, 8, 10, 15, 20
+OURS = {  # label -> (registry name, options); DPM-Solver-v3 with statistics is added per table
+    "dpm-solver-v3 (no EMS)": ("dpm_solver_v3", {}),
     "ghvb 3.5": ("ghvb", {"order": 3.5}),
     "ghvb 1.5": ("ghvb", {"order": 1.5}),
     "plms4+hb 0.9": ("plms_hb", {"order": 4, "beta": 0.9}),
@@ -101,6 +102,21 @@ def _run(fn, model, x, sigmas, opts):
     return out, model.model.nfe / (x.shape[0] * (2 if model.model.cfg != 1.0 else 1))
 
 
+def calibrate_v3(kind, cfg, ms_classes):
+    """DPM-Solver-v3 statistics of the guided analytic model, from its own DPM-Solver++ samples (as the node)."""
+    from kit.gmm import default_mixture
+    from kit.models import AnalyticModel, initial_state, noise_like
+    from trainfree.samplers.dpm_solver_v3_ems import estimate, lambda_range
+    from trainfree.samplers.momentum import sample_dpmpp_2m_hb
+
+    cal = AnalyticModel(default_mixture(), "eps" if kind == "ve" else "flow", cls=torch.arange(256) % 3, cfg=cfg)
+    sched = _schedule(kind, 60)
+    x0 = [sample_dpmpp_2m_hb(cal, initial_state(noise_like((256, 8), seed=100 + i), sched[0], kind), sched, beta=1.0)
+          for i in range(4)]
+    lo, hi = lambda_range(14.61, 0.0292, kind) if kind == "ve" else lambda_range(1.0, 1e-3, kind)
+    return estimate(cal, x0, torch.linspace(lo - 0.1, hi + 0.1, 120, dtype=torch.float64), kind)
+
+
 def accuracy(kind, cfg, builtins, ms_classes, batch):
     from kit import reference
     from kit.gmm import default_mixture
@@ -118,6 +134,7 @@ def accuracy(kind, cfg, builtins, ms_classes, batch):
     ref = reference.solve(base.exact, x, sig0, 0.0)
     scale = float(ref.pow(2).mean().sqrt())
     samplers = {label: (SAMPLERS[n], o) for label, (n, o) in OURS.items()}
+    samplers["dpm-solver-v3 (calibrated)"] = (SAMPLERS["dpm_solver_v3"], {"ems": calibrate_v3(kind, cfg, ms_classes)})
     samplers.update({n: (f, {}) for n, f in builtins.items()})
     table = {}
     for label, (fn, opts) in samplers.items():
@@ -151,7 +168,7 @@ def print_tables(title, table, builtin_names):
         print(f"\n{title}: ratio to the best ComfyUI built-in at the same NFE (< 1: better)\n")
         print("| sampler | " + " | ".join(f"NFE {n}" for n in NFES) + " |")
         print("|---|" + "---|" * len(NFES))
-        for label in OURS:
+        for label in [lab for lab in table if lab in OURS or lab.startswith("dpm-solver-v3")]:
             row = table[label]
             print(f"| {label} | " + " | ".join(
                 f"{row[n] / best[n]:.2f}" if n in row and math.isfinite(best[n]) and best[n] > 0 else "—"
@@ -202,8 +219,8 @@ def plot(results, out):
     for ax, (title, table) in zip(axes.flat, results.items()):
         for label, row in table.items():
             ns = [n for n in NFES if n in row and math.isfinite(row[n])]
-            ax.loglog(ns, [row[n] for n in ns], "-o" if label in OURS else "--", label=label,
-                      lw=2 if label in OURS else 1, ms=3)
+            ours = label in OURS or label.startswith("dpm-solver-v3")
+            ax.loglog(ns, [row[n] for n in ns], "-o" if ours else "--", label=label, lw=2 if ours else 1, ms=3)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("NFE")
         ax.set_ylabel("relative RMSE")
@@ -225,7 +242,7 @@ def main():
     if not comfy:
         print("COMFYUI_PATH not set: benchmarking the pack's samplers only (no built-ins to compare)")
     results = {}
-    for kind, cfg in (("ve", 1.0), ("ve", 7.5), ("flow", 1.0), ("flow", 7.5)):
+    for kind, cfg in (("ve", 1.0), ("ve", 3.0), ("ve", 7.5), ("flow", 1.0), ("flow", 3.0), ("flow", 7.5)):
         title = f"{'eps/VE, Karras' if kind == 've' else 'rectified flow, linear t'}, CFG {cfg}"
         results[title] = accuracy(kind, cfg, builtins, ms_classes, args.batch)
         print_tables(title, results[title], [b for b in builtins])
