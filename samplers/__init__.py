@@ -5,6 +5,7 @@ takes a denoiser ``model(x, sigma, **extra_args) -> x0`` and ComfyUI's sigma sch
 the final latent, for eps / v-prediction (VE) and rectified-flow (CONST) models alike.
 """
 from .common import SamplerInputError, UnsupportedModelError
+from .dc_solver import sample_dc_solver
 from .dpm_solver_v3 import sample_dpm_solver_v3
 from .momentum import sample_dpmpp_2m_hb, sample_ghvb, sample_plms, sample_plms_hb
 from .time_shift import sample_ts_ddim, sample_ts_dpmpp_2m
@@ -17,6 +18,7 @@ SAMPLERS = {
     "ts_ddim": sample_ts_ddim,
     "ts_dpmpp_2m": sample_ts_dpmpp_2m,
     "dpm_solver_v3": sample_dpm_solver_v3,
+    "dc_solver": sample_dc_solver,
 }
 
 __all__ = ["SAMPLERS", "SamplerInputError", "UnsupportedModelError"]

@@ -144,8 +144,9 @@ def test_explicit_kind_overrides_detection(name):
 
 # observed order of each solver's defaults as steps double (momentum: paper Theorem 1; PLMS/GHVB
 # above order 2 are limited to 2 by the paper's lower-order warm-up; time shift off = DDIM / DPM++;
-# DPM-Solver-v3 without statistics = DPM-Solver++(2M))
-ORDERS = {"dpm_solver_v3": 2, "plms": 2, "plms_hb": 1, "ghvb": 2, "dpmpp_2m_hb": 1, "ts_ddim": 1, "ts_dpmpp_2m": 2}
+# DPM-Solver-v3 without statistics = DPM-Solver++(2M); UniPC-2 whose first step is not corrected, as in
+# DC-Solver's official SD setting, stays second order)
+ORDERS = {"dc_solver": 2, "dpm_solver_v3": 2, "plms": 2, "plms_hb": 1, "ghvb": 2, "dpmpp_2m_hb": 1, "ts_ddim": 1, "ts_dpmpp_2m": 2}
 
 
 @pytest.mark.parametrize("name", NAMES)
