@@ -4,10 +4,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
 import folder_paths
 import torch
 
-from ..calibration import fingerprint
+from ..calibration import CalibrationError, fingerprint
 
 FOLDER = "trainfree"
 _PRINTS: dict = {}
@@ -70,3 +74,48 @@ def schedule_key(model_sampling) -> str:
     """Model sampling type and sigma range: what a calibration's lambda grid depends on."""
     names = "+".join(c.__name__ for c in type(model_sampling).__mro__[:3])
     return f"{names}:{float(model_sampling.sigma_min):.6g}-{float(model_sampling.sigma_max):.6g}"
+
+
+def with_guided_model(model, positive, negative, cfg, latent, seed, work):
+    """Run ``work(model_k, x, extra_args)`` inside a real ComfyUI sampling call, where ``model_k`` is
+    the guided denoiser samplers get (conds processed, patches and wrappers active); returns its result."""
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    out = {}
+
+    def run(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+        out["result"] = work(model_k, x, extra_args or {})
+        return x
+
+    sig = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 1)
+    guider.sample(torch.zeros_like(latent), latent, comfy.samplers.KSAMPLER(run), sig, disable_pbar=True, seed=seed)
+    return out["result"]
+
+
+class Progress:
+    """ComfyUI's progress bar for a calibration; checks Cancel at every tick."""
+
+    def __init__(self, total):
+        self.total, self.done = max(1, int(total)), 0
+        self.bar = comfy.utils.ProgressBar(self.total)
+
+    def tick(self, *_):
+        self.done += 1
+        self.bar.update_absolute(min(self.done, self.total), self.total)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def empty_latent_for(model, latent_image):
+    return comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
+
+
+def check_matches(name: str, keys: dict, model_k, calibrate_node: str) -> None:
+    """Refuse a calibration made for another model or schedule than the one sampling now."""
+    have = {"model": model_fingerprint(model_k.inner_model.model_patcher),
+            "schedule": schedule_key(model_k.inner_model.inner_model.model_sampling)}
+    wrong = {k: (keys.get(k), v) for k, v in have.items() if keys.get(k) != v}
+    if wrong:
+        detail = "; ".join(f"{k}: calibrated for {a!r}, this model {b!r}" for k, (a, b) in wrong.items())
+        raise CalibrationError(f"{name} was computed for another model or schedule ({detail}); "
+                               f"calibrate this model with the {calibrate_node} node")

@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-import comfy.model_management
-import comfy.sample
 import comfy.samplers
-import comfy.utils
 import torch
 
 from .. import calibration
@@ -14,7 +11,8 @@ from ..samplers.common import kind_of_sampling
 from ..samplers.dpm_solver_v3 import sample_dpm_solver_v3
 from ..samplers.dpm_solver_v3_ems import EMS, estimate, lambda_range
 from ..samplers.momentum import sample_dpmpp_2m_hb
-from .calibration_support import find_file, list_files, method_dir, model_fingerprint, schedule_key
+from .calibration_support import (Progress, check_matches, empty_latent_for, find_file, list_files, method_dir,
+                                  model_fingerprint, schedule_key, with_guided_model)
 from .sampler_support import CATEGORY, SamplerNode, ksampler
 
 METHOD = "dpm_solver_v3"
@@ -36,21 +34,14 @@ def _keys(model, shape, cfg, per_pixel):
             "stats": "pixel:" + "x".join(map(str, shape)) if per_pixel else f"channel:{shape[0]}"}
 
 
-def _calibrate_fn(record, samples, grid_points, data_steps, per_pixel, seed, clean):
-    """A sampler function run under ComfyUI's guider: the model it receives is the guided denoiser."""
-    def run(model, x, sigmas, extra_args=None, callback=None, disable=None):
+def _calibration(samples, grid_points, data_steps, per_pixel, seed, clean):
+    """The calibration, as work for ``with_guided_model``: draw clean samples, then estimate."""
+    def work(model, x, extra_args):
         ms = model.inner_model.inner_model.model_sampling
         kind = kind_of_sampling(ms)
         batches = max(1, samples // x.shape[0])
         data_sig = comfy.samplers.calculate_sigmas(ms, "normal", data_steps).to(x.device)
-        total = batches * (0 if clean is not None else data_steps) + 2 * grid_points * batches
-        pbar, done = comfy.utils.ProgressBar(total), [0]
-
-        def tick(*_):
-            done[0] += 1
-            pbar.update_absolute(done[0], total)
-            comfy.model_management.throw_exception_if_processing_interrupted()
-
+        progress = Progress(batches * (0 if clean is not None else data_steps) + 2 * grid_points * batches)
         if clean is not None:
             x0 = [c.to(x) for c in clean.split(x.shape[0])]
         else:
@@ -59,13 +50,12 @@ def _calibrate_fn(record, samples, grid_points, data_steps, per_pixel, seed, cle
             for _ in range(batches):
                 noise = torch.randn(x.shape, generator=gen).to(x)
                 start = ms.noise_scaling(data_sig[0], noise, torch.zeros_like(x), max_denoise=True)
-                x0.append(sample_dpmpp_2m_hb(model, start, data_sig, extra_args, callback=tick, beta=1.0))
+                x0.append(sample_dpmpp_2m_hb(model, start, data_sig, extra_args, callback=progress.tick, beta=1.0))
         lo, hi = lambda_range(float(ms.sigma_max), float(ms.sigma_min), kind)
         grid = torch.linspace(lo - 0.05, hi + 0.05, grid_points, dtype=torch.float64)
         pool = () if per_pixel else tuple(range(2, x.ndim))
-        record["ems"] = estimate(model, x0, grid, kind, extra_args, pool_dims=pool, seed=seed, progress=tick)
-        return x
-    return run
+        return estimate(model, x0, grid, kind, extra_args, pool_dims=pool, seed=seed, progress=progress.tick)
+    return work
 
 
 class TrainFreeDPMSolverV3Calibrate:
@@ -109,7 +99,7 @@ class TrainFreeDPMSolverV3Calibrate:
     def calibrate(self, model, positive, negative, latent_image, cfg, samples, grid_points, data_steps, statistics,
                   seed, name, overwrite, clean_latents=None):
         path = calibration.file_in(method_dir(METHOD), name)
-        latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
+        latent = empty_latent_for(model, latent_image)
         per_pixel = statistics.startswith("per pixel")
         keys = _keys(model, tuple(latent.shape[1:]), cfg, per_pixel)
         if path.exists() and not overwrite:
@@ -120,16 +110,8 @@ class TrainFreeDPMSolverV3Calibrate:
         clean = None
         if clean_latents is not None:
             clean = model.model.process_latent_in(clean_latents["samples"])
-        guider = comfy.samplers.CFGGuider(model)
-        guider.set_conds(positive, negative)
-        guider.set_cfg(cfg)
-        record = {}
-        run = _calibrate_fn(record, samples, grid_points, data_steps, per_pixel, seed, clean)
-        ms = model.get_model_object("model_sampling")
-        sig = comfy.samplers.calculate_sigmas(ms, "normal", 1)
-        noise = torch.zeros_like(latent)
-        guider.sample(noise, latent, comfy.samplers.KSAMPLER(run), sig, disable_pbar=True, seed=seed)
-        ems = record["ems"]
+        work = _calibration(samples, grid_points, data_steps, per_pixel, seed, clean)
+        ems = with_guided_model(model, positive, negative, cfg, latent, seed, work)
         calibration.save(path, ems.tensors(), METHOD, keys)
         log.info("trainfree: DPM-Solver-v3 statistics saved to %s", path)
         return (EmsRecord(ems, keys, path.name),)
@@ -159,15 +141,9 @@ class TrainFreeDPMSolverV3Load:
 
 
 def _sample_checked(model, x, sigmas, extra_args=None, callback=None, disable=None, record=None, half=False, **opts):
-    patcher = model.inner_model.model_patcher
     ms = model.inner_model.inner_model.model_sampling
     if record is not None:
-        have = {"model": model_fingerprint(patcher), "schedule": schedule_key(ms)}
-        wrong = {k: (record.keys.get(k), v) for k, v in have.items() if record.keys.get(k) != v}
-        if wrong:
-            detail = "; ".join(f"{k}: statistics for {a!r}, this model {b!r}" for k, (a, b) in wrong.items())
-            raise calibration.CalibrationError(f"{record.name} was computed for another model or schedule ({detail}); "
-                                               "calibrate this model with the DPM-Solver-v3 Calibrate node")
+        check_matches(record.name, record.keys, model, "DPM-Solver-v3 Calibrate")
     if half:   # the corrector only in the low-noise half of the model's time range (paper: t <= 0.5)
         s = float(ms.percent_to_sigma(0.5))
         opts["corrector_sigma_max"] = s / (1 - s) if kind_of_sampling(ms) == "flow" else s

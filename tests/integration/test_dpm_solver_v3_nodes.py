@@ -62,7 +62,7 @@ def test_statistics_from_another_model_are_refused(comfyui, models_dir):
     assert torch.isfinite(out).all()
     tiny = comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models
     other = tiny.build("sd15", seed=1)
-    with pytest.raises(ValueError, match="another model or schedule.*model: statistics for"):
+    with pytest.raises(ValueError, match="another model or schedule.*model: calibrated for"):
         _sample(comfyui, other, record)
     lora = model.clone()
     key = next(k for k in model.model_state_dict() if k.endswith("attn2.to_q.weight"))
