@@ -31,6 +31,10 @@ SOCKETS = {
                                        ("latent_image", "LATENT")], [("TRAINFREE_EMS", "TRAINFREE_EMS")]),
     "TrainFreeDPMSolverV3Sampler": ([("ems", "TRAINFREE_EMS")], [("SAMPLER", "SAMPLER")]),
     "TrainFreeDPMSolverV3Load": ([], [("TRAINFREE_EMS", "TRAINFREE_EMS")]),
+    "TrainFreeDCSolverSearch": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                                 ("latent_image", "LATENT")], [("TRAINFREE_DC_RATIOS", "TRAINFREE_DC_RATIOS")]),
+    "TrainFreeDCSolverSampler": ([("dc_ratios", "TRAINFREE_DC_RATIOS")], [("SAMPLER", "SAMPLER")]),
+    "TrainFreeDCSolverLoad": ([], [("TRAINFREE_DC_RATIOS", "TRAINFREE_DC_RATIOS")]),
 }
 
 EXAMPLES = {
@@ -58,11 +62,23 @@ EXAMPLES = {
         "TrainFreeDPMSolverV3Sampler", [2, False, "full", True], 6, 7.5,
         "DPM-Solver-v3 with statistics saved earlier by the Calibrate node (run the calibrate_and_sample example "
         "once first). The sampler refuses statistics computed for another model.", "load"),
+    "dc_solver_search_and_sample": (
+        "TrainFreeDCSolverSampler", [2, "bh2"], 6, 7.5,
+        "DC-Solver: the Search node finds compensation ratios for this model on a few samples (its latent's batch) "
+        "for each listed step count and CFG, fits the regression for other settings, and saves them to "
+        "models/trainfree/dc_solver; later runs load the file. Use the same scheduler when sampling.", "dc_search"),
+    "dc_solver_load_and_sample": (
+        "TrainFreeDCSolverSampler", [2, "bh2"], 6, 7.5,
+        "DC-Solver with ratios saved earlier by the Search node (run the search_and_sample example once first).",
+        "dc_load"),
 }
-EXTRA = {  # extra nodes feeding the sampler's 'ems' input
+EXTRA = {  # extra node feeding the sampler: (type, widgets, sampler input, takes model/prompts/latent)
     "calibrate": ("TrainFreeDPMSolverV3Calibrate", [7.5, 64, 32, 30, "per channel (any resolution)", 0, "fixed",
-                                                    "sd15_cfg7.5", False]),
-    "load": ("TrainFreeDPMSolverV3Load", ["sd15_cfg7.5.safetensors"]),
+                                                    "sd15_cfg7.5", False], "ems", True),
+    "load": ("TrainFreeDPMSolverV3Load", ["sd15_cfg7.5.safetensors"], "ems", False),
+    "dc_search": ("TrainFreeDCSolverSearch", ["normal", "5,6,8,10", "7.5", 10, 0, "fixed", "sd15_dc", False],
+                  "dc_ratios", True),
+    "dc_load": ("TrainFreeDCSolverLoad", ["sd15_dc.safetensors"], "dc_ratios", False),
 }
 
 
@@ -87,13 +103,13 @@ def build(sampler_type, sampler_widgets, steps, cfg, note, prefix, extra=None):
         (6, 0, 9, "sigmas"), (4, 0, 9, "latent_image"), (9, 0, 10, "samples"), (1, 2, 10, "vae"),
         (10, 0, 11, "images"),
     ]
-    if extra == "calibrate":
-        specs += [(13, *EXTRA[extra], (400, 760)), (14, "EmptyLatentImage", [512, 512, 4], (20, 760))]
-        wires += [(1, 0, 13, "model"), (2, 0, 13, "positive"), (3, 0, 13, "negative"), (14, 0, 13, "latent_image"),
-                  (13, 0, 5, "ems")]
-    elif extra == "load":
-        specs.append((13, *EXTRA[extra], (400, 760)))
-        wires.append((13, 0, 5, "ems"))
+    if extra:
+        node_type, widgets, target, calibrates = EXTRA[extra]
+        specs.append((13, node_type, widgets, (400, 760)))
+        wires.append((13, 0, 5, target))
+        if calibrates:
+            specs.append((14, "EmptyLatentImage", [512, 512, 4 if node_type.endswith("Calibrate") else 10], (20, 760)))
+            wires += [(1, 0, 13, "model"), (2, 0, 13, "positive"), (3, 0, 13, "negative"), (14, 0, 13, "latent_image")]
     types = {s[0]: s[1] for s in specs}
 
     def sockets(t):

@@ -8,6 +8,8 @@ from harness import ROOT
 from workflow_format import ui_to_api
 
 EXAMPLES = sorted((ROOT / "example_workflows").glob("*.json"))
+LOADERS = {"TrainFreeDPMSolverV3Load": "dpm_solver_v3_calibrate_and_sample.json",
+           "TrainFreeDCSolverLoad": "dc_solver_search_and_sample.json"}
 
 
 def _for_test(api: dict, arch: str) -> dict:
@@ -19,6 +21,8 @@ def _for_test(api: dict, arch: str) -> dict:
             node["inputs"].update(width=64, height=64)
         elif node["class_type"] == "TrainFreeDPMSolverV3Calibrate":
             node["inputs"].update(samples=8, grid_points=8, data_steps=5, overwrite=True)
+        elif node["class_type"] == "TrainFreeDCSolverSearch":
+            node["inputs"].update(steps="5,6", iterations=3, overwrite=True)
         elif node["class_type"] in ("SamplerCustomAdvanced", "KSampler"):
             api[f"stats_{node_id}"] = {"class_type": "TrainFreeTestLatentStats", "inputs": {"samples": [node_id, 0]}}
     return api
@@ -35,10 +39,10 @@ def test_every_node_has_an_example(comfyui):
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_example_workflow_runs(comfyui, path: Path, arch):
     api = ui_to_api(json.loads(path.read_text()), comfyui.nodes.NODE_CLASS_MAPPINGS)
-    if any(n["class_type"] == "TrainFreeDPMSolverV3Load" for n in api.values()):  # needs the calibrate example's file
-        calibrate = ROOT / "example_workflows" / "dpm_solver_v3_calibrate_and_sample.json"
-        assert comfyui.run(_for_test(ui_to_api(json.loads(calibrate.read_text()), comfyui.nodes.NODE_CLASS_MAPPINGS),
-                                     arch))[0]
+    for loader, maker in LOADERS.items():   # a Load example needs the file its calibration example writes
+        if any(n["class_type"] == loader for n in api.values()):
+            first = ui_to_api(json.loads((ROOT / "example_workflows" / maker).read_text()), comfyui.nodes.NODE_CLASS_MAPPINGS)
+            assert comfyui.run(_for_test(first, arch))[0]
     ok, outputs, err = comfyui.run(_for_test(api, arch))
     assert ok, err
     stats = [v["text"][0] for k, v in outputs.items() if k.startswith("stats_")]
