@@ -21,8 +21,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 NFES = (4, 5, 6, 8, 10, 15, 20)   # issue targets: 5, 6, 8, 10, 15, 20
-OURS = {  # label -> (registry name, options); DPM-Solver-v3 with statistics is added per table
+OURS = {  # label -> (registry name, options); calibrated DPM-Solver-v3 and DC-Solver are added per table
     "dpm-solver-v3 (no EMS)": ("dpm_solver_v3", {}),
+    "dc-solver (unit ratios = UniPC-2)": ("dc_solver", {}),
     "ghvb 3.5": ("ghvb", {"order": 3.5}),
     "ghvb 1.5": ("ghvb", {"order": 1.5}),
     "plms4+hb 0.9": ("plms_hb", {"order": 4, "beta": 0.9}),
@@ -117,6 +118,24 @@ def calibrate_v3(kind, cfg, ms_classes):
     return estimate(cal, x0, torch.linspace(lo - 0.1, hi + 0.1, 120, dtype=torch.float64), kind)
 
 
+def _dc_with_search(kind, cfg):
+    """DC-Solver whose ratios are searched for each step count on 10 other noises (as the node)."""
+    from kit.gmm import default_mixture
+    from kit.models import AnalyticModel, initial_state, noise_like
+    from trainfree.samplers.dc_solver import sample_dc_solver, search_ratios
+
+    search_model = AnalyticModel(default_mixture(), "eps" if kind == "ve" else "flow", cls=torch.arange(10) % 3, cfg=cfg)
+    cache = {}
+
+    def run(model, x, sigmas, **kw):
+        n = len(sigmas) - 1
+        if n not in cache:
+            start = initial_state(noise_like((10, 8), seed=7), sigmas[0].double(), kind)
+            cache[n] = search_ratios(search_model, start, sigmas.double(), kind=kind)
+        return sample_dc_solver(model, x, sigmas, ratios=cache[n], **kw)
+    return run
+
+
 def accuracy(kind, cfg, builtins, ms_classes, batch):
     from kit import reference
     from kit.gmm import default_mixture
@@ -135,6 +154,7 @@ def accuracy(kind, cfg, builtins, ms_classes, batch):
     scale = float(ref.pow(2).mean().sqrt())
     samplers = {label: (SAMPLERS[n], o) for label, (n, o) in OURS.items()}
     samplers["dpm-solver-v3 (calibrated)"] = (SAMPLERS["dpm_solver_v3"], {"ems": calibrate_v3(kind, cfg, ms_classes)})
+    samplers["dc-solver (searched)"] = (_dc_with_search(kind, cfg), {})
     samplers.update({n: (f, {}) for n, f in builtins.items()})
     table = {}
     for label, (fn, opts) in samplers.items():
@@ -168,7 +188,7 @@ def print_tables(title, table, builtin_names):
         print(f"\n{title}: ratio to the best ComfyUI built-in at the same NFE (< 1: better)\n")
         print("| sampler | " + " | ".join(f"NFE {n}" for n in NFES) + " |")
         print("|---|" + "---|" * len(NFES))
-        for label in [lab for lab in table if lab in OURS or lab.startswith("dpm-solver-v3")]:
+        for label in [lab for lab in table if lab in OURS or lab.startswith(("dpm-solver-v3", "dc-solver"))]:
             row = table[label]
             print(f"| {label} | " + " | ".join(
                 f"{row[n] / best[n]:.2f}" if n in row and math.isfinite(best[n]) and best[n] > 0 else "—"
@@ -219,7 +239,7 @@ def plot(results, out):
     for ax, (title, table) in zip(axes.flat, results.items()):
         for label, row in table.items():
             ns = [n for n in NFES if n in row and math.isfinite(row[n])]
-            ours = label in OURS or label.startswith("dpm-solver-v3")
+            ours = label in OURS or label.startswith(("dpm-solver-v3", "dc-solver"))
             ax.loglog(ns, [row[n] for n in ns], "-o" if ours else "--", label=label, lw=2 if ours else 1, ms=3)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("NFE")
