@@ -35,6 +35,9 @@ SOCKETS = {
                                  ("latent_image", "LATENT")], [("TRAINFREE_DC_RATIOS", "TRAINFREE_DC_RATIOS")]),
     "TrainFreeDCSolverSampler": ([("dc_ratios", "TRAINFREE_DC_RATIOS")], [("SAMPLER", "SAMPLER")]),
     "TrainFreeDCSolverLoad": ([], [("TRAINFREE_DC_RATIOS", "TRAINFREE_DC_RATIOS")]),
+    "KSamplerSelect": ([], [("SAMPLER", "SAMPLER")]),
+    "TrainFreeScheduleSearch": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                                 ("latent_image", "LATENT"), ("sampler", "SAMPLER")], [("SIGMAS", "SIGMAS")]),
 }
 
 EXAMPLES = {
@@ -71,6 +74,11 @@ EXAMPLES = {
         "TrainFreeDCSolverSampler", [2, "bh2"], 6, 7.5,
         "DC-Solver with ratios saved earlier by the Search node (run the search_and_sample example once first).",
         "dc_load"),
+    "schedule_search": (
+        "KSamplerSelect", ["dpmpp_2m"], 6, 7.5,
+        "Schedule Search: finds where to put the 6 steps for this model, sampler and CFG (on the 16 samples of its "
+        "latent), starting from Karras, and caches the result in models/trainfree/schedule_search. Its SIGMAS work "
+        "with any sampler node.", "schedule"),
 }
 EXTRA = {  # extra node feeding the sampler: (type, widgets, sampler input, takes model/prompts/latent)
     "calibrate": ("TrainFreeDPMSolverV3Calibrate", [7.5, 64, 32, 30, "per channel (any resolution)", 0, "fixed",
@@ -80,6 +88,7 @@ EXTRA = {  # extra node feeding the sampler: (type, widgets, sampler input, take
                   "dc_ratios", True),
     "dc_load": ("TrainFreeDCSolverLoad", ["sd15_dc.safetensors"], "dc_ratios", False),
 }
+SCHEDULE = ("TrainFreeScheduleSearch", [6, 7.5, "karras", 60, 60, 0, "fixed", "sd15_dpmpp_2m_6steps", False])
 
 
 def build(sampler_type, sampler_widgets, steps, cfg, note, prefix, extra=None):
@@ -103,7 +112,13 @@ def build(sampler_type, sampler_widgets, steps, cfg, note, prefix, extra=None):
         (6, 0, 9, "sigmas"), (4, 0, 9, "latent_image"), (9, 0, 10, "samples"), (1, 2, 10, "vae"),
         (10, 0, 11, "images"),
     ]
-    if extra:
+    if extra == "schedule":   # the searched SIGMAS replace BasicScheduler
+        specs[5] = (6, SCHEDULE[0], SCHEDULE[1], (800, 260))
+        specs.append((14, "EmptyLatentImage", [512, 512, 16], (20, 760)))
+        wires = [w for w in wires if w[2] != 6]
+        wires += [(1, 0, 6, "model"), (2, 0, 6, "positive"), (3, 0, 6, "negative"), (14, 0, 6, "latent_image"),
+                  (5, 0, 6, "sampler")]
+    elif extra:
         node_type, widgets, target, calibrates = EXTRA[extra]
         specs.append((13, node_type, widgets, (400, 760)))
         wires.append((13, 0, 5, target))

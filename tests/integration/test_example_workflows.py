@@ -21,6 +21,8 @@ def _for_test(api: dict, arch: str) -> dict:
             node["inputs"].update(width=64, height=64)
         elif node["class_type"] == "TrainFreeDPMSolverV3Calibrate":
             node["inputs"].update(samples=8, grid_points=8, data_steps=5, overwrite=True)
+        elif node["class_type"] == "TrainFreeScheduleSearch":
+            node["inputs"].update(budget=6, reference_steps=12, overwrite=True)
         elif node["class_type"] == "TrainFreeDCSolverSearch":
             node["inputs"].update(steps="5,6", iterations=3, overwrite=True)
         elif node["class_type"] in ("SamplerCustomAdvanced", "KSampler"):
