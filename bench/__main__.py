@@ -136,6 +136,31 @@ def _dc_with_search(kind, cfg):
     return run
 
 
+def _dc_with_schedule(kind, cfg):
+    """DC-Solver on a searched schedule (Schedule Search node), then ratios searched on it (16 other noises)."""
+    from kit import reference
+    from kit.gmm import default_mixture
+    from kit.models import AnalyticModel, initial_state, noise_like
+    from trainfree.samplers.autodiffusion import search_schedule
+    from trainfree.samplers.dc_solver import sample_dc_solver, search_ratios
+
+    train = AnalyticModel(default_mixture(), "eps" if kind == "ve" else "flow", cls=torch.arange(16) % 3, cfg=cfg)
+    cache = {}
+
+    def run(model, x, sigmas, **kw):
+        n = len(sigmas) - 1
+        if n not in cache:
+            sig = sigmas.double()
+            start = initial_state(noise_like((16, 8), seed=7), sig[0], kind)
+            ref = reference.solve(train.exact, start, float(sig[0]), 0.0, h=1e-2)
+            found = search_schedule(train, start, sig, sample_dc_solver, ref, budget=60,
+                                    sigma_min=0.0292 if kind == "ve" else 1e-3)[0]
+            cache[n] = (found, search_ratios(train, start, found, kind=kind))
+        found, ratios = cache[n]
+        return sample_dc_solver(model, x, found.to(sigmas), ratios=ratios, **kw)
+    return run
+
+
 def accuracy(kind, cfg, builtins, ms_classes, batch):
     from kit import reference
     from kit.gmm import default_mixture
@@ -155,6 +180,7 @@ def accuracy(kind, cfg, builtins, ms_classes, batch):
     samplers = {label: (SAMPLERS[n], o) for label, (n, o) in OURS.items()}
     samplers["dpm-solver-v3 (calibrated)"] = (SAMPLERS["dpm_solver_v3"], {"ems": calibrate_v3(kind, cfg, ms_classes)})
     samplers["dc-solver (searched)"] = (_dc_with_search(kind, cfg), {})
+    samplers["dc-solver + searched schedule"] = (_dc_with_schedule(kind, cfg), {})
     samplers.update({n: (f, {}) for n, f in builtins.items()})
     table = {}
     for label, (fn, opts) in samplers.items():
