@@ -198,7 +198,7 @@ def search_ratios(model, x, sigmas, extra_args=None, kind=None, order=2, variant
         if i >= 2 and i + 1 < len(ref):
             saved = {k: getattr(state, k) for k in ("x", "ms", "lams", "last_order")} | {"x_prev": getattr(state, "x_prev", None)}
 
-            def loss(rho):
+            def loss(rho, i=i, m=m, saved=saved):
                 for k, v in saved.items():
                     setattr(state, k, v)
                 state.step(i, rho, m)
