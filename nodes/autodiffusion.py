@@ -10,7 +10,8 @@ import torch
 from .. import calibration
 from ..samplers.autodiffusion import search_schedule
 from ..samplers.momentum import sample_dpmpp_2m_hb
-from .calibration_support import Progress, empty_latent_for, method_dir, model_fingerprint, schedule_key, with_guided_model
+from .calibration_support import (Progress, empty_latent_for, method_dir, model_fingerprint, reuse, schedule_key,
+                                  with_guided_model)
 
 METHOD = "schedule_search"
 PAPER = "Li et al., AutoDiffusion: Training-Free Optimization of Time Steps and Architectures (ICCV 2023)"
@@ -68,11 +69,9 @@ class TrainFreeScheduleSearch:
         latent = empty_latent_for(model, latent_image)
         keys = {"model": model_fingerprint(model), "schedule": schedule_key(ms), "sampler": _sampler_key(sampler),
                 "steps": steps, "cfg": f"{cfg:g}", "start": initial_scheduler, "latent": "x".join(map(str, latent.shape))}
-        if path.exists() and not overwrite:
-            try:
-                return (calibration.load(path, METHOD, keys)["sigmas"].float(),)
-            except calibration.CalibrationError as e:
-                raise calibration.CalibrationError(f"{e}. Choose another name, or set overwrite to replace it.") from e
+        cached = reuse(path, METHOD, keys, overwrite)
+        if cached is not None:
+            return (cached["sigmas"].float(),)
         initial = comfy.samplers.calculate_sigmas(ms, initial_scheduler, steps).cpu()
         if initial[-1] != 0 or (initial[:-1] <= initial[1:]).any():
             raise ValueError(f"scheduler {initial_scheduler!r} gives no decreasing schedule ending at 0 for {steps} "

@@ -11,6 +11,7 @@ import comfy.utils
 import folder_paths
 import torch
 
+from .. import calibration
 from ..calibration import CalibrationError, fingerprint
 
 FOLDER = "trainfree"
@@ -119,3 +120,22 @@ def check_matches(name: str, keys: dict, model_k, calibrate_node: str) -> None:
         detail = "; ".join(f"{k}: calibrated for {a!r}, this model {b!r}" for k, (a, b) in wrong.items())
         raise CalibrationError(f"{name} was computed for another model or schedule ({detail}); "
                                f"calibrate this model with the {calibrate_node} node")
+
+
+def reuse(path, method: str, keys: dict, overwrite: bool):
+    """The tensors of an existing calibration made for exactly ``keys`` (None: compute anew)."""
+    if overwrite or not path.exists():
+        return None
+    try:
+        return calibration.load(path, method, keys)
+    except CalibrationError as e:
+        raise CalibrationError(f"{e}. Choose another name, or set overwrite to replace it.") from e
+
+
+def load_named(method: str, name: str):
+    """(tensors, keys, file name) of a saved calibration picked by name in a Load node."""
+    path = find_file(method, calibration.file_in(method_dir(method), name).name)
+    if path is None:
+        raise CalibrationError(f"calibration file not found: {name}")
+    keys = calibration.stored_keys(path)
+    return calibration.load(path, method, keys), keys, path.name

@@ -9,8 +9,8 @@ import torch
 
 from .. import calibration
 from ..samplers.dc_solver import cpr_fit, cpr_ratios, sample_dc_solver, search_ratios
-from .calibration_support import (Progress, check_matches, empty_latent_for, find_file, list_files, method_dir,
-                                  model_fingerprint, schedule_key, with_guided_model)
+from .calibration_support import (Progress, check_matches, empty_latent_for, list_files, load_named, method_dir,
+                                  model_fingerprint, reuse, schedule_key, with_guided_model)
 from .sampler_support import CATEGORY, SamplerNode, ksampler
 
 METHOD = "dc_solver"
@@ -97,11 +97,9 @@ class TrainFreeDCSolverSearch:
         ms = model.get_model_object("model_sampling")
         keys = {"model": model_fingerprint(model), "schedule": schedule_key(ms), "scheduler": scheduler,
                 "grid": f"steps={','.join(map(str, nfes))};cfg={','.join(f'{c:g}' for c in scales)}"}
-        if path.exists() and not overwrite:
-            try:
-                return (DcRecord(*_from_tensors(calibration.load(path, METHOD, keys)), keys, path.name),)
-            except calibration.CalibrationError as e:
-                raise calibration.CalibrationError(f"{e}. Choose another name, or set overwrite to replace it.") from e
+        cached = reuse(path, METHOD, keys, overwrite)
+        if cached is not None:
+            return (DcRecord(*_from_tensors(cached), keys, path.name),)
         latent = empty_latent_for(model, latent_image)
         progress = Progress(len(scales) * sum(nfes))
         searched = {}
@@ -135,11 +133,8 @@ class TrainFreeDCSolverLoad:
         return {"required": {"ratios_name": (list_files(METHOD), {"tooltip": "A file in models/trainfree/dc_solver."})}}
 
     def load(self, ratios_name):
-        path = find_file(METHOD, calibration.file_in(method_dir(METHOD), ratios_name).name)
-        if path is None:
-            raise calibration.CalibrationError(f"calibration file not found: {ratios_name}")
-        keys = calibration.stored_keys(path)
-        return (DcRecord(*_from_tensors(calibration.load(path, METHOD, keys)), keys, path.name),)
+        tensors, keys, name = load_named(METHOD, ratios_name)
+        return (DcRecord(*_from_tensors(tensors), keys, name),)
 
 
 def _sample_dc(model, x, sigmas, extra_args=None, callback=None, disable=None, record=None, **opts):

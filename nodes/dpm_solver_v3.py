@@ -11,8 +11,8 @@ from ..samplers.common import kind_of_sampling
 from ..samplers.dpm_solver_v3 import sample_dpm_solver_v3
 from ..samplers.dpm_solver_v3_ems import EMS, estimate, lambda_range
 from ..samplers.momentum import sample_dpmpp_2m_hb
-from .calibration_support import (Progress, check_matches, empty_latent_for, find_file, list_files, method_dir,
-                                  model_fingerprint, schedule_key, with_guided_model)
+from .calibration_support import (Progress, check_matches, empty_latent_for, list_files, load_named, method_dir,
+                                  model_fingerprint, reuse, schedule_key, with_guided_model)
 from .sampler_support import CATEGORY, SamplerNode, ksampler
 
 METHOD = "dpm_solver_v3"
@@ -102,11 +102,9 @@ class TrainFreeDPMSolverV3Calibrate:
         latent = empty_latent_for(model, latent_image)
         per_pixel = statistics.startswith("per pixel")
         keys = _keys(model, tuple(latent.shape[1:]), cfg, per_pixel)
-        if path.exists() and not overwrite:
-            try:
-                return (EmsRecord(_from_tensors(calibration.load(path, METHOD, keys)), keys, path.name),)
-            except calibration.CalibrationError as e:
-                raise calibration.CalibrationError(f"{e}. Choose another name, or set overwrite to replace it.") from e
+        cached = reuse(path, METHOD, keys, overwrite)
+        if cached is not None:
+            return (EmsRecord(_from_tensors(cached), keys, path.name),)
         clean = None
         if clean_latents is not None:
             clean = model.model.process_latent_in(clean_latents["samples"])
@@ -133,11 +131,8 @@ class TrainFreeDPMSolverV3Load:
         return {"required": {"ems_name": (list_files(METHOD), {"tooltip": "A file in models/trainfree/dpm_solver_v3."})}}
 
     def load(self, ems_name):
-        path = find_file(METHOD, calibration.file_in(method_dir(METHOD), ems_name).name)
-        if path is None:
-            raise calibration.CalibrationError(f"calibration file not found: {ems_name}")
-        keys = calibration.stored_keys(path)
-        return (EmsRecord(_from_tensors(calibration.load(path, METHOD, keys)), keys, path.name),)
+        tensors, keys, name = load_named(METHOD, ems_name)
+        return (EmsRecord(_from_tensors(tensors), keys, name),)
 
 
 def _sample_checked(model, x, sigmas, extra_args=None, callback=None, disable=None, record=None, half=False, **opts):
