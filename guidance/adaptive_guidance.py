@@ -26,22 +26,31 @@ class AdaptiveGuidance:
     """Per-sample switch-off state for one sampling run."""
 
     def __init__(self, threshold: float, batch: int, device=None):
-        if not (0.0 < threshold):
-            raise ValueError(f"threshold must be positive, got {threshold!r}")
+        if not (0.0 <= threshold):
+            raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
         self.threshold = float(threshold)
         self.guided = torch.ones(batch, dtype=torch.bool, device=device)
         self.saved = 0            # unconditional evaluations skipped (per batch item)
         self.total = 0            # unconditional evaluations plain CFG would have made
 
+    def _keep(self, x, d_cond, d_uncond) -> torch.Tensor:
+        """Switch off the rows whose agreement reached the threshold; the still-guided rows as a mask."""
+        if self.threshold < 1.0:
+            gamma = agreement(x, d_cond, d_uncond).to(self.guided.device)
+            self.guided = self.guided & (gamma < self.threshold)
+        return self.guided.to(x.device).view(-1, *([1] * (x.ndim - 1)))
+
     def combine(self, x, d_cond, d_uncond, scale: float) -> torch.Tensor:
         """The prediction for this step. Rows still guided give their real d_uncond; for rows already
         switched off d_uncond is ignored (pass anything finite, e.g. d_cond). A row whose agreement
         reaches the threshold is switched off from this step on (paper: D = D_c once gamma >= threshold)."""
-        if self.threshold < 1.0:
-            gamma = agreement(x, d_cond, d_uncond).to(self.guided.device)
-            self.guided = self.guided & (gamma < self.threshold)
-        keep = self.guided.to(x.device).view(-1, *([1] * (x.ndim - 1)))
-        return torch.where(keep, d_uncond + scale * (d_cond - d_uncond), d_cond)
+        return torch.where(self._keep(x, d_cond, d_uncond), d_uncond + scale * (d_cond - d_uncond), d_cond)
+
+    def select(self, x, d_cond, d_uncond) -> torch.Tensor:
+        """For a host that combines predictions itself (ComfyUI's CFG and its patches): the
+        unconditional prediction with switched-off rows replaced by the conditional one, so any
+        CFG formula gives D_c there."""
+        return torch.where(self._keep(x, d_cond, d_uncond), d_uncond, d_cond)
 
     def count(self, evaluated: int, batch: int) -> None:
         self.total += batch

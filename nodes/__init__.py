@@ -1,8 +1,8 @@
 """The only layer that imports ComfyUI: one small adapter module per method."""
-from . import autodiffusion, dc_solver, dpm_solver_v3, momentum, time_shift
+from . import adaptive_guidance, autodiffusion, dc_solver, dpm_solver_v3, momentum, time_shift
 from .sampler_support import register_dropdown_samplers
 
-_MODULES = (momentum, time_shift, dpm_solver_v3, dc_solver, autodiffusion)
+_MODULES = (momentum, time_shift, dpm_solver_v3, dc_solver, autodiffusion, adaptive_guidance)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

@@ -81,7 +81,7 @@ def test_agreement_rises_as_noise_falls_and_rows_switch_off_on_their_own():
     assert all(torch.allclose(a, b) for a, b in zip(alone, _run(0.999, batch=6)[0]))
 
 
-@pytest.mark.parametrize("bad", [0.0, -1.0])
+@pytest.mark.parametrize("bad", [float("nan"), -1.0])
 def test_bad_threshold(bad):
     with pytest.raises(ValueError):
         AdaptiveGuidance(bad, 2)

@@ -36,6 +36,9 @@ SOCKETS = {
     "TrainFreeDCSolverSampler": ([("dc_ratios", "TRAINFREE_DC_RATIOS")], [("SAMPLER", "SAMPLER")]),
     "TrainFreeDCSolverLoad": ([], [("TRAINFREE_DC_RATIOS", "TRAINFREE_DC_RATIOS")]),
     "KSamplerSelect": ([], [("SAMPLER", "SAMPLER")]),
+    "KSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                  ("latent_image", "LATENT")], [("LATENT", "LATENT")]),
+    "TrainFreeAdaptiveGuidance": ([("model", "MODEL")], [("MODEL", "MODEL")]),
     "TrainFreeScheduleSearch": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                                  ("latent_image", "LATENT"), ("sampler", "SAMPLER")], [("SIGMAS", "SIGMAS")]),
 }
@@ -125,6 +128,10 @@ def build(sampler_type, sampler_widgets, steps, cfg, note, prefix, extra=None):
         if calibrates:
             specs.append((14, "EmptyLatentImage", [512, 512, 4 if node_type.endswith("Calibrate") else 10], (20, 760)))
             wires += [(1, 0, 13, "model"), (2, 0, 13, "positive"), (3, 0, 13, "negative"), (14, 0, 13, "latent_image")]
+    return _assemble(specs, wires)
+
+
+def _assemble(specs, wires):
     types = {s[0]: s[1] for s in specs}
 
     def sockets(t):
@@ -153,10 +160,40 @@ def build(sampler_type, sampler_widgets, steps, cfg, note, prefix, extra=None):
             "groups": [], "config": {}, "extra": {}, "version": 0.4}
 
 
+PATCHES = {  # MODEL-patch examples: checkpoint -> patch -> plain KSampler
+    "adaptive_guidance": ("TrainFreeAdaptiveGuidance", [0.9999], 20, 7.5, "dpmpp_2m",
+                          "Adaptive Guidance: stops evaluating the negative prompt once it agrees with the positive "
+                          "one. Works with plain KSampler; the console logs how many evaluations were saved. "
+                          "Threshold is model-dependent (paper: 0.991-0.996 on SD)."),
+}
+
+
+def build_patch(patch_type, patch_widgets, steps, cfg, sampler, note, prefix):
+    specs = [
+        (1, "CheckpointLoaderSimple", ["v1-5-pruned-emaonly-fp16.safetensors"], (20, 200)),
+        (2, "CLIPTextEncode", ["a watercolor painting of a lighthouse on a cliff at sunset, detailed"], (400, 60)),
+        (3, "CLIPTextEncode", ["blurry, low quality, watermark"], (400, 300)),
+        (4, "EmptyLatentImage", [512, 512, 1], (400, 540)),
+        (5, patch_type, patch_widgets, (400, 760)),
+        (9, "KSampler", [0, "fixed", steps, cfg, sampler, "karras", 1.0], (800, 200)),
+        (10, "VAEDecode", [], (1180, 200)),
+        (11, "SaveImage", [prefix], (1420, 200)),
+        (12, "Note", [note], (20, 520)),
+    ]
+    wires = [(1, 1, 2, "clip"), (1, 1, 3, "clip"), (1, 0, 5, "model"), (5, 0, 9, "model"), (2, 0, 9, "positive"),
+             (3, 0, 9, "negative"), (4, 0, 9, "latent_image"), (9, 0, 10, "samples"), (1, 2, 10, "vae"),
+             (10, 0, 11, "images")]
+    return _assemble(specs, wires)
+
+
 def main():
     OUT.mkdir(exist_ok=True)
     for name, (t, widgets, steps, cfg, note, *extra) in EXAMPLES.items():
         wf = build(t, widgets, steps, cfg, note, f"trainfree_{name}", *extra)
+        (OUT / f"{name}.json").write_text(json.dumps(wf, indent=1) + "\n")
+        print("wrote", OUT / f"{name}.json")
+    for name, (t, widgets, steps, cfg, sampler, note) in PATCHES.items():
+        wf = build_patch(t, widgets, steps, cfg, sampler, note, f"trainfree_{name}")
         (OUT / f"{name}.json").write_text(json.dumps(wf, indent=1) + "\n")
         print("wrote", OUT / f"{name}.json")
 

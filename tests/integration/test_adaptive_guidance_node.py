@@ -1,0 +1,63 @@
+"""Adaptive Guidance as a MODEL patch in ComfyUI: plain KSampler path, evaluations saved, composition."""
+import logging
+
+import pytest
+import torch
+
+
+def _sample(comfyui, model, cfg=4.0, steps=6, batch=1, sampler="euler"):
+    import comfy.sample
+
+    tiny = comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models
+    latent = torch.zeros(batch, 4, 8, 8)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(4))
+    return comfy.sample.sample(model, noise, steps, cfg, sampler, "normal", tiny.conditioning("sd15", 1, batch),
+                               tiny.conditioning("sd15", 2, batch), latent, seed=4, disable_pbar=True)
+
+
+def _counting(model):
+    """Count the batch rows the diffusion model is run on (an APPLY_MODEL wrapper)."""
+    import comfy.patcher_extension as pe
+
+    rows = []
+
+    def count(executor, x, *args, **kwargs):
+        rows.append(x.shape[0])
+        return executor(x, *args, **kwargs)
+
+    m = model.clone()
+    m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "count_rows", count)
+    return m, rows
+
+
+def _ag(comfyui, model, threshold):
+    return comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeAdaptiveGuidance"]().patch(model, threshold)[0]
+
+
+def test_threshold_one_is_plain_cfg(comfyui):
+    tiny = comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models
+    base = tiny.build("sd15")
+    assert torch.equal(_sample(comfyui, _ag(comfyui, base, 1.0)), _sample(comfyui, base))
+
+
+def test_switched_off_batch_skips_the_unconditional_pass(comfyui, caplog):
+    tiny = comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models
+    model, rows = _counting(_ag(comfyui, tiny.build("sd15"), 0.0))     # switches off at the first step
+    with caplog.at_level(logging.INFO, logger="trainfree"):
+        out = _sample(comfyui, model, steps=6, batch=2)
+    assert torch.isfinite(out).all()
+    assert sum(rows) == 2 * 2 + 5 * 2                                   # step 1 cond+uncond, then cond only
+    assert "skipped 10 of 12 unconditional evaluations" in caplog.text
+    again, rows2 = _counting(_ag(comfyui, tiny.build("sd15"), 0.0))
+    _sample(comfyui, again, steps=4, batch=3)                           # fresh state per run and batch size
+    assert sum(rows2) == 3 * 2 + 3 * 3
+
+
+def test_cfg_one_and_other_patches(comfyui):
+    import comfy_extras.nodes_pag as pag
+
+    tiny = comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models
+    base = tiny.build("sd15")
+    assert torch.equal(_sample(comfyui, _ag(comfyui, base, 0.5), cfg=1.0), _sample(comfyui, base, cfg=1.0))
+    both = pag.PerturbedAttentionGuidance.execute(_ag(comfyui, base, 0.9999), 2.0)[0]
+    assert torch.isfinite(_sample(comfyui, both, sampler="dpmpp_2m")).all()
