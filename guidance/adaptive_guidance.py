@@ -16,9 +16,10 @@ import torch
 
 
 def agreement(x: torch.Tensor, d_cond: torch.Tensor, d_uncond: torch.Tensor) -> torch.Tensor:
-    """gamma = cos(x - D_c, x - D_u) per sample (B,), computed in float64."""
-    a = (x - d_cond).reshape(x.shape[0], -1).double()
-    b = (x - d_uncond).reshape(x.shape[0], -1).double()
+    """gamma = cos(x - D_c, x - D_u) per sample (B,), computed in float64 (float32 on MPS)."""
+    acc = torch.float32 if x.device.type == "mps" else torch.float64
+    a = (x - d_cond).reshape(x.shape[0], -1).to(acc)
+    b = (x - d_uncond).reshape(x.shape[0], -1).to(acc)
     return torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-30)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import SamplerInputError, alpha_s, check_inputs, resolve_kind
+from .common import SamplerInputError, alpha_s, check_inputs, precise, resolve_kind
 
 
 def _lam_to_sigma(lam: torch.Tensor, kind: str) -> torch.Tensor:
@@ -60,7 +60,7 @@ def search_schedule(model, x, initial_sigmas, sampler, reference, extra_args=Non
         spent[0] += 1
         if progress:
             progress(spent[0], budget)
-        return float((out.double() - reference.double()).pow(2).mean())
+        return float((out.to(precise(out)) - reference.to(precise(out))).pow(2).mean())
 
     def valid(points):
         gaps_ok = bool((points[1:] > points[:-1] + min_gap).all())

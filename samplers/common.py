@@ -96,6 +96,11 @@ def check_range(name: str, value, lo, hi) -> None:
         raise SamplerInputError(f"{name} must be in [{lo}, {hi}], got {value!r}")
 
 
+def precise(t: torch.Tensor) -> torch.dtype:
+    """float64 for accumulations, except on Apple's MPS, which has none."""
+    return torch.float32 if t.device.type == "mps" else torch.float64
+
+
 def report(callback, x, i, sigma, denoised) -> None:
     """ComfyUI's per-step callback: drives the progress bar, the previews and Cancel."""
     if callback is not None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import SamplerInputError, alpha_s, check_inputs, check_range, report, resolve_kind
+from .common import SamplerInputError, alpha_s, check_inputs, check_range, precise, report, resolve_kind
 from .dpm_solver_v3_ems import EMS
 
 def _cumulative_b(ems: EMS, lam_s: float, nodes: torch.Tensor, S_s: torch.Tensor):
@@ -49,7 +49,7 @@ class _Stepper:
         lams = torch.tensor([p[0] for p in points], dtype=torch.float64)
         _, _, _, _, S = self.ems.at(lams)
         psi = _cumulative_b(self.ems, lam_s, lams, S_s)
-        return [torch.exp(S_s - S[i]) * f - psi[i] for i, (_, f) in enumerate(points)]
+        return [torch.exp(S_s - S[i]).to(f) * f - psi[i].to(f) for i, (_, f) in enumerate(points)]
 
     @staticmethod
     def derivatives(deltas, diffs, pseudo):
@@ -85,11 +85,11 @@ class _Stepper:
         wv = w.view(view)
         base = torch.exp(L - L_t + S - S_s) * wv            # (M, *stat)
         phi = torch.exp(S - S_s) * _cumulative_b(ems, lam_s, nodes, S_s)
-        integral = (torch.exp(L - L_t) * wv * phi).sum(0)        # statistics only: broadcast over the batch
+        integral = (torch.exp(L - L_t) * wv * phi).sum(0).to(x_s)   # statistics only: broadcast over the batch
         delta = (nodes - lam_s).view(view)
         for k, c in enumerate(coefs):
-            integral = integral + (base * delta**k).sum(0) * c
-        return torch.exp(-(L_t - L_s)) * x_s - integral
+            integral = integral + (base * delta**k).sum(0).to(x_s) * c
+        return torch.exp(-(L_t - L_s)).to(x_s) * x_s - integral
 
 
 def _lambdas(sigmas64: torch.Tensor, kind: str) -> torch.Tensor:
@@ -115,7 +115,7 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
     sig = sigmas.detach().to("cpu", torch.float64)
     a, s = alpha_s(sig, kind)
     lam = _lambdas(sig, kind)
-    work = torch.float64 if x.device.type != "mps" else torch.float32
+    work = precise(x)
     stepper = _Stepper(ems)
     s_in = x.new_ones([x.shape[0]])
     steps = len(sig) - 1
@@ -132,8 +132,8 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
             continue
         xv = xs / float(a[i])
         lam_i = float(lam[i])
-        l_i = ems.at(torch.tensor([lam_i], dtype=torch.float64))[0][0]
-        f_i = ((1 - l_i) * xv.to(torch.float64) - denoised.to(torch.float64))
+        l_i = ems.at(torch.tensor([lam_i], dtype=torch.float64))[0][0].to(xv)   # tables stay on the CPU
+        f_i = (1 - l_i) * xv - denoised.to(work)
         if corrector and prev is not None:       # redo the previous step with this new output
             x_base, lam_base, p_order = prev
             c_order = min(p_order + (1 if corrector_pseudo else 0), len(cache) + 1)
@@ -144,7 +144,7 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
         p_order = min(len(cache), int(order))
         if lower_order_final:
             p_order = min(p_order, steps - i)
-        x_base = xv.to(torch.float64)
+        x_base = xv
         xv = stepper.step(x_base, lam_i, float(lam[i + 1]), cache, p_order, pseudo)
         prev = (x_base, lam_i, p_order)
         xs = (xv * float(a[i + 1])).to(work)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .common import SamplerInputError, alpha_s
+from .common import SamplerInputError, alpha_s, precise
 
 _GL_X, _GL_W = (torch.tensor(a, dtype=torch.float64) for a in np.polynomial.legendre.leggauss(6))
 MAX_PIECE = 0.5   # widest lambda interval one 6-point Gauss-Legendre rule integrates
@@ -183,9 +183,11 @@ def estimate(model, x0_batches, lam_grid, kind="ve", extra_args=None, pool_dims=
     gen = torch.Generator(device=x0_batches[0].device).manual_seed(seed)
     total, done = 2 * lam_grid.numel() * len(x0_batches), 0
 
-    def reduce(t):  # mean over the batch and the pooled dims, keepdim on pooled ones
+    acc = precise(x0_batches[0])
+
+    def reduce(t):  # mean over the batch and the pooled dims, keepdim on pooled ones; tables live on the CPU
         dims = (0,) + tuple(pool_dims)
-        return t.double().mean(dim=dims, keepdim=True).squeeze(0)
+        return t.to(acc).mean(dim=dims, keepdim=True).squeeze(0).cpu().double()
 
     l_rows = []
     for lam in lam_grid.tolist():  # pass 1: l = 1 - E[v (dD/dx) v]
@@ -209,13 +211,14 @@ def estimate(model, x0_batches, lam_grid, kind="ve", extra_args=None, pool_dims=
         m = {"f": 0.0, "g": 0.0, "ff": 0.0, "fg": 0.0, "gg": 0.0}
         for x0 in x0_batches:
             _, _, x_ve = forward_process(x0, lam, kind, gen)
-            d = _denoise_ve(model, x_ve, lam, kind, extra_args).double()
-            x_ve = x_ve.double()
+            d = _denoise_ve(model, x_ve, lam, kind, extra_args).to(acc)
+            x_ve = x_ve.to(acc)
             move = (d - x_ve).to(x0.dtype)
             d1 = (_denoise_ve(model, x_ve.to(x0.dtype) + fd * move, lam + fd, kind, extra_args)
-                  - _denoise_ve(model, x_ve.to(x0.dtype) - fd * move, lam - fd, kind, extra_args)).double() / (2 * fd)
-            f = (1 - l_tab[i]) * x_ve - d
-            fp = -l_dot[i] * x_ve + (1 - l_tab[i]) * (d - x_ve) - d1
+                  - _denoise_ve(model, x_ve.to(x0.dtype) - fd * move, lam - fd, kind, extra_args)).to(acc) / (2 * fd)
+            l_i, ld_i = l_tab[i].to(x_ve), l_dot[i].to(x_ve)
+            f = (1 - l_i) * x_ve - d
+            fp = -ld_i * x_ve + (1 - l_i) * (d - x_ve) - d1
             for key, val in (("f", f), ("g", fp), ("ff", f * f), ("fg", f * fp), ("gg", fp * fp)):
                 m[key] = m[key] + reduce(val)
             done += 1

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from .common import (SamplerInputError, _model_sampling, alpha_s, check_inputs, check_range,
-                     half_log_snr, report, resolve_kind)
+                     half_log_snr, precise, report, resolve_kind)
 
 
 def _c_in(sigma, kind, sigma_data):
@@ -78,8 +78,8 @@ class Shifter:
             return nominal
         lo, hi = max(0, t - self.half), min(self.table.numel() - 1, t + self.half)
         cand = self.table[lo:hi + 1]
-        seen = (x.reshape(batch, -1).double() * float(_c_in(torch.tensor(sigma), self.kind, self.sigma_data)))
-        v = seen.var(dim=1, unbiased=True).cpu()
+        seen = x.reshape(batch, -1).to(precise(x)) * float(_c_in(torch.tensor(sigma), self.kind, self.sigma_data))
+        v = seen.var(dim=1, unbiased=True).cpu().double()
         j = ((v[:, None] - self.expected_variance(cand)[None]) ** 2).argmin(dim=1)
         return torch.where(lo + j == t, nominal, cand[j])   # the nominal slot keeps the exact sigma
 

@@ -1,7 +1,6 @@
 """Adaptive Guidance as a MODEL patch in ComfyUI: plain KSampler path, evaluations saved, composition."""
 import logging
 
-import pytest
 import torch
 
 
