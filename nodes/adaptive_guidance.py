@@ -5,6 +5,7 @@ import logging
 
 import comfy.model_patcher
 import comfy.patcher_extension as pe
+import comfy.samplers
 
 from ..guidance.adaptive_guidance import AdaptiveGuidance
 
@@ -79,5 +80,36 @@ class TrainFreeAdaptiveGuidance:
         return (m,)
 
 
-NODES = {"TrainFreeAdaptiveGuidance": (TrainFreeAdaptiveGuidance, "Adaptive Guidance (TrainFree)")}
+class TrainFreeAdaptiveGuidanceGuider:
+    DESCRIPTION = ("Adaptive Guidance as a GUIDER for SamplerCustomAdvanced: CFG whose unconditional branch stops "
+                   "once it agrees with the conditional one (the same mechanism as the MODEL patch node). "
+                   f"From {PAPER}.")
+    CATEGORY = "trainfree/guidance"
+    RETURN_TYPES = ("GUIDER",)
+    OUTPUT_TOOLTIPS = ("A CFG guider with Adaptive Guidance.",)
+    FUNCTION = "get_guider"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        inputs = TrainFreeAdaptiveGuidance.INPUT_TYPES()["required"]
+        return {"required": {
+            "model": inputs["model"],
+            "positive": ("CONDITIONING", {"tooltip": "The prompt."}),
+            "negative": ("CONDITIONING", {"tooltip": "The negative prompt (its evaluations are the ones saved)."}),
+            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                              "tooltip": "Classifier-free guidance scale while guidance is on."}),
+            "threshold": inputs["threshold"],
+        }}
+
+    def get_guider(self, model, positive, negative, cfg, threshold):
+        guider = comfy.samplers.CFGGuider(TrainFreeAdaptiveGuidance().patch(model, threshold)[0])
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        return (guider,)
+
+
+NODES = {
+    "TrainFreeAdaptiveGuidance": (TrainFreeAdaptiveGuidance, "Adaptive Guidance (TrainFree)"),
+    "TrainFreeAdaptiveGuidanceGuider": (TrainFreeAdaptiveGuidanceGuider, "Adaptive Guidance Guider (TrainFree)"),
+}
 DROPDOWN = {}

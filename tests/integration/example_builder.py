@@ -39,6 +39,8 @@ SOCKETS = {
     "KSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                   ("latent_image", "LATENT")], [("LATENT", "LATENT")]),
     "TrainFreeAdaptiveGuidance": ([("model", "MODEL")], [("MODEL", "MODEL")]),
+    "TrainFreeAdaptiveGuidanceGuider": ([("model", "MODEL"), ("positive", "CONDITIONING"),
+                                         ("negative", "CONDITIONING")], [("GUIDER", "GUIDER")]),
     "TrainFreeScheduleSearch": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                                  ("latent_image", "LATENT"), ("sampler", "SAMPLER")], [("SIGMAS", "SIGMAS")]),
 }
@@ -82,6 +84,11 @@ EXAMPLES = {
         "Schedule Search: finds where to put the 6 steps for this model, sampler and CFG (on the 16 samples of its "
         "latent), starting from Karras, and caches the result in models/trainfree/schedule_search. Its SIGMAS work "
         "with any sampler node.", "schedule"),
+    "adaptive_guidance_guider": (
+        "KSamplerSelect", ["dpmpp_2m"], 20, 7.5,
+        "Adaptive Guidance as a GUIDER: CFG that stops evaluating the negative prompt once it agrees with the "
+        "positive one (threshold 0.9999; paper: 0.991-0.996 on SD). The console logs the evaluations saved.",
+        "ag_guider"),
 }
 EXTRA = {  # extra node feeding the sampler: (type, widgets, sampler input, takes model/prompts/latent)
     "calibrate": ("TrainFreeDPMSolverV3Calibrate", [7.5, 64, 32, 30, "per channel (any resolution)", 0, "fixed",
@@ -121,6 +128,8 @@ def build(sampler_type, sampler_widgets, steps, cfg, note, prefix, extra=None):
         wires = [w for w in wires if w[2] != 6]
         wires += [(1, 0, 6, "model"), (2, 0, 6, "positive"), (3, 0, 6, "negative"), (14, 0, 6, "latent_image"),
                   (5, 0, 6, "sampler")]
+    elif extra == "ag_guider":   # the guider replaces CFGGuider
+        specs[6] = (7, "TrainFreeAdaptiveGuidanceGuider", [cfg, 0.9999], (800, 440))
     elif extra:
         node_type, widgets, target, calibrates = EXTRA[extra]
         specs.append((13, node_type, widgets, (400, 760)))

@@ -60,3 +60,20 @@ def test_cfg_one_and_other_patches(comfyui):
     assert torch.equal(_sample(comfyui, _ag(comfyui, base, 0.5), cfg=1.0), _sample(comfyui, base, cfg=1.0))
     both = pag.PerturbedAttentionGuidance.execute(_ag(comfyui, base, 0.9999), 2.0)[0]
     assert torch.isfinite(_sample(comfyui, both, sampler="dpmpp_2m")).all()
+
+
+def test_guider_variant_matches_the_patch(comfyui):
+    """The GUIDER gives what plain KSampler gives with the patched model, through SamplerCustomAdvanced."""
+    from prompts import custom_advanced
+
+    prompt = custom_advanced("TrainFreeGHVBSampler", {"order": 2.0}, steps=5, seed=3)
+    prompt["guider"] = {"class_type": "TrainFreeAdaptiveGuidanceGuider", "inputs": {
+        "model": ["ckpt", 0], "positive": ["pos", 0], "negative": ["neg", 0], "cfg": 4.0, "threshold": 0.5}}
+    ok, out, err = comfyui.run(prompt)
+    assert ok, err
+    prompt["patch"] = {"class_type": "TrainFreeAdaptiveGuidance", "inputs": {"model": ["ckpt", 0], "threshold": 0.5}}
+    prompt["guider"] = {"class_type": "CFGGuider", "inputs": {"model": ["patch", 0], "positive": ["pos", 0],
+                                                              "negative": ["neg", 0], "cfg": 4.0}}
+    ok2, out2, err2 = comfyui.run(prompt)
+    assert ok2, err2
+    assert out["stats"]["sum"] == out2["stats"]["sum"]

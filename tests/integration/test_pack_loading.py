@@ -6,7 +6,7 @@ PACK_NODES = {
     "TrainFreeTimeShiftDDIMSampler", "TrainFreeTimeShiftDPMPP2MSampler",
     "TrainFreeDPMSolverV3Calibrate", "TrainFreeDPMSolverV3Load", "TrainFreeDPMSolverV3Sampler",
     "TrainFreeDCSolverSearch", "TrainFreeDCSolverLoad", "TrainFreeDCSolverSampler", "TrainFreeScheduleSearch",
-    "TrainFreeAdaptiveGuidance",
+    "TrainFreeAdaptiveGuidance", "TrainFreeAdaptiveGuidanceGuider",
 }
 DROPDOWN = {"trainfree_ghvb", "trainfree_plms_hb", "trainfree_dpmpp_2m_hb", "trainfree_ts_ddim",
             "trainfree_ts_dpmpp_2m"}
@@ -27,7 +27,8 @@ def test_schema_tooltips_and_category(comfyui, node_id):
     cls = comfyui.nodes.NODE_CLASS_MAPPINGS[node_id]
     spec = cls.INPUT_TYPES()
     assert cls.CATEGORY.startswith("trainfree/") and cls.DESCRIPTION
-    assert cls.RETURN_TYPES in (("SAMPLER",), ("SIGMAS",), ("MODEL",), ("TRAINFREE_EMS",), ("TRAINFREE_DC_RATIOS",))
+    assert cls.RETURN_TYPES in (("SAMPLER",), ("SIGMAS",), ("MODEL",), ("GUIDER",), ("TRAINFREE_EMS",),
+                                ("TRAINFREE_DC_RATIOS",))
     assert len(cls.OUTPUT_TOOLTIPS) == 1
     for name, (kind, *rest) in {**spec.get("required", {}), **spec.get("optional", {})}.items():
         opts = rest[0] if rest else {}
