@@ -1,8 +1,10 @@
 """The only layer that imports ComfyUI: one small adapter module per method."""
-from . import adaptive_guidance, autodiffusion, dc_solver, dpm_solver_v3, momentum, time_shift
+from . import (adaptive_guidance, autodiffusion, cache_quant, cfg_pp, dc_solver, deep_cache, dpm_solver_v3,
+               hybrid_inference, momentum, nasa, pag, time_shift)
 from .sampler_support import register_dropdown_samplers
 
-_MODULES = (momentum, time_shift, dpm_solver_v3, dc_solver, autodiffusion, adaptive_guidance)
+_MODULES = (momentum, time_shift, dpm_solver_v3, dc_solver, autodiffusion, adaptive_guidance, cfg_pp, pag, nasa,
+            hybrid_inference, deep_cache, cache_quant)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

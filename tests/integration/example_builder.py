@@ -196,6 +196,12 @@ def build_patch(patch_type, patch_widgets, steps, cfg, sampler, note, prefix):
 
 
 def main():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import example_specs
+
+    SOCKETS.update(example_specs.collect("SOCKETS"))
     OUT.mkdir(exist_ok=True)
     for name, (t, widgets, steps, cfg, note, *extra) in EXAMPLES.items():
         wf = build(t, widgets, steps, cfg, note, f"trainfree_{name}", *extra)
@@ -204,6 +210,9 @@ def main():
     for name, (t, widgets, steps, cfg, sampler, note) in PATCHES.items():
         wf = build_patch(t, widgets, steps, cfg, sampler, note, f"trainfree_{name}")
         (OUT / f"{name}.json").write_text(json.dumps(wf, indent=1) + "\n")
+        print("wrote", OUT / f"{name}.json")
+    for name, make in example_specs.collect("GRAPHS").items():
+        (OUT / f"{name}.json").write_text(json.dumps(make(sys.modules[__name__]), indent=1) + "\n")
         print("wrote", OUT / f"{name}.json")
 
 

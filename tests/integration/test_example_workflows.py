@@ -4,12 +4,16 @@ from pathlib import Path
 
 import pytest
 
+import example_specs
 from harness import ROOT
 from workflow_format import ui_to_api
 
 EXAMPLES = sorted((ROOT / "example_workflows").glob("*.json"))
 LOADERS = {"TrainFreeDPMSolverV3Load": "dpm_solver_v3_calibrate_and_sample.json",
-           "TrainFreeDCSolverLoad": "dc_solver_search_and_sample.json"}
+           "TrainFreeDCSolverLoad": "dc_solver_search_and_sample.json", **example_specs.collect("LOADERS")}
+FOR_TEST = example_specs.collect("FOR_TEST")
+ARCHS = example_specs.collect("ARCHS")
+CASES = [(p, arch) for p in EXAMPLES for arch in ARCHS.get(p.stem, ["sd15", "flux"])]
 
 
 def _for_test(api: dict, arch: str) -> dict:
@@ -25,6 +29,8 @@ def _for_test(api: dict, arch: str) -> dict:
             node["inputs"].update(budget=6, reference_steps=12, overwrite=True)
         elif node["class_type"] == "TrainFreeDCSolverSearch":
             node["inputs"].update(steps="5,6", iterations=3, overwrite=True)
+        elif node["class_type"] in FOR_TEST:
+            node["inputs"].update(FOR_TEST[node["class_type"]])
         elif node["class_type"] in ("SamplerCustomAdvanced", "KSampler"):
             api[f"stats_{node_id}"] = {"class_type": "TrainFreeTestLatentStats", "inputs": {"samples": [node_id, 0]}}
     return api
@@ -37,8 +43,7 @@ def test_every_node_has_an_example(comfyui):
     assert set(comfyui.pack().NODE_CLASS_MAPPINGS) <= used
 
 
-@pytest.mark.parametrize("arch", ["sd15", "flux"])
-@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+@pytest.mark.parametrize("path,arch", CASES, ids=[f"{p.stem}-{a}" for p, a in CASES])
 def test_example_workflow_runs(comfyui, path: Path, arch):
     api = ui_to_api(json.loads(path.read_text()), comfyui.nodes.NODE_CLASS_MAPPINGS)
     for loader, maker in LOADERS.items():   # a Load example needs the file its calibration example writes

@@ -1,0 +1,3 @@
+"""ComfyUI adapter for nasa (placeholder: nodes land with the method)."""
+NODES = {}
+DROPDOWN = {}
