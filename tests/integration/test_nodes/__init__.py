@@ -26,13 +26,16 @@ class TinyClip:
 
 
 class TinyVae:
-    """Latent -> image: a fixed random colour projection, upscaled 8x."""
+    """Latent -> image: a fixed random colour projection, upscaled 8x (5-D video latents: one image per frame)."""
 
     def __init__(self, channels):
         self.proj = torch.randn(channels, 3, generator=torch.Generator().manual_seed(0)) / channels**0.5
 
     def decode(self, latent):
-        img = torch.sigmoid(torch.einsum("bchw,cd->bhwd", latent.float(), self.proj))
+        latent = latent.float()
+        if latent.ndim == 5:  # video [B, C, T, H, W] -> frames as a batch of images, like ComfyUI's video VAEs
+            latent = latent.movedim(2, 1).reshape(-1, latent.shape[1], *latent.shape[-2:])
+        img = torch.sigmoid(torch.einsum("bchw,cd->bhwd", latent, self.proj))
         return img.repeat_interleave(8, 1).repeat_interleave(8, 2)
 
 

@@ -1,17 +1,22 @@
 """Tiny, randomly initialised diffusion models built from ComfyUI's own classes.
 
 They use the real ``comfy.supported_models`` configs, ``BaseModel`` subclasses, model_sampling
-(EPS + discrete schedule for SD1.5/SDXL, CONST flow for SD3/Flux) and ``ModelPatcher``: every
+(EPS + discrete schedule for SD1.5/SDXL, CONST flow for SD3/Flux/Wan) and ``ModelPatcher``: every
 hook, wrapper and patch a node installs runs exactly as with a real checkpoint. They build in
 milliseconds and sample an 8x8 latent in a fraction of a second on one CPU thread.
+
+"wan" is a Wan 2.1 text-to-video DiT: its latent is 5-D ``[B, 16, T, H, W]`` (``LATENT_DIMS``).
 """
 from __future__ import annotations
 
 import torch
 
-ARCHS = ("sd15", "sdxl", "sd3", "flux")
+ARCHS = ("sd15", "sdxl", "sd3", "flux", "wan")
+# spatial (and temporal) dimensions of each arch's latent, after batch and channels
+LATENT_DIMS = {"sd15": 2, "sdxl": 2, "sd3": 2, "flux": 2, "wan": 3}
 # (context tokens, context dim, pooled dim) the conditioning must have for each arch
-COND_SHAPES = {"sd15": (77, 64, None), "sdxl": (77, 64, 32), "sd3": (77, 64, 32), "flux": (16, 64, 32)}
+COND_SHAPES = {"sd15": (77, 64, None), "sdxl": (77, 64, 32), "sd3": (77, 64, 32), "flux": (16, 64, 32),
+               "wan": (16, 64, None)}
 
 _UNET = {
     "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
@@ -41,6 +46,10 @@ def _config(arch):
                        "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 2,
                        "depth_single_blocks": 2, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2,
                        "qkv_bias": True, "guidance_embed": True})
+    elif arch == "wan":
+        cfg = sm.WAN21_T2V({"image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "text_len": 16,
+                            "in_dim": 16, "dim": 64, "ffn_dim": 128, "freq_dim": 32, "text_dim": 64,
+                            "out_dim": 16, "num_heads": 2, "num_layers": 2, "eps": 1e-6})
     else:
         raise ValueError(f"unknown tiny arch {arch!r}; one of {ARCHS}")
     if arch in ("sd15", "sdxl"):
