@@ -6,6 +6,7 @@ import logging
 import comfy.model_patcher
 import comfy.patcher_extension as pe
 import comfy.samplers
+import torch
 
 from ..guidance.adaptive_guidance import AdaptiveGuidance
 
@@ -19,6 +20,42 @@ class _Holder:
         self.threshold, self.state = threshold, None
 
 
+class _Rows:
+    """A model cond that yields only some batch rows: processed for the whole batch, then sliced, so
+    each row gets exactly the conditioning (its own prompt) it gets in a full-batch evaluation."""
+
+    def __init__(self, inner, rows, batch):
+        self.inner, self.rows, self.batch = inner, rows, batch
+
+    def process_cond(self, batch_size, **kwargs):
+        full = self.inner.process_cond(batch_size=self.batch, **kwargs)
+        c = full.cond
+        if isinstance(c, torch.Tensor) and c.ndim and c.shape[0] == self.batch:
+            return full._copy_with(c[self.rows])
+        if isinstance(c, list) and all(isinstance(t, torch.Tensor) and t.shape[0] == self.batch for t in c):
+            return full._copy_with([t[self.rows] for t in c])
+        return full                                                   # constants (CONDConstant, ...)
+
+
+def rows_of(conds, rows, batch):
+    """``conds`` (one conditioning's list of cond dicts) restricted to batch ``rows``; None where a cond
+    carries something that cannot be sliced safely (ControlNet, GLIGEN, hooks, a per-row mask)."""
+    out = []
+    for c in conds:
+        if any(c.get(k) is not None for k in ("control", "gligen", "hooks")):
+            return None
+        c2 = dict(c)
+        c2["model_conds"] = {k: _Rows(v, rows, batch) for k, v in c["model_conds"].items()}
+        if c.get("mask") is not None:
+            m = c["mask"]
+            if m.shape[0] == batch:
+                c2["mask"] = m[rows]
+            elif m.shape[0] != 1:
+                return None
+        out.append(c2)
+    return out
+
+
 def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
     holder = model_options["transformer_options"].get(KEY)
     if holder is None or len(conds) < 2 or conds[1] is None:          # no CFG pass (e.g. cfg 1)
@@ -27,13 +64,25 @@ def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
     if state is None or state.guided.numel() != x_in.shape[0]:
         state = holder.state = AdaptiveGuidance(holder.threshold, x_in.shape[0], device=x_in.device)
     batch = x_in.shape[0]
-    if not bool(state.guided.any()):                                  # every row switched off: skip uncond
-        out = executor(model, [conds[0], None] + list(conds[2:]), x_in, timestep, model_options)
-        state.count(0, batch)
-        return [out[0], out[0]] + list(out[2:])
-    out = executor(model, conds, x_in, timestep, model_options)
-    state.count(batch, batch)
-    return [out[0], state.select(x_in, out[0], out[1])] + list(out[2:])
+    guided = state.guided.to(x_in.device)
+    n = int(guided.sum())
+    if n == batch:                                                    # every row guided: plain CFG pass
+        out = executor(model, conds, x_in, timestep, model_options)
+        state.count(batch, batch)
+        return [out[0], state.select(x_in, out[0], out[1])] + list(out[2:])
+    rows = guided.nonzero().flatten()
+    uncond = rows_of(conds[1], rows, batch) if n else None
+    if n and uncond is None:                                          # cannot slice: evaluate the whole batch
+        out = executor(model, conds, x_in, timestep, model_options)
+        state.count(batch, batch)
+        return [out[0], state.select(x_in, out[0], out[1])] + list(out[2:])
+    out = executor(model, [conds[0], None] + list(conds[2:]), x_in, timestep, model_options)
+    d_u = out[0].clone()
+    if n:                                                             # uncond only for the still-guided rows
+        t = timestep[rows] if timestep.ndim and timestep.shape[0] == batch else timestep
+        d_u[rows] = executor(model, [uncond], x_in[rows], t, model_options)[0]
+    state.count(n, batch)
+    return [out[0], state.select(x_in, out[0], d_u)] + list(out[2:])
 
 
 def _outer_sample(executor, *args, **kwargs):
@@ -55,8 +104,8 @@ def _outer_sample(executor, *args, **kwargs):
 class TrainFreeAdaptiveGuidance:
     DESCRIPTION = ("Adaptive Guidance: once the conditional and unconditional predictions of a sample agree "
                    "(cosine similarity above the threshold), CFG is switched off for it and the unconditional "
-                   "branch is no longer evaluated once every sample of the batch has switched, saving up to half of "
-                   f"the remaining model calls. Logs how many evaluations were saved. From {PAPER}.")
+                   "branch is no longer evaluated for it (per batch item: the other prompts keep theirs), saving up to "
+                   f"half of the remaining model calls. Logs how many evaluations were saved. From {PAPER}.")
     CATEGORY = "trainfree/guidance"
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The model with Adaptive Guidance; use it with CFG > 1.",)

@@ -77,3 +77,34 @@ def test_guider_variant_matches_the_patch(comfyui):
     ok2, out2, err2 = comfyui.run(prompt)
     assert ok2, err2
     assert out["stats"]["sum"] == out2["stats"]["sum"]
+
+
+
+def _run_rows(model, pos, neg, noise, steps=6):
+    import comfy.sample
+
+    return comfy.sample.sample(model, noise, steps, 4.0, "euler", "normal", pos, neg, torch.zeros_like(noise),
+                               seed=5, disable_pbar=True)
+
+
+def test_rows_switch_off_on_their_own_and_only_guided_rows_pay(comfyui, caplog):
+    """Batch 2, different prompts: row 0's negative equals its prompt (agreement 1: switched off at the
+    first step), row 1's differs (stays guided). From step 2 on only row 1's negative is evaluated, and
+    each row is what a batch-1 run of its own prompts gives."""
+    tiny = comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models
+    base = tiny.build("sd15")
+    pos = tiny.conditioning("sd15", 1, 2)
+    neg = [[torch.cat([pos[0][0][:1], tiny.conditioning("sd15", 2, 2)[0][0][1:]]), {}]]
+    noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(5))
+    model, rows = _counting(_ag(comfyui, base, 0.999999))
+    with caplog.at_level(logging.INFO, logger="trainfree"):
+        out = _run_rows(model, pos, neg, noise)
+    assert rows == [4] + [2, 1] * 5                              # step 1 full CFG; then cond x2 + uncond x1
+    assert "skipped 5 of 12 unconditional evaluations" in caplog.text
+    plain = _run_rows(base, pos, neg, noise)
+    tol = 2e-6 * float(plain.abs().max())     # float32 batching noise: plain CFG batch 2 vs 1 differs by 1e-6 rel.
+    for i in range(2):
+        alone = _run_rows(_ag(comfyui, base, 0.999999), [[pos[0][0][i:i + 1], {}]], [[neg[0][0][i:i + 1], {}]],
+                          noise[i:i + 1])
+        torch.testing.assert_close(out[i:i + 1], alone, rtol=0, atol=tol)
+    torch.testing.assert_close(out[1], plain[1], rtol=0, atol=tol)    # row 1 never switches: plain CFG
