@@ -1,0 +1,276 @@
+"""CacheQuant's cache half for DiT block spans: dynamic-programming schedule (DPS) + decoupled error correction (DEC).
+
+Paper: Liu, Li, Gu, "CacheQuant: Comprehensively Accelerated Diffusion Models" (CVPR 2025, arXiv 2503.01323);
+official code BienLuky/CacheQuant (``quant/utils.Fisher.feature_to_interval_seq_optimal`` for DPS,
+``error_dec/*/..._dec.calculate_abCov`` for DEC). Pure torch, no ComfyUI.
+
+Cached quantity. A contiguous span of transformer blocks ("deep" blocks: all but ``head`` first and ``tail`` last)
+is run at full steps; its residual ``R_i = span_out_i - span_in_i`` is stored. At a cached step ``i`` that reuses
+the residual of full step ``s`` the span is skipped and its output is ``span_in_i + a_i * R_s + b_i``.
+
+DPS (paper Sec. 3.2 / Fisher optimal segmentation): split the T steps into K contiguous groups whose first step is
+full, minimising ``sum_groups sum_{i in (s_g, e_g)} err(s_g, i)`` subject to ``ceil(N/2) <= e_g - s_g <= 2N``,
+N = T/K (the official code's bounds). Solved exactly by dynamic programming over (groups, covered steps).
+
+DEC, cache term: per reused step i and channel c, the least-squares affine map of the cached feature onto the fresh
+one, ``a = Cov(R_i, R_s)/Var(R_s)``, ``b = mean(R_i) - a mean(R_s)``, over calibration tokens and samples.
+
+Departures from the paper (documented in docs/cache_quant.md):
+* the cached feature is a DiT block-span residual, not DeepCache's U-Net skip feature;
+* ``err(s, i)`` is the squared error left after DEC (what the sampler actually sees) instead of the uncorrected L1
+  distance; with correction off it is the plain squared distance ``||R_i - R_s||^2``;
+* statistics are pooled over the cond / uncond chunks of the calibration run (one map per step and channel);
+* DEC's quantisation term is out of scope (no quantisation here).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def group_bounds(steps: int, full_steps: int) -> tuple:
+    """(shortest, longest) group the official DPS allows: ceil(N/2) and 2N with N = steps / full_steps."""
+    if not 1 <= full_steps <= steps:
+        raise ValueError(f"full steps must be in [1, {steps}], got {full_steps}")
+    n = steps / full_steps
+    lo = max(1, math.ceil(n / 2 - 1e-9))
+    return lo, max(lo, int(math.floor(2 * n + 1e-9)))
+
+
+def group_costs(err: torch.Tensor) -> torch.Tensor:
+    """cost[s, e] = sum_{s < i < e} err[s, i]: the reuse error of a group of steps [s, e) fed by full step s."""
+    t = err.shape[0]
+    upper = torch.triu(err.double(), diagonal=1)
+    cum = torch.cat([torch.zeros(t, 1, dtype=torch.float64), upper.cumsum(1)], 1)   # cum[s, e] = sum_{i<e}
+    return cum
+
+
+def dp_schedule(err: torch.Tensor, full_steps: int, lo: int | None = None, hi: int | None = None) -> list:
+    """The K = full_steps group starts (full steps, first one 0) minimising the summed reuse error ``err[s, i]``
+    (T x T, used for s < i), every group length in [lo, hi] (default: the paper's bounds)."""
+    t = err.shape[0]
+    dlo, dhi = group_bounds(t, full_steps)
+    lo, hi = lo or dlo, hi or dhi
+    cost = group_costs(err)
+    inf = float("inf")
+    best = [[inf] * (t + 1) for _ in range(full_steps + 1)]
+    arg = [[-1] * (t + 1) for _ in range(full_steps + 1)]
+    best[0][0] = 0.0
+    for k in range(1, full_steps + 1):
+        for n in range(k * lo, min(t, k * hi) + 1):
+            for j in range(max(0, n - hi), n - lo + 1):
+                if best[k - 1][j] == inf:
+                    continue
+                c = best[k - 1][j] + float(cost[j, n])
+                if c < best[k][n]:
+                    best[k][n], arg[k][n] = c, j
+    if best[full_steps][t] == inf:
+        raise ValueError(f"no schedule of {full_steps} full steps in {t} steps with group lengths in [{lo}, {hi}]")
+    starts, n = [], t
+    for k in range(full_steps, 0, -1):
+        n = arg[k][n]
+        starts.append(n)
+    return starts[::-1]
+
+
+def schedule_error(err: torch.Tensor, starts: list) -> float:
+    """The objective DPS minimises, for any list of full steps (first one 0)."""
+    bounds = list(starts) + [err.shape[0]]
+    cost = group_costs(err)
+    return float(sum(cost[s, e] for s, e in zip(bounds[:-1], bounds[1:])))
+
+
+def uniform_schedule(steps: int, interval: int) -> list:
+    """DeepCache's uniform schedule: every ``interval``-th step is full, starting at 0."""
+    return list(range(0, steps, max(1, int(interval))))
+
+
+class Moments:
+    """Per-channel sums of (x = cached feature, y = fresh feature) pairs, float64: enough for the DEC fit and the
+    squared error before and after it."""
+
+    def __init__(self):
+        self.n = 0
+        self.s = None           # [5, C]: sum x, sum y, sum xx, sum xy, sum yy
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()
+        s = torch.stack([x.sum(0), y.sum(0), (x * x).sum(0), (x * y).sum(0), (y * y).sum(0)]).cpu()
+        self.s = s if self.s is None else self.s + s
+        self.n += x.shape[0]
+
+    def fit(self, eps: float = 1e-12) -> tuple:
+        """(a, b) per channel; a = 1, b = mean difference where the cached feature is constant."""
+        sx, sy, sxx, sxy, _ = self.s / self.n
+        var, cov = sxx - sx * sx, sxy - sx * sy
+        ok = var > eps * (1.0 + sxx)
+        a = torch.where(ok, cov / torch.where(ok, var, torch.ones_like(var)), torch.ones_like(var))
+        return a, sy - a * sx
+
+    def sse(self, corrected: bool) -> float:
+        """Summed squared error of reusing x for y: plain, or after the fitted affine map."""
+        sx, sy, sxx, sxy, syy = self.s
+        if not corrected:
+            return float((sxx - 2 * sxy + syy).sum())
+        a, b = self.fit()
+        n = self.n
+        r = syy - 2 * a * sxy - 2 * b * sy + a * a * sxx + 2 * a * b * sx + n * b * b
+        return float(r.clamp_min(0).sum())
+
+
+class Calibrator:
+    """Records the span residual of every step (all steps full) and the pair moments DPS and DEC need.
+
+    ``record(step, chunk, residual)`` takes a dict {name: tensor [..., C]}; only the first evaluation of a step per
+    chunk counts (second-order samplers evaluate twice). Pairs further apart than ``window`` steps are not kept."""
+
+    def __init__(self, steps: int, window: int):
+        self.steps, self.window = steps, max(1, window)
+        self.history = {}      # chunk -> list of (step, residual) within the window
+        self.pairs = {}        # (s, i) -> {name: Moments}
+        self.seen = set()
+
+    def record(self, step: int, chunk, residual: dict) -> None:
+        if (step, chunk) in self.seen or not 0 <= step < self.steps:
+            return
+        self.seen.add((step, chunk))
+        hist = [(s, r) for s, r in self.history.get(chunk, []) if 0 < step - s <= self.window]
+        for s, r in hist:
+            ms = self.pairs.setdefault((s, step), {})
+            for name, y in residual.items():
+                if name in r and r[name].shape == y.shape:
+                    ms.setdefault(name, Moments()).add(r[name], y)
+        hist.append((step, {k: v.detach().clone() for k, v in residual.items()}))
+        self.history[chunk] = hist
+
+    def error_matrix(self, corrected: bool) -> torch.Tensor:
+        """err[s, i] (inf where not measured: too far apart or never seen)."""
+        err = torch.full((self.steps, self.steps), float("inf"), dtype=torch.float64)
+        for (s, i), ms in self.pairs.items():
+            if ms:
+                err[s, i] = sum(m.sse(corrected) for m in ms.values())
+        return err
+
+    def solve(self, full_steps: int, correction: bool = True) -> dict:
+        """DPS schedule and, per step, the DEC map from its group's full step: {"full": [T] int, "err": [T, T],
+        "a.<name>" / "b.<name>": [T, C] float32 (a = 1, b = 0 at full steps)}."""
+        lo, hi = group_bounds(self.steps, full_steps)
+        if hi > self.window + 1:
+            raise ValueError(f"calibration window {self.window} is shorter than the longest group {hi}")
+        err = self.error_matrix(correction)
+        starts = dp_schedule(torch.nan_to_num(err, posinf=1e300), full_steps, lo, hi)
+        full = torch.zeros(self.steps, dtype=torch.int32)
+        full[starts] = 1
+        out = {"full": full, "err": err.float()}
+        names = {n for ms in self.pairs.values() for n in ms}
+        for name in sorted(names):
+            chans = next(ms[name].s.shape[1] for ms in self.pairs.values() if name in ms)
+            a, b = torch.ones(self.steps, chans), torch.zeros(self.steps, chans)
+            if correction:
+                s = 0
+                for i in range(self.steps):
+                    if full[i]:
+                        s = i
+                    elif name in self.pairs.get((s, i), {}):
+                        ai, bi = self.pairs[(s, i)][name].fit()
+                        a[i], b[i] = ai.float(), bi.float()
+            out[f"a.{name}"], out[f"b.{name}"] = a, b
+        return out
+
+
+def step_of(sigma: float, sample_sigmas) -> int:
+    """Index of the sampling step an evaluation at ``sigma`` belongs to (sub-step evaluations of higher-order
+    samplers count for the step they start from)."""
+    ss = [float(s) for s in sample_sigmas]
+    if len(ss) < 2:
+        return 0
+    tol = 1e-5 * max(abs(sigma), 1e-3)
+    i = sum(1 for s in ss[:-1] if s >= sigma - tol) - 1
+    return min(max(i, 0), len(ss) - 2)
+
+
+def _reference(snap: dict, name: str, like: torch.Tensor) -> torch.Tensor:
+    """The span input matching output ``name``: the same stream, or [txt; img] where the span ends in Flux's
+    single-stream blocks and starts in its double-stream ones."""
+    t = snap.get(name)
+    if t is not None and t.shape == like.shape:
+        return t
+    if name == "img" and snap.get("txt") is not None and snap.get("img") is not None:
+        t = torch.cat((snap["txt"], snap["img"]), 1)
+        if t.shape == like.shape:
+            return t
+    raise RuntimeError(f"block cache: the span's output {name!r} {tuple(like.shape)} matches none of its inputs "
+                       f"{ {k: tuple(v.shape) for k, v in snap.items()} }; this model's block layout is unsupported")
+
+
+class SpanRun:
+    """One sampling run of the residual cache over the block span ``first`` .. ``last`` (block keys).
+
+    ``block(key, args, call)`` is what every span block's replacement does (``call(args)`` runs the block, or the
+    replacement that was there before). ``full[i]`` says whether step i runs the span; ``corr`` maps an output
+    name to per-step DEC tensors (a [T, C], b [T, C]); ``calibrator`` records every full residual. Caches are
+    kept per chunk (cond uuids, cond/uncond layout, shapes), so chunks and resolutions never share a residual."""
+
+    def __init__(self, first, last, full=None, corr=None, calibrator=None):
+        self.first, self.last, self.full, self.corr, self.calibrator = first, last, full, corr or {}, calibrator
+        self.entries, self.current, self.step = {}, None, 0
+        self.blocks_run = self.blocks_skipped = self.held_bytes = 0
+        self.cached_now = False
+        self._ab = {}
+
+    def is_full(self, step: int) -> bool:
+        return self.full is None or step >= len(self.full) or bool(self.full[step])
+
+    def _chunk(self, args):
+        to = args.get("transformer_options") or {}
+        shapes = tuple(tuple(args[k].shape) for k in ("img", "txt") if isinstance(args.get(k), torch.Tensor))
+        return (tuple(str(u) for u in to.get("uuids", ())), tuple(to.get("cond_or_uncond", ())), shapes)
+
+    def _correct(self, name, r):
+        if name not in self.corr:
+            return r
+        key = (name, self.step, r.device, r.dtype)
+        if key not in self._ab:
+            a, b = self.corr[name]
+            self._ab[key] = (a[self.step].to(r.device, r.dtype), b[self.step].to(r.device, r.dtype))
+        a, b = self._ab[key]
+        return r * a + b
+
+    def block(self, key, args, call):
+        if key == self.first:
+            to = args.get("transformer_options") or {}
+            if to.get("sigmas") is not None and to.get("sample_sigmas") is not None:
+                self.step = step_of(float(to["sigmas"].reshape(-1)[0]), to["sample_sigmas"])
+            chunk = self._chunk(args)
+            cached = not self.is_full(self.step) and chunk in self.entries
+            snap = {k: args[k].clone() for k in ("img", "txt") if isinstance(args.get(k), torch.Tensor)}
+            self.current = (chunk, cached, snap)
+            self.cached_now = self.cached_now or cached
+        if self.current is None:                      # span entered mid-way: never cache
+            return call(args)
+        chunk, cached, snap = self.current
+        if not cached:
+            out = call(args)
+            self.blocks_run += 1
+            if key == self.last:
+                res = {k: (v - _reference(snap, k, v) if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
+                self.entries[chunk] = res
+                self.current = None
+                self.held_bytes = max(self.held_bytes, sum(t.numel() * t.element_size() for r in self.entries.values()
+                                                           for t in r.values() if isinstance(t, torch.Tensor)))
+                if self.calibrator is not None:
+                    self.calibrator.record(self.step, chunk, {k: v for k, v in res.items()
+                                                              if isinstance(v, torch.Tensor)})
+            return out
+        self.blocks_skipped += 1
+        if key != self.last:                          # skipped block: pass its inputs through
+            return {k: args[k] for k in ("img", "txt") if k in args}
+        self.current = None
+        return {k: (_reference(snap, k, r) + self._correct(k, r) if isinstance(r, torch.Tensor) else r)
+                for k, r in self.entries[chunk].items()}
+
+    def clear(self):
+        self.entries.clear()
+        self.current = None
+        self._ab.clear()
