@@ -1,3 +1,230 @@
-"""ComfyUI adapter for pag (placeholder: nodes land with the method)."""
-NODES = {}
+"""Perturbed-Attention Guidance on chosen layers, as a MODEL patch (UNets, SD3, Flux, Wan).
+
+Like core's PerturbedAttentionGuidance it adds a post-CFG function (a chainable list) that runs one
+extra conditional pass with perturbed options; nothing is installed in the model for the normal
+passes. UNets: ``attn1`` replace keyed by (block, id[, transformer index]) returning V (core's
+mechanism, now on any block). DiTs: a ``patches_replace["dit"]`` block patch, set only in the
+perturbed pass's options, calls the previous occupant (or the original block) with
+``transformer_options["optimized_attention_override"]`` set for that block; the override chains to
+any earlier override for the attention calls it does not perturb.
+"""
+from __future__ import annotations
+
+import comfy.ldm.flux.model as flux_model
+import comfy.ldm.modules.attention as attention
+import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
+import comfy.ldm.wan.model as wan_model
+import comfy.model_patcher
+import comfy.samplers
+
+from ..guidance import pag as pag_math
+
+PAPER = "Ahn et al., Self-Rectifying Diffusion Sampling with Perturbed-Attention Guidance (ECCV 2024)"
+PERTURBED_KEY = "trainfree_perturbed"   # set in transformer_options of the perturbed pass (caches may skip it)
+DIT_KEY = {"double": "double_block", "single": "single_block", "joint": "double_block", "block": "double_block"}
+KINDS_OF = {"unet": ("input", "middle", "output"), "flux": ("double", "single"), "sd3": ("joint",), "wan": ("block",)}
+
+
+def architecture(model) -> str:
+    dm = model.get_model_object("diffusion_model")
+    if isinstance(dm, openaimodel.UNetModel):
+        return "unet"
+    if type(dm) is flux_model.Flux:
+        return "flux"
+    if isinstance(dm, mmdit.MMDiT):
+        return "sd3"
+    if isinstance(dm, wan_model.WanModel):
+        return "wan"
+    raise ValueError(f"Perturbed-Attention Guidance (TrainFree) supports UNet models (SD1.x, SD2.x, SDXL), SD3, "
+                     f"Flux and Wan; this model's network is {type(dm).__name__}. For other DiTs use core's "
+                     f"SkipLayerGuidanceDiT.")
+
+
+def available_layers(model, arch: str) -> list[tuple[str, int, int | None]]:
+    dm = model.get_model_object("diffusion_model")
+    if arch == "unet":
+        out = []
+        for name, module in dm.named_modules():
+            if isinstance(module, attention.BasicTransformerBlock) and ".transformer_blocks." in name:
+                parts = name.split(".")
+                kind = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}.get(parts[0])
+                if kind is None:
+                    continue
+                idx = 0 if kind == "middle" else int(parts[1])
+                out.append((kind, idx, int(parts[parts.index("transformer_blocks") + 1])))
+        return out
+    if arch == "flux":
+        return [("double", i, None) for i in range(len(dm.double_blocks))] + \
+               [("single", i, None) for i in range(len(dm.single_blocks))]
+    if arch == "sd3":
+        return [("joint", i, None) for i in range(len(dm.joint_blocks))]
+    return [("block", i, None) for i in range(len(dm.blocks))]
+
+
+def default_layers(model, arch: str) -> str:
+    """UNet: core's middle block. DiTs: the block at half the network's depth (no paper default exists)."""
+    if arch == "unet":
+        return "middle.0"
+    layers = available_layers(model, arch)
+    return pag_math.format_layer(layers[len(layers) // 2])
+
+
+def _to_heads(t, heads):
+    """(B, N, H*D) or (B, N, H, D) (SD3 passes V so) -> (B, H, N, D)."""
+    return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+
+
+def _perturbed_attention(img_range, *a, **kw):
+    """The attention call replaced: ``img_range(n)`` gives the image rows, or None for a pure self-attention."""
+    q, k, v = a[:3]
+    heads = a[3] if len(a) > 3 else kw["heads"]
+    if not kw.get("skip_reshape", False):
+        q, k, v = (_to_heads(t, heads) for t in (q, k, v))
+    n = q.shape[-2]
+    rows = img_range(n)
+    if rows is None:
+        out = v
+    else:
+        mask = kw.get("mask")
+        if mask is not None and mask.ndim == 3:
+            mask = mask.unsqueeze(1)
+        out = pag_math.joint_identity_attention(q, k, v, rows[0], rows[1], mask=mask)
+    if kw.get("skip_output_reshape", False):
+        return out
+    b, h, _, d = out.shape
+    return out.transpose(1, 2).reshape(b, n, h * d)
+
+
+def _plan(arch, kind, index, model, args, txt_len_box):
+    """For one block call: call number -> image-row function (or None: leave that attention call alone)."""
+    if arch == "wan":                               # self-attention first, then cross-attention(s)
+        return lambda call: (lambda n: None) if call == 0 else False
+    if arch == "sd3":                               # joint [context; x], then (MMDiT-X) x-only self-attention
+        txt = args.get("txt")
+        t = 0 if txt is None else txt.shape[1]
+        return lambda call: (lambda n: (t, n)) if call == 0 else (lambda n: None)
+    if kind == "double":
+        t, i = args["txt"].shape[1], args["img"].shape[1]
+        flipped = getattr(model.get_model_object("diffusion_model").double_blocks[index], "flipped_img_txt", False)
+        return lambda call: (lambda n: (0, i) if flipped else (t, n)) if call == 0 else False
+    t = txt_len_box.get("txt")                     # single block: [txt; img] as one sequence
+    return lambda call: (lambda n: (t, n)) if call == 0 else False
+
+
+def _block_patch(prev, arch, kind, index, model, txt_len_box):
+    def patch(args, extra):
+        to = dict(args["transformer_options"])
+        earlier = to.get("optimized_attention_override")
+        decide = _plan(arch, kind, index, model, args, txt_len_box)
+        calls = [0]
+
+        def override(func, *a, **kw):
+            rows = decide(calls[0])
+            calls[0] += 1
+            if rows is False:
+                return earlier(func, *a, **kw) if earlier is not None else func(*a, **kw)
+            return _perturbed_attention(rows, *a, **kw)
+
+        to["optimized_attention_override"] = override
+        new_args = dict(args, transformer_options=to)
+        return prev(new_args, extra) if prev is not None else extra["original_block"](new_args)
+    return patch
+
+
+def perturbed_options(model_options, arch, layers, model):
+    """A copy of model_options whose forward perturbs ``layers``; the original is not modified."""
+    opts = model_options.copy()
+    if arch == "unet":
+        for kind, idx, t in layers:
+            opts = comfy.model_patcher.set_model_options_patch_replace(
+                opts, pag_math.identity_attention, "attn1", kind, idx, t)
+        opts["transformer_options"][PERTURBED_KEY] = "pag"
+        return opts
+    to = opts["transformer_options"] = dict(opts["transformer_options"])
+    to[PERTURBED_KEY] = "pag"
+    replace = to["patches_replace"] = dict(to.get("patches_replace", {}))
+    dit = replace["dit"] = dict(replace.get("dit", {}))
+    box = {}
+    if any(k == "single" for k, _, _ in layers):   # record the text length the single blocks will see
+        patches = to["patches"] = dict(to.get("patches", {}))
+
+        def record(io):
+            box["txt"] = io["txt"].shape[1]
+            return io
+        patches["post_input"] = list(patches.get("post_input", [])) + [record]
+    for kind, idx, _ in layers:
+        key = (DIT_KEY[kind], idx)
+        dit[key] = _block_patch(dit.get(key), arch, kind, idx, model, box)
+    return opts
+
+
+class TrainFreePAG:
+    DESCRIPTION = ("Perturbed-Attention Guidance on the layers you choose: one extra conditional pass per step with "
+                   "the self-attention of those layers replaced by the identity, and the result pushed away from it: "
+                   "D = CFG + scale (D_cond - D_perturbed). Works with CFG or at cfg 1, with plain KSampler and "
+                   "SamplerCustomAdvanced, and chains with other patches. UNets (SD1.x/SDXL), SD3, Flux and Wan; on "
+                   f"DiTs with joint text-image attention only the image-image part is perturbed. From {PAPER}.")
+    CATEGORY = "trainfree/guidance"
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The model with Perturbed-Attention Guidance (one extra model call per guided step).",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model to patch (UNet, SD3, Flux or Wan; chains with other patches)."}),
+            "scale": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 100.0, "step": 0.01, "round": 0.01,
+                                "tooltip": "PAG scale s. Paper/official defaults: 3.0 together with CFG (4.0), 5.0 at "
+                                           "cfg 1. 0 = off (no extra model call)."}),
+            "layers": ("STRING", {"default": "", "multiline": False,
+                                  "tooltip": "Self-attention layers to perturb, comma separated. Empty = default: "
+                                             "'middle.0' on UNets (the paper's mid block, as core's node), the block "
+                                             "at half depth on DiTs. UNet: input.N, middle.0, output.N (add .T for one "
+                                             "transformer of that block); Flux: double.N, single.N; SD3: joint.N; "
+                                             "Wan: block.N; ranges like double.2-4. Unknown names are refused with "
+                                             "the list of valid ones."}),
+            "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                                        "tooltip": "Start of the sampling range where PAG is applied (0 = first step). "
+                                                   "The paper guides every step."}),
+            "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                                      "tooltip": "End of the sampling range where PAG is applied (1 = last step)."}),
+        }}
+
+    def patch(self, model, scale, layers="", start_percent=0.0, end_percent=1.0):
+        arch = architecture(model)
+        if start_percent > end_percent:
+            raise ValueError(f"PAG: start_percent ({start_percent}) is after end_percent ({end_percent})")
+        spec = pag_math.parse_layers(layers if layers.strip() else default_layers(model, arch))
+        allowed = KINDS_OF[arch]
+        wrong = [pag_math.format_layer(ly) for ly in spec if ly[0] not in allowed]
+        if wrong:
+            raise ValueError(f"PAG: layer(s) {', '.join(wrong)} do not apply to this {arch} model; it takes "
+                             f"{', '.join(k + '.N' for k in allowed)}")
+        if arch != "unet" and any(t is not None for _, _, t in spec):
+            raise ValueError("PAG: a transformer index (kind.N.T) exists on UNets only")
+        pag_math.validate_layers(spec, available_layers(model, arch))
+        scale = float(scale)
+        m = model.clone()
+
+        def post_cfg_function(args):
+            denoised = args["denoised"]
+            if scale == 0.0:
+                return denoised
+            sigma, inner = args["sigma"], args["model"]
+            ms = inner.model_sampling
+            gate = pag_math.sigma_gate(sigma, float(ms.percent_to_sigma(start_percent)),
+                                       float(ms.percent_to_sigma(end_percent)))
+            if not bool(gate.any()):
+                return denoised
+            opts = perturbed_options(args["model_options"], arch, spec, m)
+            (perturbed,) = comfy.samplers.calc_cond_batch(inner, [args["cond"]], args["input"], sigma, opts)
+            return pag_math.combine(denoised, args["cond_denoised"], perturbed, scale,
+                                    None if bool(gate.all()) else gate)
+
+        m.set_model_sampler_post_cfg_function(post_cfg_function)
+        return (m,)
+
+
+NODES = {"TrainFreePAG": (TrainFreePAG, "Perturbed-Attention Guidance, chosen layers (TrainFree)")}
 DROPDOWN = {}
