@@ -1,3 +1,93 @@
-"""ComfyUI adapter for hybrid_inference (placeholder: nodes land with the method)."""
-NODES = {}
+"""Hybrid base -> distilled inference as a GUIDER: the first step(s) with the base model, the rest distilled."""
+from __future__ import annotations
+
+import logging
+
+import comfy.samplers
+import torch
+
+from ..guidance.hybrid_inference import check_compatible, offset_callback, switch_index
+from ..samplers.common import UnsupportedModelError, kind_of_sampling
+
+PAPER = "Gandikota & Bau, Distilling Diversity and Control in Diffusion Models (arXiv 2503.10637)"
+log = logging.getLogger("trainfree")
+
+
+def _family(model, which):
+    try:
+        kind = kind_of_sampling(model.get_model_object("model_sampling"))
+    except UnsupportedModelError as e:
+        raise ValueError(f"Hybrid inference: the {which} model is not supported ({e})") from e
+    return kind, type(model.get_model_object("latent_format")).__name__
+
+
+class HybridGuider:
+    """Two CFGGuiders sharing one sigma schedule: base for the first ``base_steps`` steps, distilled after."""
+
+    def __init__(self, base, distilled, base_steps):
+        self.base, self.distilled, self.base_steps = base, distilled, int(base_steps)
+        self.model_patcher = distilled.model_patcher          # latent channels, previews (SamplerCustomAdvanced)
+        self.model_options = distilled.model_options
+
+    def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
+               seed=None):
+        n = sigmas.shape[-1] - 1
+        k = switch_index(n, self.base_steps)
+        if k == 0 or n <= 0:
+            return self.distilled.sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar,
+                                         seed)
+        if k >= n:
+            return self.base.sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
+        x = self.base.sample(noise, latent_image, sampler, sigmas[: k + 1], denoise_mask,
+                             offset_callback(callback, 0, n), disable_pbar, seed)
+        log.info("trainfree: hybrid inference: %d of %d steps with the base model, the rest distilled", k, n)
+        # the hand-off: zero noise, the partial sample as the latent (what chained KSamplerAdvanced do)
+        return self.distilled.sample(torch.zeros_like(noise), x, sampler, sigmas[k:], denoise_mask,
+                                     offset_callback(callback, k, n), disable_pbar, seed)
+
+
+class TrainFreeHybridGuider:
+    DESCRIPTION = ("Hybrid inference: the first, highest-noise step(s) are sampled by the base model with CFG, the "
+                   "rest by its distilled few-step version (Turbo, Lightning, DMD2, LCM, Flux-schnell), restoring "
+                   "the base model's diversity at nearly distilled speed. Both use the sigmas given to "
+                   "SamplerCustomAdvanced (schedule them for the distilled model). The models must share latent "
+                   f"format and sigma space. From {PAPER}.")
+    CATEGORY = "trainfree/guidance"
+    RETURN_TYPES = ("GUIDER",)
+    OUTPUT_TOOLTIPS = ("A guider for SamplerCustomAdvanced that switches models after base_steps steps.",)
+    FUNCTION = "get_guider"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "base_model": ("MODEL", {"tooltip": "The base (undistilled) model, e.g. SDXL or Flux-dev."}),
+            "distilled_model": ("MODEL", {"tooltip": "Its distilled version, e.g. SDXL-Turbo/Lightning/DMD2 or "
+                                                     "Flux-schnell."}),
+            "positive": ("CONDITIONING", {"tooltip": "The prompt (used by both models)."}),
+            "negative": ("CONDITIONING", {"tooltip": "The negative prompt (the base model's CFG; the distilled "
+                                                     "model uses it only with distilled_cfg > 1)."}),
+            "base_cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                                   "tooltip": "CFG of the base model's step(s) (paper, SDXL: 5)."}),
+            "distilled_cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                                        "tooltip": "CFG of the distilled model (1 = no guidance, as distilled "
+                                                   "models are sampled)."}),
+            "base_steps": ("INT", {"default": 1, "min": 0, "max": 1000,
+                                   "tooltip": "Steps, from the first, sampled with the base model (paper: 1). 0 = "
+                                              "distilled model only; >= the step count = base model only."}),
+        }}
+
+    def get_guider(self, base_model, distilled_model, positive, negative, base_cfg, distilled_cfg, base_steps):
+        bk, bl = _family(base_model, "base")
+        dk, dl = _family(distilled_model, "distilled")
+        check_compatible(bk, dk, bl, dl)
+        guiders = []
+        for model, cfg in ((base_model, base_cfg), (distilled_model, distilled_cfg)):
+            g = comfy.samplers.CFGGuider(model)
+            g.set_conds(positive, negative)
+            g.set_cfg(cfg)
+            guiders.append(g)
+        return (HybridGuider(guiders[0], guiders[1], base_steps),)
+
+
+NODES = {"TrainFreeHybridGuider": (TrainFreeHybridGuider, "Hybrid Base→Distilled Guider (TrainFree)")}
 DROPDOWN = {}

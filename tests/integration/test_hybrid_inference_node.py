@@ -1,0 +1,126 @@
+"""Hybrid base -> distilled GUIDER in ComfyUI: degenerate switch points, evaluations per model, refusals."""
+import pytest
+import torch
+
+
+def _tiny(comfyui):
+    return comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models
+
+
+def _counting(model, label, log):
+    import comfy.patcher_extension as pe
+
+    def count(executor, x, *args, **kwargs):
+        log.append((label, x.shape[0]))
+        return executor(x, *args, **kwargs)
+
+    m = model.clone()
+    m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "count_" + label, count)
+    return m
+
+
+def _sigmas(model, steps):
+    import comfy.samplers
+
+    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps)
+
+
+def _run(guider, noise, sigmas, sampler="euler"):
+    import comfy.samplers
+
+    return guider.sample(noise, torch.zeros_like(noise), comfy.samplers.sampler_object(sampler), sigmas,
+                         disable_pbar=True, seed=3)
+
+
+def _cfg(model, pos, neg, cfg):
+    import comfy.samplers
+
+    g = comfy.samplers.CFGGuider(model)
+    g.set_conds(pos, neg)
+    g.set_cfg(cfg)
+    return g
+
+
+def _hybrid(comfyui, base, distilled, pos, neg, base_steps, base_cfg=5.0, distilled_cfg=1.0):
+    node = comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeHybridGuider"]()
+    return node.get_guider(base, distilled, pos, neg, base_cfg, distilled_cfg, base_steps)[0]
+
+
+def _case(comfyui, batch=2):
+    tiny = _tiny(comfyui)
+    base, distilled = tiny.build("sd15", seed=0), tiny.build("sd15", seed=1)
+    pos, neg = tiny.conditioning("sd15", 1, batch), tiny.conditioning("sd15", 2, batch)
+    noise = torch.randn((batch, 4, 8, 8), generator=torch.Generator().manual_seed(7))
+    return base, distilled, pos, neg, noise
+
+
+def test_switch_points_zero_and_all_are_the_single_models_bit_for_bit(comfyui):
+    base, distilled, pos, neg, noise = _case(comfyui)
+    sig = _sigmas(distilled, 6)
+    only_distilled = _run(_cfg(distilled, pos, neg, 1.0), noise, sig, "dpmpp_2m")
+    only_base = _run(_cfg(base, pos, neg, 5.0), noise, sig, "dpmpp_2m")
+    assert torch.equal(_run(_hybrid(comfyui, base, distilled, pos, neg, 0), noise, sig, "dpmpp_2m"), only_distilled)
+    for k in (6, 50):
+        assert torch.equal(_run(_hybrid(comfyui, base, distilled, pos, neg, k), noise, sig, "dpmpp_2m"), only_base)
+    assert not torch.allclose(only_base, only_distilled)
+
+
+def test_first_step_is_the_base_models_then_distilled(comfyui):
+    """6 steps, batch 2, base_steps 1: the base model runs once with CFG (cond + uncond rows), the distilled
+    model five times without; the result is the two chained single-model runs."""
+    base, distilled, pos, neg, noise = _case(comfyui)
+    sig = _sigmas(distilled, 6)
+    log = []
+    out = _run(_hybrid(comfyui, _counting(base, "base", log), _counting(distilled, "distilled", log), pos, neg, 1),
+               noise, sig)
+    assert log == [("base", 4)] + [("distilled", 2)] * 5
+    first = _run(_cfg(base, pos, neg, 5.0), noise, sig[:2])
+    chained = _cfg(distilled, pos, neg, 1.0).sample(torch.zeros_like(noise), first, _sampler("euler"), sig[1:],
+                                                    disable_pbar=True, seed=3)
+    assert torch.equal(out, chained)
+    one_model = _run(_hybrid(comfyui, base, base, pos, neg, 2, base_cfg=3.0, distilled_cfg=3.0), noise, sig)
+    torch.testing.assert_close(one_model, _run(_cfg(base, pos, neg, 3.0), noise, sig), rtol=1e-5, atol=1e-4)
+
+
+def _sampler(name):
+    import comfy.samplers
+
+    return comfy.samplers.sampler_object(name)
+
+
+def test_rows_are_independent(comfyui):
+    base, distilled, pos, neg, noise = _case(comfyui)
+    sig = _sigmas(distilled, 4)
+    both = _run(_hybrid(comfyui, base, distilled, pos, neg, 1), noise, sig)
+    for i in range(2):
+        one = _run(_hybrid(comfyui, base, distilled, [[pos[0][0][i:i + 1], {}]], [[neg[0][0][i:i + 1], {}]], 1),
+                   noise[i:i + 1], sig)
+        torch.testing.assert_close(both[i:i + 1], one, rtol=0, atol=2e-6 * float(one.abs().max()))
+
+
+@pytest.mark.parametrize("other", ["flux", "sd3"])
+def test_refuses_models_of_another_family_at_queue_time(comfyui, other):
+    tiny = _tiny(comfyui)
+    with pytest.raises(ValueError, match="sigma space: base is 've', distilled is 'flow'"):
+        _hybrid(comfyui, tiny.build("sd15"), tiny.build(other), tiny.conditioning("sd15"), tiny.conditioning("sd15"), 1)
+
+
+def test_refuses_other_latent_format(comfyui):
+    tiny = _tiny(comfyui)
+    with pytest.raises(ValueError, match="latent format: base is SD15, distilled is SDXL"):
+        _hybrid(comfyui, tiny.build("sd15"), tiny.build("sdxl"), tiny.conditioning("sd15"), tiny.conditioning("sd15"), 1)
+
+
+def test_in_a_graph_with_samplercustomadvanced(comfyui):
+    from prompts import custom_advanced
+
+    prompt = custom_advanced("KSamplerSelect", {"sampler_name": "euler"}, steps=4, seed=2, batch=2)
+    prompt["ckpt2"] = {"class_type": "TrainFreeTestTinyCheckpoint", "inputs": {"arch": "sd15", "seed": 1}}
+    prompt["guider"] = {"class_type": "TrainFreeHybridGuider", "inputs": {
+        "base_model": ["ckpt", 0], "distilled_model": ["ckpt2", 0], "positive": ["pos", 0], "negative": ["neg", 0],
+        "base_cfg": 5.0, "distilled_cfg": 1.0, "base_steps": 1}}
+    ok, out, err = comfyui.run(prompt)
+    assert ok, err
+    prompt["ckpt2"]["inputs"]["arch"] = "flux"
+    ok, _, err = comfyui.run(prompt)
+    assert not ok and "sigma space" in str(err)
