@@ -9,6 +9,7 @@ import comfy.samplers
 import torch
 
 from ..guidance.adaptive_guidance import AdaptiveGuidance
+from .linear_ag import NODES as LINEAR_AG_NODES
 
 KEY = "trainfree_adaptive_guidance"
 PAPER = "Castillo et al., Adaptive Guidance: Training-free Acceleration of Conditional Diffusion Models (AAAI 2025)"
@@ -160,5 +161,6 @@ class TrainFreeAdaptiveGuidanceGuider:
 NODES = {
     "TrainFreeAdaptiveGuidance": (TrainFreeAdaptiveGuidance, "Adaptive Guidance (TrainFree)"),
     "TrainFreeAdaptiveGuidanceGuider": (TrainFreeAdaptiveGuidanceGuider, "Adaptive Guidance Guider (TrainFree)"),
+    **LINEAR_AG_NODES,      # LinearAG (same paper) lives in linear_ag.py
 }
 DROPDOWN = {}

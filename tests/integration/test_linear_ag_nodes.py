@@ -1,0 +1,115 @@
+"""LinearAG in ComfyUI: calibrate on a tiny model, save/reload, sample with the patch, refusals, composition."""
+import logging
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def models_dir(comfyui, tmp_path, monkeypatch):
+    import folder_paths
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "trainfree", ([str(tmp_path)], {".safetensors"}))
+    return tmp_path
+
+
+def _tiny(comfyui):
+    return comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models
+
+
+def _node(comfyui, name):
+    return comfyui.nodes.NODE_CLASS_MAPPINGS[name]()
+
+
+def _calibrate(comfyui, model, steps=8, history=1, name="lag_test", overwrite=True, batch=4):
+    tiny = _tiny(comfyui)
+    return _node(comfyui, "TrainFreeLinearAGCalibrate").calibrate(
+        model, tiny.conditioning("sd15", 1, batch), tiny.conditioning("sd15", 2), {"samples": torch.zeros(batch, 4, 8, 8)},
+        steps, 4.0, "euler", "normal", history, 0, name, overwrite)[0]
+
+
+def _patch(comfyui, model, record, start=0.0, end=1.0):
+    return _node(comfyui, "TrainFreeLinearAG").patch(model, record, start, end)[0]
+
+
+def _counting(model):
+    import comfy.patcher_extension as pe
+
+    rows = []
+
+    def count(executor, x, *args, **kwargs):
+        rows.append(x.shape[0])
+        return executor(x, *args, **kwargs)
+
+    m = model.clone()
+    m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "count_rows", count)
+    return m, rows
+
+
+def _sample(comfyui, model, steps=8, cfg=4.0, batch=2, sampler="euler"):
+    import comfy.sample
+
+    tiny = _tiny(comfyui)
+    latent = torch.zeros(batch, 4, 8, 8)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(4))
+    return comfy.sample.sample(model, noise, steps, cfg, sampler, "normal", tiny.conditioning("sd15", 3, batch),
+                               tiny.conditioning("sd15", 4, batch), latent, seed=4, disable_pbar=True)
+
+
+def test_calibrate_save_reload_and_sample(comfyui, models_dir, caplog):
+    tiny = _tiny(comfyui)
+    base = tiny.build("sd15")
+    rec = _calibrate(comfyui, base)
+    assert (models_dir / "linear_ag" / "lag_test.safetensors").is_file()
+    assert rec.coef.shape == (8, 3) and torch.isnan(rec.coef[0]).all() and rec.coef[1:].isfinite().all()
+    assert float(rec.r2[1:].min()) > 0.999         # measured 0.9992 at step 1 rising to 1 - 2e-8
+    again = _calibrate(comfyui, base, overwrite=False)                  # reused, not recomputed
+    torch.testing.assert_close(again.coef, rec.coef, rtol=0, atol=0, equal_nan=True)
+    loaded = _node(comfyui, "TrainFreeLinearAGLoad").load("lag_test.safetensors")[0]
+    torch.testing.assert_close(loaded.coef, rec.coef, rtol=0, atol=0, equal_nan=True)
+    assert loaded.keys == rec.keys and loaded.keys["steps"] == "8"
+    model, rows = _counting(_patch(comfyui, base, loaded))
+    with caplog.at_level(logging.INFO, logger="trainfree"):
+        out = _sample(comfyui, model)
+    assert rows == [4, 2] * 4                      # steps 1, 3, 5, 7 (every other): conditional rows only
+    assert "LinearAG replaced 8 of 16 unconditional evaluations" in caplog.text
+    plain = _sample(comfyui, base)
+    rel = float((out - plain).pow(2).mean().sqrt() / plain.pow(2).mean().sqrt())
+    assert 0 < rel < 0.02, rel                     # measured 0.57%: close to CFG, not identical
+    assert torch.equal(_sample(comfyui, _patch(comfyui, base, loaded, 0.0, 0.0)), plain)   # empty window: CFG
+
+
+def test_first_half_and_history_two(comfyui, models_dir):
+    base = _tiny(comfyui).build("sd15")
+    rec = _calibrate(comfyui, base, steps=10, history=2, name="lag_h2")
+    model, rows = _counting(_patch(comfyui, base, rec, 0.0, 0.5))
+    _sample(comfyui, model, steps=10)
+    assert rows == [4, 4, 4, 2, 4] + [4] * 5       # history 2, first half: only step 3 (odd, >= 2, < 5)
+
+
+def test_refuses_other_model_and_other_steps(comfyui, models_dir):
+    tiny = _tiny(comfyui)
+    base = tiny.build("sd15")
+    rec = _calibrate(comfyui, base)
+    with pytest.raises(ValueError, match="belong to another model .*model: calibrated for"):
+        _patch(comfyui, tiny.build("sd15", seed=3), rec)
+    with pytest.raises(ValueError, match="calibrated for 8 steps of the 'normal' scheduler .* this run samples 6 steps"):
+        _sample(comfyui, _patch(comfyui, base, rec), steps=6)
+    with pytest.raises(ValueError, match="another model"):
+        _patch(comfyui, tiny.build("flux"), rec)
+
+
+def test_cfg_one_and_composition_with_adaptive_guidance_and_pag(comfyui, models_dir):
+    import comfy_extras.nodes_pag as pag
+
+    base = _tiny(comfyui).build("sd15")
+    rec = _calibrate(comfyui, base)
+    lin = _patch(comfyui, base, rec)
+    assert torch.equal(_sample(comfyui, lin, cfg=1.0), _sample(comfyui, base, cfg=1.0))
+    ag = _node(comfyui, "TrainFreeAdaptiveGuidance").patch(lin, 0.0)[0]   # AG switches off after step 1
+    both, rows = _counting(pag.PerturbedAttentionGuidance.execute(ag, 2.0)[0])
+    out = _sample(comfyui, both)
+    assert torch.isfinite(out).all()
+    model, rows = _counting(_node(comfyui, "TrainFreeAdaptiveGuidance").patch(lin, 0.0)[0])
+    _sample(comfyui, model)
+    assert rows == [4] + [2] * 7                    # AG takes over from step 2: conditional rows only
