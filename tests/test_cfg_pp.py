@@ -185,3 +185,19 @@ def test_dpmpp_2m_is_the_official_dpmpp_2m_cfg_pp():
             xs = d_lam + torch.exp(-h) * (xs - d_u) - torch.expm1(-h) * (d_lam - old_u) / (2 * r)
         old_u = d_u
     assert float((ours - xs).abs().max()) < 1e-12
+
+
+@pytest.mark.parametrize("steps,lam", [(10, 0.5), (20, 0.8)])
+def test_flow_form_beats_the_literal_ve_formula_on_flow_models(steps, lam):
+    """What ComfyUI's dpmpp_2m_cfg_pp does on a flow model (the VE formula in flow sigmas, here our
+    solver told to read the model as VE) lands off the class manifold. Measured (600 samples) mean
+    log p(x | class): exact flow form -7.1 / -5.0, literal -19.9 / -25.2."""
+    gmm = default_mixture()
+    batch = 600
+    cls = torch.arange(batch) % 3
+    sig, x = start("flow", steps, batch, seed=1)
+    logps = []
+    for kind in (None, "ve"):
+        p = GuidedPair(AnalyticModel(gmm, "flow", cls=cls), AnalyticModel(gmm, "flow"), lam)
+        logps.append(_metrics(gmm, run("dpmpp_2m", p, x, sig, kind=kind), cls)[0])
+    assert logps[0] > -8.0 and logps[0] > logps[1] + 10.0
