@@ -96,27 +96,28 @@ def _perturbed_attention(img_range, *a, **kw):
     return out.transpose(1, 2).reshape(b, n, h * d)
 
 
-def _plan(arch, kind, index, model, args, txt_len_box):
-    """For one block call: call number -> image-row function (or None: leave that attention call alone)."""
+def _plan(arch, kind, index, model, args, img_len_box):
+    """For one block call: call number -> image-row function (or None: a pure self-attention; or False: leave
+    that attention call alone). Image rows are located by the image token count, so a sequence that other
+    patches extend with text tokens (NASA) or call on a sub-sequence is still split right."""
     if arch == "wan":                               # self-attention first, then cross-attention(s)
         return lambda call: (lambda n: None) if call == 0 else False
     if arch == "sd3":                               # joint [context; x], then (MMDiT-X) x-only self-attention
-        txt = args.get("txt")
-        t = 0 if txt is None else txt.shape[1]
-        return lambda call: (lambda n: (t, n)) if call == 0 else (lambda n: None)
+        i = args["img"].shape[1]
+        return lambda call: (lambda n: (n - i, n)) if call == 0 else (lambda n: None)
     if kind == "double":
-        t, i = args["txt"].shape[1], args["img"].shape[1]
+        i = args["img"].shape[1]
         flipped = getattr(model.get_model_object("diffusion_model").double_blocks[index], "flipped_img_txt", False)
-        return lambda call: (lambda n: (0, i) if flipped else (t, n)) if call == 0 else False
-    t = txt_len_box.get("txt")                     # single block: [txt; img] as one sequence
-    return lambda call: (lambda n: (t, n)) if call == 0 else False
+        return lambda call: (lambda n: (0, i) if flipped else (n - i, n)) if call == 0 else False
+    i = img_len_box.get("img")                     # single block: [txt; img] as one sequence
+    return lambda call: (lambda n: (n - i, n)) if call == 0 else False
 
 
-def _block_patch(prev, arch, kind, index, model, txt_len_box):
+def _block_patch(prev, arch, kind, index, model, img_len_box):
     def patch(args, extra):
         to = dict(args["transformer_options"])
         earlier = to.get("optimized_attention_override")
-        decide = _plan(arch, kind, index, model, args, txt_len_box)
+        decide = _plan(arch, kind, index, model, args, img_len_box)
         calls = [0]
 
         def override(func, *a, **kw):
@@ -146,11 +147,11 @@ def perturbed_options(model_options, arch, layers, model):
     replace = to["patches_replace"] = dict(to.get("patches_replace", {}))
     dit = replace["dit"] = dict(replace.get("dit", {}))
     box = {}
-    if any(k == "single" for k, _, _ in layers):   # record the text length the single blocks will see
+    if any(k == "single" for k, _, _ in layers):   # record the image length the single blocks will see
         patches = to["patches"] = dict(to.get("patches", {}))
 
         def record(io):
-            box["txt"] = io["txt"].shape[1]
+            box["img"] = io["img"].shape[1]
             return io
         patches["post_input"] = list(patches.get("post_input", [])) + [record]
     for kind, idx, _ in layers:

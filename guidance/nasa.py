@@ -1,0 +1,94 @@
+"""NASA, Negative-Away Steer Attention: a negative prompt without CFG, in cross-attention.
+
+Paper: Nguyen, Nguyen, Dao, Nguyen, Pham, Tran, Tran, "SNOOPI: Supercharged One-step Diffusion
+Distillation with Proper Guidance" (arXiv 2412.02687; ICCV 2025 as "Supercharged One-step
+Text-to-Image Diffusion Models with Negative Prompts"). In a cross-attention layer, with the layer's
+own projections applied to the positive text c+ and the negative text c-:
+
+    Z+ = softmax(Q K+^T / sqrt(d)) V+,   Z- = softmax(Q K-^T / sqrt(d)) V-,   Z_NASA = Z+ - alpha Z-
+
+(paper Eq. 7-9, as transcribed in the pack's method notes: no normalisation or clamping). Only the
+positive branch is run (cfg 1); it costs one extra attention per layer and no extra network pass.
+alpha = 0.1 (SD1.5-based one-step models), 0.2 (SD2.1-based), 0.5 (PixArt-alpha); every
+cross-attention layer. No official code was published (the project page says "coming soon").
+
+Our choices where the paper is silent:
+* with CFG (cfg > 1) the term is applied to the conditional rows only; the unconditional branch
+  keeps its own plain cross-attention;
+* joint text+image attention (Flux): the negative prompt's tokens are carried through the network
+  as extra text tokens that the positive stream never sees; the image rows get
+  Z+ (their ordinary attention over [positive text; image]) minus alpha times a separate
+  cross-attention of the image queries over the negative text tokens only
+  (``joint_nasa_attention``). The negative tokens themselves attend to [negative text; image]
+  (what a negative-prompt pass would do), so their stream evolves block by block like a text stream.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def steer(z_pos: torch.Tensor, z_neg: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Z_NASA = Z+ - alpha Z-."""
+    return z_pos - alpha * z_neg
+
+
+def cond_rows(cond_or_uncond, batch: int, device=None) -> torch.Tensor:
+    """(batch,) bool: rows of a ComfyUI batched forward that belong to conditional chunks (0 = cond, 1 = uncond).
+    ``cond_or_uncond`` None means one conditional chunk (every row)."""
+    if not cond_or_uncond:
+        return torch.ones(batch, dtype=torch.bool, device=device)
+    if batch % len(cond_or_uncond):
+        raise ValueError(f"a batch of {batch} rows does not split into {len(cond_or_uncond)} chunks")
+    per = batch // len(cond_or_uncond)
+    flags = torch.tensor([c == 0 for c in cond_or_uncond], dtype=torch.bool, device=device)
+    return flags.repeat_interleave(per)
+
+
+def steer_rows(z_pos: torch.Tensor, rows: torch.Tensor, z_neg_rows: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Z+ with Z_NASA in ``rows`` (z_neg_rows holds Z- for those rows only, in order)."""
+    if bool(rows.all()):
+        return steer(z_pos, z_neg_rows, alpha)
+    out = z_pos.clone()
+    out[rows] = steer(z_pos[rows], z_neg_rows, alpha)
+    return out
+
+
+def cross_nasa_attention(q, k_pos, v_pos, k_neg, v_neg, alpha: float, rows: torch.Tensor,
+                         attend: Callable, attend_pos: Callable | None = None) -> torch.Tensor:
+    """UNet-style cross-attention (tensors (B, N, C)): Z+ for every row, Z+ - alpha Z- on ``rows``.
+    ``attend(q, k, v)`` is the attention used for Z-; ``attend_pos`` (default ``attend``) for Z+ (e.g. a
+    previous attn2 replace). k_neg / v_neg hold one row per selected row, or one row for all."""
+    z_pos = (attend_pos or attend)(q, k_pos, v_pos)
+    if alpha == 0.0 or not bool(rows.any()):
+        return z_pos
+    n = int(rows.sum())
+    k_neg, v_neg = (t.expand(n, *t.shape[1:]) if t.shape[0] == 1 else t for t in (k_neg, v_neg))
+    return steer_rows(z_pos, rows, attend(q[rows], k_neg, v_neg), alpha)
+
+
+def joint_nasa_attention(q, k, v, t_pos: int, t_neg: int, alpha: float, rows: torch.Tensor,
+                         attend: Callable) -> torch.Tensor:
+    """Joint attention over [positive text (t_pos); negative text (t_neg); image] in (B, H, N, D).
+
+    Positive-text and image rows attend to [positive text; image] exactly as without the negative
+    tokens; negative-text rows attend to [negative text; image]; image rows of ``rows`` then get
+    - alpha * (attention of their queries over the negative text only). ``attend(q, k, v)`` works on
+    (B, H, N, D) and returns (B, H, Nq, D)."""
+    n = q.shape[2]
+    a, b = t_pos, t_pos + t_neg
+    if not (0 <= a <= b <= n):
+        raise ValueError(f"text tokens {t_pos} + {t_neg} do not fit a sequence of {n}")
+    keep = torch.cat([torch.arange(0, a), torch.arange(b, n)]).to(q.device)
+    pos = attend(q[:, :, keep], k[:, :, keep], v[:, :, keep])          # ordinary joint attention
+    out = torch.empty(pos.shape[0], pos.shape[1], n, pos.shape[3], dtype=pos.dtype, device=pos.device)
+    out[:, :, keep] = pos
+    neg_keys = torch.cat([torch.arange(a, b), torch.arange(b, n)]).to(q.device)
+    if b > a:
+        out[:, :, a:b] = attend(q[:, :, a:b], k[:, :, neg_keys], v[:, :, neg_keys])
+    if alpha != 0.0 and b > a and bool(rows.any()) and n > b:
+        z_neg = attend(q[rows][:, :, b:], k[rows][:, :, a:b], v[rows][:, :, a:b])
+        img = out[:, :, b:]
+        out[:, :, b:] = steer_rows(img, rows, z_neg, alpha)
+    return out
