@@ -201,3 +201,17 @@ def test_flow_form_beats_the_literal_ve_formula_on_flow_models(steps, lam):
         p = GuidedPair(AnalyticModel(gmm, "flow", cls=cls), AnalyticModel(gmm, "flow"), lam)
         logps.append(_metrics(gmm, run("dpmpp_2m", p, x, sig, kind=kind), cls)[0])
     assert logps[0] > -8.0 and logps[0] > logps[1] + 10.0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unknown_model_family_is_refused_before_any_evaluation(name):
+    from kit.models import X_UNKNOWN
+
+    from trainfree.samplers import UnsupportedModelError
+
+    p = pair("eps", 0.5)
+    p.model_sampling = X_UNKNOWN()
+    sig, x = start("ve", 4)
+    with pytest.raises(UnsupportedModelError, match="unknown model sampling type"):
+        run(name, p, x, sig)
+    assert p.cond_model.nfe == 0

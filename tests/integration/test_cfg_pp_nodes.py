@@ -138,3 +138,21 @@ def test_two_guidance_patches_and_a_cache_in_one_graph(comfyui):
     s = "trainfree_ghvb_cfg_pp"
     plain, out = _direct(comfyui, "sd15", s, model=base), _direct(comfyui, "sd15", s, model=cached)
     assert torch.isfinite(out).all() and float((out - plain).abs().max()) > 1e-4
+
+
+def test_dpm_solver_v3_with_statistics_and_refused_on_another_model(comfyui, tmp_path, monkeypatch):
+    import folder_paths
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "trainfree", ([str(tmp_path)], {".safetensors"}))
+    tiny = comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models
+    model = tiny.build("sd15")
+    record = comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeDPMSolverV3Calibrate"]().calibrate(
+        model=model, positive=tiny.conditioning("sd15", 1), negative=tiny.conditioning("sd15", 2),
+        latent_image={"samples": torch.zeros(4, 4, 8, 8)}, cfg=4.0, samples=8, grid_points=8, data_steps=5,
+        statistics="per channel (any resolution)", seed=0, name="cfgpp_v3", overwrite=True)[0]
+    node = comfyui.module_of("TrainFreeCFGppSampler").TrainFreeCFGppSampler()
+    with_ems = _direct(comfyui, "sd15", node.get_sampler("dpm_solver_v3", ems=record)[0], model=model, steps=6)
+    plain = _direct(comfyui, "sd15", node.get_sampler("dpm_solver_v3")[0], model=model, steps=6)
+    assert torch.isfinite(with_ems).all() and not torch.equal(with_ems, plain)
+    with pytest.raises(ValueError, match="another model"):
+        _direct(comfyui, "sd15", node.get_sampler("dpm_solver_v3", ems=record)[0], model=tiny.build("sd15", seed=3))
