@@ -1,6 +1,7 @@
 """Adaptive Guidance as a MODEL patch in ComfyUI: plain KSampler path, evaluations saved, composition."""
 import logging
 
+import pytest
 import torch
 
 
@@ -87,15 +88,28 @@ def _run_rows(model, pos, neg, noise, steps=6):
                                seed=5, disable_pbar=True)
 
 
-def test_rows_switch_off_on_their_own_and_only_guided_rows_pay(comfyui, caplog):
+def _row(cond, i):
+    """Row i of a batched CONDITIONING (its tensor and per-row extras such as pooled_output)."""
+    t, extra = cond[0]
+    return [[t[i:i + 1], {k: v[i:i + 1] if torch.is_tensor(v) and v.shape[0] == t.shape[0] else v
+                          for k, v in extra.items()}]]
+
+
+SHAPES = {"sd15": (4, 8, 8), "sdxl": (4, 8, 8), "flux": (16, 8, 8), "wan": (16, 2, 8, 8)}
+
+
+@pytest.mark.parametrize("arch", sorted(SHAPES))
+def test_rows_switch_off_on_their_own_and_only_guided_rows_pay(comfyui, caplog, arch):
     """Batch 2, different prompts: row 0's negative equals its prompt (agreement 1: switched off at the
     first step), row 1's differs (stays guided). From step 2 on only row 1's negative is evaluated, and
     each row is what a batch-1 run of its own prompts gives."""
     tiny = comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models
-    base = tiny.build("sd15")
-    pos = tiny.conditioning("sd15", 1, 2)
-    neg = [[torch.cat([pos[0][0][:1], tiny.conditioning("sd15", 2, 2)[0][0][1:]]), {}]]
-    noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(5))
+    base = tiny.build(arch)
+    pos, other = tiny.conditioning(arch, 1, 2), tiny.conditioning(arch, 2, 2)
+    neg = [[torch.cat([pos[0][0][:1], other[0][0][1:]]), dict(other[0][1])]]
+    if "pooled_output" in pos[0][1]:
+        neg[0][1]["pooled_output"] = torch.cat([pos[0][1]["pooled_output"][:1], other[0][1]["pooled_output"][1:]])
+    noise = torch.randn((2, *SHAPES[arch]), generator=torch.Generator().manual_seed(5))
     model, rows = _counting(_ag(comfyui, base, 0.999999))
     with caplog.at_level(logging.INFO, logger="trainfree"):
         out = _run_rows(model, pos, neg, noise)
@@ -104,7 +118,6 @@ def test_rows_switch_off_on_their_own_and_only_guided_rows_pay(comfyui, caplog):
     plain = _run_rows(base, pos, neg, noise)
     tol = 2e-6 * float(plain.abs().max())     # float32 batching noise: plain CFG batch 2 vs 1 differs by 1e-6 rel.
     for i in range(2):
-        alone = _run_rows(_ag(comfyui, base, 0.999999), [[pos[0][0][i:i + 1], {}]], [[neg[0][0][i:i + 1], {}]],
-                          noise[i:i + 1])
+        alone = _run_rows(_ag(comfyui, base, 0.999999), _row(pos, i), _row(neg, i), noise[i:i + 1])
         torch.testing.assert_close(out[i:i + 1], alone, rtol=0, atol=tol)
     torch.testing.assert_close(out[1], plain[1], rtol=0, atol=tol)    # row 1 never switches: plain CFG

@@ -113,3 +113,25 @@ def test_cfg_one_and_composition_with_adaptive_guidance_and_pag(comfyui, models_
     model, rows = _counting(_node(comfyui, "TrainFreeAdaptiveGuidance").patch(lin, 0.0)[0])
     _sample(comfyui, model)
     assert rows == [4] + [2] * 7                    # AG takes over from step 2: conditional rows only
+
+
+def test_two_guidance_patches_and_a_cache_with_an_empty_negative(comfyui, models_dir):
+    """LinearAG + Adaptive Guidance + DeepCache on one model, batch 2 with different prompts, and a zeroed
+    (empty) negative prompt: runs, and the guidance patches still save what they should."""
+    import comfy.sample
+
+    if "TrainFreeDeepCache" not in comfyui.nodes.NODE_CLASS_MAPPINGS:
+        pytest.skip("DeepCache node not in this build")
+    tiny = _tiny(comfyui)
+    base = tiny.build("sd15")
+    lin = _patch(comfyui, base, _calibrate(comfyui, base))
+    pos = tiny.conditioning("sd15", 3, 2)
+    empty = [[torch.zeros_like(pos[0][0][:1]), {}]]
+    noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(4))
+    # AG at 0: it takes over after step 1; at 0.999999 it stays on here and LinearAG does the saving
+    for threshold, want in ((0.0, [4] + [2] * 7), (0.999999, [4, 2] * 4)):
+        ag = _node(comfyui, "TrainFreeAdaptiveGuidance").patch(lin, threshold)[0]
+        model, rows = _counting(_node(comfyui, "TrainFreeDeepCache").patch(ag, 3, 1, "uniform", 0.0, 1.0)[0])
+        out = comfy.sample.sample(model, noise, 8, 4.0, "euler", "normal", pos, empty, torch.zeros_like(noise),
+                                  seed=4, disable_pbar=True)
+        assert torch.isfinite(out).all() and rows == want
