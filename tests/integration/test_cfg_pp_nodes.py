@@ -79,13 +79,16 @@ def test_node_in_custom_advanced(comfyui, solver):
     assert "finite=True" in out["stats"]["text"][0]
 
 
-def test_batch_rows_with_their_own_prompts_are_independent_and_reruns_identical(comfyui):
-    s = "trainfree_uni_pc_bh2_cfg_pp"
+@pytest.mark.parametrize("solver", ["uni_pc_bh2", "ts_dpmpp_2m"])
+def test_batch_rows_with_their_own_prompts_are_independent_and_reruns_identical(comfyui, solver):
+    """Row 0 of a 2-prompt batch is what its prompt gives alone (same noise row, same conditioning row)."""
+    s = f"trainfree_{solver}_cfg_pp"
     both = _direct(comfyui, "sd15", s, batch=2)
     assert torch.equal(both, _direct(comfyui, "sd15", s, batch=2))
     tiny = comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models
     assert not torch.equal(tiny.conditioning("sd15", 1, 2)[0][0][0], tiny.conditioning("sd15", 1, 2)[0][0][1])
     assert float((both[0] - both[1]).abs().max()) > 1e-3
+    assert _close(both[:1], _direct(comfyui, "sd15", s, batch=1), tol=1e-5)
 
 
 def test_cfg_one_still_renoises_with_the_negative_prompt(comfyui):
