@@ -10,6 +10,7 @@ import torch
 
 from ..guidance.adaptive_guidance import AdaptiveGuidance
 from .linear_ag import NODES as LINEAR_AG_NODES
+from .linear_ag import ui_text
 
 KEY = "trainfree_adaptive_guidance"
 PAPER = "Castillo et al., Adaptive Guidance: Training-free Acceleration of Conditional Diffusion Models (AAAI 2025)"
@@ -17,8 +18,8 @@ log = logging.getLogger("trainfree")
 
 
 class _Holder:
-    def __init__(self, threshold):
-        self.threshold, self.state = threshold, None
+    def __init__(self, threshold, node_id=None):
+        self.threshold, self.state, self.node_id = threshold, None, node_id
 
 
 class _Rows:
@@ -90,7 +91,8 @@ def _outer_sample(executor, *args, **kwargs):
     guider = executor.class_obj
     original = guider.model_options
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
-    holder = _Holder(original["transformer_options"][KEY].threshold)          # fresh per run
+    proto = original["transformer_options"][KEY]
+    holder = _Holder(proto.threshold, proto.node_id)                           # fresh per run
     guider.model_options["transformer_options"][KEY] = holder
     try:
         return executor(*args, **kwargs)
@@ -99,6 +101,8 @@ def _outer_sample(executor, *args, **kwargs):
         if state is not None and state.total:
             log.info("trainfree: Adaptive Guidance skipped %d of %d unconditional evaluations (%.0f%%)",
                      state.saved, state.total, 100.0 * state.saved / state.total)
+            ui_text(f"Adaptive Guidance: skipped {state.saved} of {state.total} negative-prompt evaluations "
+                    f"({100.0 * state.saved / state.total:.0f}%)", holder.node_id)
         guider.model_options = original
 
 
@@ -120,11 +124,11 @@ class TrainFreeAdaptiveGuidance:
                                     "tooltip": "Agreement (cosine similarity) at which guidance stops. Model-"
                                                "dependent: the paper used 0.991-0.996 on SD; 0.9999 holds on the "
                                                "test models. Lower saves more; 1 = plain CFG."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def patch(self, model, threshold):
+    def patch(self, model, threshold, unique_id=None):
         m = model.clone()
-        m.model_options["transformer_options"][KEY] = _Holder(float(threshold))
+        m.model_options["transformer_options"][KEY] = _Holder(float(threshold), unique_id)
         m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY, _outer_sample)
         m.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, KEY, _calc_cond_batch)
         return (m,)
@@ -149,10 +153,10 @@ class TrainFreeAdaptiveGuidanceGuider:
             "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
                               "tooltip": "Classifier-free guidance scale while guidance is on."}),
             "threshold": inputs["threshold"],
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def get_guider(self, model, positive, negative, cfg, threshold):
-        guider = comfy.samplers.CFGGuider(TrainFreeAdaptiveGuidance().patch(model, threshold)[0])
+    def get_guider(self, model, positive, negative, cfg, threshold, unique_id=None):
+        guider = comfy.samplers.CFGGuider(TrainFreeAdaptiveGuidance().patch(model, threshold, unique_id)[0])
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
         return (guider,)

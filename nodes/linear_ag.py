@@ -44,6 +44,19 @@ def _record(tensors, keys, name):
     return LinearAGRecord(tensors["coef"], tensors["r2"], tensors["sigmas"], {k: str(v) for k, v in keys.items()}, name)
 
 
+def ui_text(text, node_id):
+    """Show ``text`` on the node in the ComfyUI editor (no-op without a server, e.g. in tests)."""
+    if node_id is None:
+        return
+    try:
+        import server
+        instance = getattr(server.PromptServer, "instance", None)
+        if instance is not None and hasattr(instance, "send_progress_text"):
+            instance.send_progress_text(text, node_id)
+    except Exception as e:                                        # reporting must never fail a finished run
+        log.debug("trainfree: UI text not sent: %s", e)
+
+
 def step_of(timestep, sigmas) -> int | None:
     """Index of the schedule step whose sigma this evaluation is at (None: a solver's intermediate stage)."""
     if sigmas is None:
@@ -153,8 +166,9 @@ class TrainFreeLinearAGLoad:
 
 # -- sampling --------------------------------------------------------------------------------------
 class _Holder:
-    def __init__(self, record, start, end):
+    def __init__(self, record, start, end, node_id=None):
         self.record, self.start, self.end, self.state, self.seen = record, start, end, None, set()
+        self.node_id = node_id
 
 
 def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
@@ -196,7 +210,7 @@ def _outer_sample(executor, noise, latent_image, sampler, sigmas, *args, **kwarg
             f"{float(sigmas[0]):.4g} ... {float(sigmas[-2]) if sigmas.shape[-1] > 1 else 0:.4g}). Sample with the "
             "calibrated steps, scheduler and denoise 1, or calibrate for this schedule")
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
-    holder = _Holder(rec, proto.start, proto.end)
+    holder = _Holder(rec, proto.start, proto.end, proto.node_id)
     holder.state = LinearAG(rec.coef, estimated_steps(rec.steps, proto.start, proto.end, rec.history), rec.history)
     guider.model_options["transformer_options"][KEY] = holder
     try:
@@ -206,6 +220,8 @@ def _outer_sample(executor, noise, latent_image, sampler, sigmas, *args, **kwarg
         if lin.total:
             log.info("trainfree: LinearAG replaced %d of %d unconditional evaluations (%.0f%%)", lin.saved,
                      lin.total, 100.0 * lin.saved / lin.total)
+            ui_text(f"LinearAG: {lin.saved} of {lin.total} negative-prompt evaluations replaced "
+                    f"({100.0 * lin.saved / lin.total:.0f}%)", holder.node_id)
         guider.model_options = original
 
 
@@ -229,9 +245,9 @@ class TrainFreeLinearAG:
                                         "tooltip": "Where in sampling replacements start (fraction of steps)."}),
             "end_percent": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
                                       "tooltip": "Where they end (paper: the first half, 0.5)."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def patch(self, model, coefficients, start_percent, end_percent):
+    def patch(self, model, coefficients, start_percent, end_percent, unique_id=None):
         if start_percent > end_percent:
             raise ValueError(f"LinearAG: start_percent {start_percent} is after end_percent {end_percent}")
         have = {"model": model_fingerprint(model), "schedule": schedule_key(model.get_model_object("model_sampling"))}
@@ -241,7 +257,8 @@ class TrainFreeLinearAG:
             raise CalibrationError(f"LinearAG coefficients {coefficients.name} belong to another model ({detail}); "
                                    "calibrate this model with the LinearAG Calibrate node")
         m = model.clone()
-        m.model_options["transformer_options"][KEY] = _Holder(coefficients, float(start_percent), float(end_percent))
+        m.model_options["transformer_options"][KEY] = _Holder(coefficients, float(start_percent), float(end_percent),
+                                                                  unique_id)
         m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY, _outer_sample)
         m.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, KEY, _calc_cond_batch)
         return (m,)

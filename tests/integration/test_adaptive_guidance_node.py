@@ -121,3 +121,19 @@ def test_rows_switch_off_on_their_own_and_only_guided_rows_pay(comfyui, caplog, 
         alone = _run_rows(_ag(comfyui, base, 0.999999), _row(pos, i), _row(neg, i), noise[i:i + 1])
         torch.testing.assert_close(out[i:i + 1], alone, rtol=0, atol=tol)
     torch.testing.assert_close(out[1], plain[1], rtol=0, atol=tol)    # row 1 never switches: plain CFG
+
+
+def test_saved_evaluations_are_shown_on_the_node(comfyui, monkeypatch):
+    import server
+
+    sent = []
+
+    class FakeServer:
+        def send_progress_text(self, text, node_id, sid=None):
+            sent.append((node_id, text))
+
+    monkeypatch.setattr(server.PromptServer, "instance", FakeServer(), raising=False)
+    tiny = comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models
+    node = comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeAdaptiveGuidance"]()
+    _sample(comfyui, node.patch(tiny.build("sd15"), 0.0, unique_id="7")[0])
+    assert sent == [("7", "Adaptive Guidance: skipped 5 of 6 negative-prompt evaluations (83%)")]

@@ -28,8 +28,8 @@ def _calibrate(comfyui, model, steps=8, history=1, name="lag_test", overwrite=Tr
         steps, 4.0, "euler", "normal", history, 0, name, overwrite)[0]
 
 
-def _patch(comfyui, model, record, start=0.0, end=1.0):
-    return _node(comfyui, "TrainFreeLinearAG").patch(model, record, start, end)[0]
+def _patch(comfyui, model, record, start=0.0, end=1.0, unique_id=None):
+    return _node(comfyui, "TrainFreeLinearAG").patch(model, record, start, end, unique_id)[0]
 
 
 def _counting(model):
@@ -56,7 +56,16 @@ def _sample(comfyui, model, steps=8, cfg=4.0, batch=2, sampler="euler"):
                                tiny.conditioning("sd15", 4, batch), latent, seed=4, disable_pbar=True)
 
 
-def test_calibrate_save_reload_and_sample(comfyui, models_dir, caplog):
+def test_calibrate_save_reload_and_sample(comfyui, models_dir, caplog, monkeypatch):
+    import server
+
+    sent = []
+
+    class FakeServer:
+        def send_progress_text(self, text, node_id, sid=None):
+            sent.append((node_id, text))
+
+    monkeypatch.setattr(server.PromptServer, "instance", FakeServer(), raising=False)
     tiny = _tiny(comfyui)
     base = tiny.build("sd15")
     rec = _calibrate(comfyui, base)
@@ -68,11 +77,12 @@ def test_calibrate_save_reload_and_sample(comfyui, models_dir, caplog):
     loaded = _node(comfyui, "TrainFreeLinearAGLoad").load("lag_test.safetensors")[0]
     torch.testing.assert_close(loaded.coef, rec.coef, rtol=0, atol=0, equal_nan=True)
     assert loaded.keys == rec.keys and loaded.keys["steps"] == "8"
-    model, rows = _counting(_patch(comfyui, base, loaded))
+    model, rows = _counting(_patch(comfyui, base, loaded, unique_id="5"))
     with caplog.at_level(logging.INFO, logger="trainfree"):
         out = _sample(comfyui, model)
     assert rows == [4, 2] * 4                      # steps 1, 3, 5, 7 (every other): conditional rows only
     assert "LinearAG replaced 8 of 16 unconditional evaluations" in caplog.text
+    assert sent == [("5", "LinearAG: 8 of 16 negative-prompt evaluations replaced (50%)")]
     plain = _sample(comfyui, base)
     rel = float((out - plain).pow(2).mean().sqrt() / plain.pow(2).mean().sqrt())
     assert 0 < rel < 0.02, rel                     # measured 0.57%: close to CFG, not identical
