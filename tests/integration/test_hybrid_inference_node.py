@@ -46,16 +46,17 @@ def _hybrid(comfyui, base, distilled, pos, neg, base_steps, base_cfg=5.0, distil
     return node.get_guider(base, distilled, pos, neg, base_cfg, distilled_cfg, base_steps)[0]
 
 
-def _case(comfyui, batch=2):
+def _case(comfyui, batch=2, arch="sd15"):
     tiny = _tiny(comfyui)
-    base, distilled = tiny.build("sd15", seed=0), tiny.build("sd15", seed=1)
-    pos, neg = tiny.conditioning("sd15", 1, batch), tiny.conditioning("sd15", 2, batch)
-    noise = torch.randn((batch, 4, 8, 8), generator=torch.Generator().manual_seed(7))
+    base, distilled = tiny.build(arch, seed=0), tiny.build(arch, seed=1)
+    pos, neg = tiny.conditioning(arch, 1, batch), tiny.conditioning(arch, 2, batch)
+    noise = torch.randn((batch, 4 if arch == "sd15" else 16, 8, 8), generator=torch.Generator().manual_seed(7))
     return base, distilled, pos, neg, noise
 
 
-def test_switch_points_zero_and_all_are_the_single_models_bit_for_bit(comfyui):
-    base, distilled, pos, neg, noise = _case(comfyui)
+@pytest.mark.parametrize("arch", ["sd15", "flux"])
+def test_switch_points_zero_and_all_are_the_single_models_bit_for_bit(comfyui, arch):
+    base, distilled, pos, neg, noise = _case(comfyui, arch=arch)
     sig = _sigmas(distilled, 6)
     only_distilled = _run(_cfg(distilled, pos, neg, 1.0), noise, sig, "dpmpp_2m")
     only_base = _run(_cfg(base, pos, neg, 5.0), noise, sig, "dpmpp_2m")
@@ -65,10 +66,12 @@ def test_switch_points_zero_and_all_are_the_single_models_bit_for_bit(comfyui):
     assert not torch.allclose(only_base, only_distilled)
 
 
-def test_first_step_is_the_base_models_then_distilled(comfyui):
+@pytest.mark.parametrize("arch", ["sd15", "flux"])
+def test_first_step_is_the_base_models_then_distilled(comfyui, arch):
     """6 steps, batch 2, base_steps 1: the base model runs once with CFG (cond + uncond rows), the distilled
-    model five times without; the result is the two chained single-model runs."""
-    base, distilled, pos, neg, noise = _case(comfyui)
+    model five times without; the result is the two chained single-model runs (the hand-off is exact in
+    both sigma spaces: ComfyUI's noise scaling of a zero noise and its inverse round-trip the latent)."""
+    base, distilled, pos, neg, noise = _case(comfyui, arch=arch)
     sig = _sigmas(distilled, 6)
     log = []
     out = _run(_hybrid(comfyui, _counting(base, "base", log), _counting(distilled, "distilled", log), pos, neg, 1),
