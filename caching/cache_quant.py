@@ -30,12 +30,12 @@ import torch
 
 
 def group_bounds(steps: int, full_steps: int) -> tuple:
-    """(shortest, longest) group the official DPS allows: ceil(N/2) and 2N with N = steps / full_steps."""
+    """(shortest, longest) group the official DPS allows: ceil(N/2) and 2N (at most ``steps``), N = steps / full_steps."""
     if not 1 <= full_steps <= steps:
         raise ValueError(f"full steps must be in [1, {steps}], got {full_steps}")
     n = steps / full_steps
     lo = max(1, math.ceil(n / 2 - 1e-9))
-    return lo, max(lo, int(math.floor(2 * n + 1e-9)))
+    return lo, min(steps, max(lo, int(math.floor(2 * n + 1e-9))))
 
 
 def group_costs(err: torch.Tensor) -> torch.Tensor:
@@ -131,7 +131,8 @@ class Calibrator:
         self.pairs = {}        # (s, i) -> {name: Moments}
         self.seen = set()
 
-    def record(self, step: int, chunk, residual: dict) -> None:
+    def record(self, step: int, chunk, residual: dict, branches=None) -> None:
+        """``branches``: per batch row, 0 for a conditional and 1 for an unconditional evaluation (None: all 0)."""
         if (step, chunk) in self.seen or not 0 <= step < self.steps:
             return
         self.seen.add((step, chunk))
@@ -139,8 +140,10 @@ class Calibrator:
         for s, r in hist:
             ms = self.pairs.setdefault((s, step), {})
             for name, y in residual.items():
-                if name in r and r[name].shape == y.shape:
-                    ms.setdefault(name, Moments()).add(r[name], y)
+                if name not in r or r[name].shape != y.shape:
+                    continue
+                for br, rows in _branch_rows(branches, y.shape[0]):
+                    ms.setdefault((name, br), Moments()).add(r[name][rows], y[rows])
         hist.append((step, {k: v.detach().clone() for k, v in residual.items()}))
         self.history[chunk] = hist
 
@@ -154,7 +157,8 @@ class Calibrator:
 
     def solve(self, full_steps: int, correction: bool = True) -> dict:
         """DPS schedule and, per step, the DEC map from its group's full step: {"full": [T] int, "err": [T, T],
-        "a.<name>" / "b.<name>": [T, C] float32 (a = 1, b = 0 at full steps)}."""
+        "a.<name>" / "b.<name>": [T, 2, C] float32 per step, branch (cond, uncond) and channel; a = 1, b = 0 at
+        full steps and for a branch the calibration never evaluated}."""
         lo, hi = group_bounds(self.steps, full_steps)
         if hi > self.window + 1:
             raise ValueError(f"calibration window {self.window} is shorter than the longest group {hi}")
@@ -163,20 +167,39 @@ class Calibrator:
         full = torch.zeros(self.steps, dtype=torch.int32)
         full[starts] = 1
         out = {"full": full, "err": err.float()}
-        names = {n for ms in self.pairs.values() for n in ms}
+        names = {n for ms in self.pairs.values() for n, _ in ms}
         for name in sorted(names):
-            chans = next(ms[name].s.shape[1] for ms in self.pairs.values() if name in ms)
-            a, b = torch.ones(self.steps, chans), torch.zeros(self.steps, chans)
+            chans = next(m.s.shape[1] for ms in self.pairs.values() for (n, _), m in ms.items() if n == name)
+            a, b = torch.ones(self.steps, 2, chans), torch.zeros(self.steps, 2, chans)
             if correction:
                 s = 0
                 for i in range(self.steps):
                     if full[i]:
                         s = i
-                    elif name in self.pairs.get((s, i), {}):
-                        ai, bi = self.pairs[(s, i)][name].fit()
-                        a[i], b[i] = ai.float(), bi.float()
+                        continue
+                    for br in (0, 1):
+                        m = self.pairs.get((s, i), {}).get((name, br))
+                        if m is not None:
+                            ai, bi = m.fit()
+                            a[i, br], b[i, br] = ai.float(), bi.float()
             out[f"a.{name}"], out[f"b.{name}"] = a, b
         return out
+
+
+def _branch_rows(branches, batch):
+    """[(branch, row index)] for a batch whose rows are ``branches`` (0 cond / 1 uncond)."""
+    if branches is None:
+        return [(0, slice(None))]
+    br = torch.as_tensor(branches)
+    return [(int(v), (br == v).nonzero().flatten()) for v in br.unique()]
+
+
+def row_branches(cond_or_uncond, batch):
+    """Per-row branch of a chunk evaluated for ``cond_or_uncond`` (ComfyUI's list, equal row blocks)."""
+    cou = list(cond_or_uncond) or [0]
+    if batch % len(cou):
+        return torch.zeros(batch, dtype=torch.long)
+    return torch.tensor([min(int(c), 1) for c in cou]).repeat_interleave(batch // len(cou))
 
 
 def step_of(sigma: float, sample_sigmas) -> int:
@@ -209,7 +232,7 @@ class SpanRun:
 
     ``block(key, args, call)`` is what every span block's replacement does (``call(args)`` runs the block, or the
     replacement that was there before). ``full[i]`` says whether step i runs the span; ``corr`` maps an output
-    name to per-step DEC tensors (a [T, C], b [T, C]); ``calibrator`` records every full residual. Caches are
+    name to per-step DEC tensors (a [T, 2, C], b [T, 2, C]: per branch cond / uncond); ``calibrator`` records every full residual. Caches are
     kept per chunk (cond uuids, cond/uncond layout, shapes), so chunks and resolutions never share a residual."""
 
     def __init__(self, first, last, full=None, corr=None, calibrator=None):
@@ -217,6 +240,7 @@ class SpanRun:
         self.entries, self.current, self.step = {}, None, 0
         self.blocks_run = self.blocks_skipped = self.held_bytes = 0
         self.cached_now = False
+        self.times = []        # (cached?, seconds) per timed evaluation, filled by the caller
         self._ab = {}
 
     def is_full(self, step: int) -> bool:
@@ -227,13 +251,14 @@ class SpanRun:
         shapes = tuple(tuple(args[k].shape) for k in ("img", "txt") if isinstance(args.get(k), torch.Tensor))
         return (tuple(str(u) for u in to.get("uuids", ())), tuple(to.get("cond_or_uncond", ())), shapes)
 
-    def _correct(self, name, r):
+    def _correct(self, name, r, branches):
         if name not in self.corr:
             return r
-        key = (name, self.step, r.device, r.dtype)
+        key = (name, self.step, tuple(branches.tolist()), r.device, r.dtype)
         if key not in self._ab:
-            a, b = self.corr[name]
-            self._ab[key] = (a[self.step].to(r.device, r.dtype), b[self.step].to(r.device, r.dtype))
+            shape = (r.shape[0],) + (1,) * (r.ndim - 2) + (r.shape[-1],)
+            a, b = (t[self.step][branches].reshape(shape).to(r.device, r.dtype) for t in self.corr[name])
+            self._ab[key] = (a, b)
         a, b = self._ab[key]
         return r * a + b
 
@@ -245,11 +270,12 @@ class SpanRun:
             chunk = self._chunk(args)
             cached = not self.is_full(self.step) and chunk in self.entries
             snap = {k: args[k].clone() for k in ("img", "txt") if isinstance(args.get(k), torch.Tensor)}
-            self.current = (chunk, cached, snap)
+            branches = row_branches(to.get("cond_or_uncond", ()), args["img"].shape[0])
+            self.current = (chunk, cached, snap, branches)
             self.cached_now = self.cached_now or cached
         if self.current is None:                      # span entered mid-way: never cache
             return call(args)
-        chunk, cached, snap = self.current
+        chunk, cached, snap, branches = self.current
         if not cached:
             out = call(args)
             self.blocks_run += 1
@@ -261,13 +287,13 @@ class SpanRun:
                                                            for t in r.values() if isinstance(t, torch.Tensor)))
                 if self.calibrator is not None:
                     self.calibrator.record(self.step, chunk, {k: v for k, v in res.items()
-                                                              if isinstance(v, torch.Tensor)})
+                                                              if isinstance(v, torch.Tensor)}, branches)
             return out
         self.blocks_skipped += 1
         if key != self.last:                          # skipped block: pass its inputs through
             return {k: args[k] for k in ("img", "txt") if k in args}
         self.current = None
-        return {k: (_reference(snap, k, r) + self._correct(k, r) if isinstance(r, torch.Tensor) else r)
+        return {k: (_reference(snap, k, r) + self._correct(k, r, branches) if isinstance(r, torch.Tensor) else r)
                 for k, r in self.entries[chunk].items()}
 
     def clear(self):

@@ -4,8 +4,8 @@ import itertools
 import pytest
 import torch
 
-from trainfree.caching.cache_quant import (Calibrator, Moments, SpanRun, dp_schedule, group_bounds, schedule_error,
-                                           step_of, uniform_schedule)
+from trainfree.caching.cache_quant import (Calibrator, Moments, SpanRun, dp_schedule, group_bounds, row_branches,
+                                           schedule_error, step_of, uniform_schedule)
 
 
 def brute_force(err, k, lo, hi):
@@ -83,8 +83,24 @@ def test_calibrator_solves_on_recorded_residuals():
     corr = cal.solve(3, correction=True)
     err_plain, err_corr = cal.error_matrix(False), cal.error_matrix(True)
     assert bool((err_corr[torch.isfinite(err_corr)] <= err_plain[torch.isfinite(err_plain)] + 1e-9).all())
-    assert torch.allclose(corr["a.img"][1], torch.full((4,), 1.02), atol=1e-5)   # a = scale ratio per channel
-    assert torch.equal(corr["a.img"][0], torch.ones(4)) and torch.equal(corr["b.img"][0], torch.zeros(4))
+    assert torch.allclose(corr["a.img"][1, 0], torch.full((4,), 1.02), atol=1e-5)   # a = scale ratio per channel
+    assert torch.equal(corr["a.img"][0], torch.ones(2, 4)) and torch.equal(corr["b.img"][0], torch.zeros(2, 4))
+    assert torch.equal(corr["a.img"][1, 1], torch.ones(4))        # no unconditional rows seen: identity
+
+
+def test_calibrator_fits_cond_and_uncond_rows_separately():
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(4, 6, 3, generator=g)
+    cal = Calibrator(3, window=2)
+    branches = row_branches([0, 1], 4)                            # rows 0-1 cond, 2-3 uncond (one chunk)
+    assert branches.tolist() == [0, 0, 1, 1]
+    for i in range(3):
+        grow = torch.tensor([1.0 + 0.1 * i] * 2 + [1.0 - 0.2 * i] * 2).reshape(4, 1, 1)
+        cal.record(i, "chunk", {"img": base * grow}, branches)
+    out = cal.solve(1, correction=True)
+    assert torch.allclose(out["a.img"][2, 0], torch.full((3,), 1.2), atol=1e-5)
+    assert torch.allclose(out["a.img"][2, 1], torch.full((3,), 0.6), atol=1e-5)
+    assert float(cal.error_matrix(True)[0, 2]) < 1e-8 < float(cal.error_matrix(False)[0, 2])
 
 
 def test_step_of():

@@ -1,0 +1,166 @@
+"""DiT block cache benchmark: CacheQuant schedule (DPS + DEC) vs uniform reuse vs ComfyUI's EasyCache / LazyCache.
+
+    COMFYUI_PATH=/opt/comfy OMP_NUM_THREADS=1 python -m bench.cache_quant [--steps 20 50] [--size 32]
+
+A randomly initialised Flux-architecture DiT (ComfyUI's own classes, torch initialisers; hidden 256, 4 double + 8
+single blocks) on one CPU thread, cfg 1 like Flux-dev. Every row samples the same noise and prompt (different from
+the calibration prompt and seed) with euler / simple; in one run, side by side: wall-clock speed-up over the
+uncached run, relative RMSE of the final latent to the uncached one, extra memory the cache holds (bytes of cached
+tensors: our residuals; EasyCache/LazyCache's cached output difference), the cache's own speed-up report.
+EasyCache / LazyCache thresholds are swept and the rows matching our speed-ups are kept (all are printed with -v).
+A random DiT is not a trained one: trajectories are smoother or rougher than real ones, so read the ratios, not the
+absolute errors.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setup():
+    torch.set_num_threads(1)
+    if "trainfree" not in sys.modules:
+        pkg = types.ModuleType("trainfree")
+        pkg.__path__ = [str(ROOT)]
+        sys.modules["trainfree"] = pkg
+    path = os.environ.get("COMFYUI_PATH")
+    if not path:
+        sys.exit("set COMFYUI_PATH to a ComfyUI checkout")
+    sys.path.insert(0, str(ROOT / "tests" / "integration"))
+    sys.path.insert(0, path)
+    from harness import _torchvision_stand_in
+
+    _torchvision_stand_in()
+    from comfy.cli_args import args
+
+    args.cpu = True
+
+
+def build_model(seed=0):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+    from test_nodes.tiny_models import _reinit
+
+    cfg = sm.Flux({"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 64,
+                   "context_in_dim": 64, "hidden_size": 256, "mlp_ratio": 4.0, "num_heads": 4, "depth": 4,
+                   "depth_single_blocks": 8, "axes_dim": [16, 24, 24], "theta": 10000, "patch_size": 2,
+                   "qkv_bias": True, "guidance_embed": True})
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model({}, "", device=torch.device("cpu"))
+    _reinit(model.diffusion_model, seed)
+    model.diffusion_model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def cond(seed):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, 32, 64, generator=g), {"pooled_output": torch.randn(1, 64, generator=g), "guidance": 3.5}]]
+
+
+class _Easy:
+    """Bytes EasyCache / LazyCache hold, read from their holder at the end of the run (before its reset)."""
+
+    def __init__(self):
+        self.bytes = 0
+
+    def wrapper(self, executor, *args, **kwargs):
+        guider = executor.class_obj
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            h = guider.model_options["transformer_options"].get("easycache")
+            held = [getattr(h, n, None) for n in ("uuid_cache_diffs", "cache_diff", "x_prev_subsampled", "output_prev_subsampled")]
+            held = [v for t in held for v in (t.values() if isinstance(t, dict) else [t])]
+            self.bytes = sum(t.numel() * t.element_size() for t in held if isinstance(t, torch.Tensor))
+
+
+def run(model, steps, size, seed=11, prompt=5):
+    import comfy.sample
+
+    latent = torch.zeros(1, 16, size, size)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
+    t = time.perf_counter()
+    out = comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", cond(prompt), cond(prompt + 1), latent,
+                              seed=seed, disable_pbar=True)
+    return out, time.perf_counter() - t
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, nargs="+", default=[20, 50])
+    p.add_argument("--size", type=int, default=32, help="latent side (32 = 256 image tokens)")
+    p.add_argument("--intervals", type=int, nargs="+", default=[2, 3])
+    p.add_argument("-v", action="store_true")
+    a = p.parse_args()
+    _setup()
+    import tempfile
+
+    import comfy.patcher_extension as pe
+    import folder_paths
+    from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
+
+    from trainfree.nodes import cache_quant as cq
+
+    logging.getLogger().setLevel(logging.WARNING)
+    folder_paths.folder_names_and_paths["trainfree"] = ([tempfile.mkdtemp()], {".safetensors"})
+    base = build_model()
+    run(base, 2, a.size)                                      # warm-up (first-call overheads)
+    print(f"# DiT block cache on a random Flux-architecture DiT (hidden 256, 4+8 blocks, {a.size // 2}^2 image "
+          "tokens), 1 CPU thread, euler/simple, cfg 1\n")
+    for steps in a.steps:
+        ref, t_ref = run(base, steps, a.size)
+        rows = [("uncached", 1.0, 0.0, 0, "")]
+
+        def add(label, model, extra_bytes=None, note=""):
+            out, t = run(model, steps, a.size)
+            err = float((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
+            cfg = model.model_options["transformer_options"].get(cq.KEY)
+            held = extra_bytes() if extra_bytes else 0
+            if cfg is not None and cfg.last_report:
+                note = cfg.last_report.split(": ", 1)[1].split("; cache held")[0]
+                held = cfg.last_held
+            rows.append((label, t_ref / t, err, held, note))
+            return rows[-1]
+
+        for n in a.intervals:
+            add(f"ours uniform N={n} (no calibration)", cq.TrainFreeDiTCache().patch(base, n, 1, 1)[0])
+            for corr in (False, True):
+                sch = cq.TrainFreeCacheQuantCalibrate().calibrate(
+                    base, cond(1), cond(2), {"samples": torch.zeros(1, 16, a.size, a.size)}, 0, steps, 1.0, "euler",
+                    "simple", n, 1, 1, corr, f"bench_{steps}_{n}_{corr}", True)[0]
+                label = f"ours CacheQuant N={n} DPS" + (" + DEC" if corr else "")
+                add(label, cq.TrainFreeDiTCache().patch(base, n, 1, 1, schedule=sch)[0])
+        ours = [r for r in rows if r[0].startswith("ours")]
+        sweep = []
+        for node, name in ((EasyCacheNode, "EasyCache"), (LazyCacheNode, "LazyCache")):
+            for thr in (0.05, 0.1, 0.2, 0.3, 0.5, 0.8):
+                probe = _Easy()
+                m = node.execute(base, thr, 0.15, 0.95, False)[0].clone()
+                m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, "bench_bytes", probe.wrapper)
+                n_before = len(rows)
+                add(f"{name} threshold {thr}", m, lambda probe=probe: probe.bytes)
+                sweep.append(rows.pop(n_before))
+        keep = {min((s for s in sweep if s[0].startswith(name)), key=lambda s: abs(s[1] - o[1]))
+                for o in ours for name in ("EasyCache", "LazyCache")}
+        rows += sorted(keep, key=lambda r: r[0]) if not a.v else sweep
+        print(f"## {steps} steps (uncached {t_ref:.2f} s)\n")
+        print("| method | speed-up (wall clock) | rel. RMSE of final latent | extra memory held | cache's own report |")
+        print("|---|---|---|---|---|")
+        for label, sp, err, held, note in rows:
+            print(f"| {label} | {sp:.2f}x | {err:.4f} | {held / 1024:.0f} KiB | {note} |")
+        print()
+
+
+if __name__ == "__main__":
+    main()
