@@ -10,11 +10,13 @@ plain CFG: network evaluations spent (per sample), mean exact log-density log p(
 samples occupy the class's mixture components in their true proportions), the share of samples
 off the data manifold and the relative RMSE to CFG's samples. Part two: hybrid base→distilled inference with a mode-collapsed "distilled"
 surrogate (the same mixture with 97% of each class's prior on its dominant component), 4 steps.
-No ComfyUI needed (the analytic kit drives the pack's pure functions); a few seconds on one CPU.
+The analytic part needs no ComfyUI (the kit drives the pack's pure functions); with COMFYUI_PATH the
+nodes also run on a tiny random SD1.5 model (evaluations, time, distance to CFG). Seconds on one CPU.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import types
 from pathlib import Path
@@ -158,6 +160,10 @@ def guidance_table(batch=512, steps=20, scale=5.0, threshold=1 - 1e-4, seed=9):
     m = Guided(gmm, cls, scale, sig, ag=AdaptiveGuidance(threshold, batch),
                linear=LinearAG(coef, estimated_steps(steps, 0.0, 0.5, HISTORY), HISTORY))
     runs["LinearAG + AG"] = (dpmpp_2m(m, x0, sig), m.nfe)
+    for fewer in (14, 13):                     # plain CFG at the NFE that AG / LinearAG + AG spend
+        sig_f = karras(fewer)
+        m = Guided(gmm, cls, scale, sig_f)
+        runs[f"CFG, {fewer} steps"] = (dpmpp_2m(m, start(batch, sig_f, seed, gmm.dim), sig_f), m.nfe)
     ref, floor = runs["CFG"][0], exact_floor(gmm, cls)
     return {k: metrics(gmm, x, cls, n, ref, floor) for k, (x, n) in runs.items()}
 
@@ -248,13 +254,61 @@ def _table(rows, ref_key, cols):
     return "\n".join(lines)
 
 
+def tiny_table(comfy_path, arch="sd15", steps=20, cfg=5.0, batch=4):
+    """The nodes on a tiny random ComfyUI model: network evaluations (rows through the diffusion model),
+    wall time and relative RMSE of the final latent to plain CFG, same noise and prompts."""
+    import time
+
+    sys.path.insert(0, str(ROOT / "tests" / "integration"))
+    from harness import Comfy
+
+    c = Comfy(comfy_path)
+    import comfy.patcher_extension as pe
+    import comfy.sample
+
+    tiny = c.module_of("TrainFreeTestTinyCheckpoint").tiny_models
+    node = lambda n: c.nodes.NODE_CLASS_MAPPINGS[n]()            # noqa: E731
+    base = tiny.build(arch)
+    pos, neg = tiny.conditioning(arch, 1, batch), tiny.conditioning(arch, 2, batch)
+    shape = (batch, 4, 8, 8) if arch in ("sd15", "sdxl") else (batch, 16, 8, 8)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    rec = node("TrainFreeLinearAGCalibrate").calibrate(base, pos, neg, {"samples": torch.zeros(8, *shape[1:])},
+                                                        steps, cfg, "euler", "normal", 2, 1, "bench_tiny", True)[0]
+
+    def run(model):
+        rows = []
+
+        def count(executor, x, *a, **k):
+            rows.append(x.shape[0])
+            return executor(x, *a, **k)
+
+        m = model.clone()
+        m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "bench_rows", count)
+        t = time.perf_counter()
+        out = comfy.sample.sample(m, noise, steps, cfg, "euler", "normal", pos, neg, torch.zeros(shape), seed=0,
+                                  disable_pbar=True)
+        return out, sum(rows) / batch, time.perf_counter() - t
+
+    lin = node("TrainFreeLinearAG").patch(base, rec, 0.0, 0.5)[0]
+    models = {"CFG": base, "AG (0.9999)": node("TrainFreeAdaptiveGuidance").patch(base, 0.9999)[0],
+              "AG (0.999)": node("TrainFreeAdaptiveGuidance").patch(base, 0.999)[0],
+              "LinearAG (first half)": lin,
+              "LinearAG + AG (0.999)": node("TrainFreeAdaptiveGuidance").patch(lin, 0.999)[0]}
+    run(base)                                                        # warm-up
+    out = {k: run(m) for k, m in models.items()}
+    ref = out["CFG"][0]
+    return {k: {"nfe": n, "time": t, "rmse": float((x - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())}
+            for k, (x, n, t) in out.items()}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=512)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     g = guidance_table(args.batch)
-    print(f"## Guidance at equal steps (20 x DPM++2M, CFG 5, {args.batch} samples, 3 classes x 2 components)\n")
+    print(f"## Guidance (DPM++2M, CFG 5, {args.batch} samples, 3 classes x 2 components; 20 steps unless said; "
+          "'CFG, 14/13 steps' spend what AG / LinearAG + AG spend)\n")
     print(_table(g, "CFG", [("NFE / sample", "{:.2f}"), ("NFE ratio", "{:.3f}"), ("log p(x|c)", "{:.3f}"),
                             ("Δ log p", "{:+.3f}"), ("class acc.", "{:.3f}"), ("coverage", "{:.3f}"),
                             ("off-manifold", "{:.3f}"), ("rel. RMSE to CFG", "{:.4f}")]))
@@ -263,6 +317,15 @@ def main(argv=None):
           f"prior on its dominant component; {2 * args.batch} samples)\n")
     print(_table(h, "distilled only", [("NFE / sample", "{:.2f}"), ("coverage", "{:.3f}"), ("coverage ratio", "{:.2f}"),
                                        ("off-manifold", "{:.3f}"), ("log p(x|c)", "{:.3f}"), ("class acc.", "{:.3f}")]))
+    path = os.environ.get("COMFYUI_PATH")
+    if path:
+        t = tiny_table(path)
+        ref = t["CFG"]
+        print("\n## The nodes on a tiny random SD1.5 model (ComfyUI, KSampler euler, 20 steps, CFG 5, batch 4)\n")
+        print("| patch | NFE / sample | NFE ratio | time ratio | rel. RMSE to CFG |\n|---|---|---|---|---|")
+        for k, m in t.items():
+            print(f"| {k} | {m['nfe']:.1f} | {m['nfe'] / ref['nfe']:.3f} | {m['time'] / ref['time']:.2f} | "
+                  f"{m['rmse']:.4f} |")
 
 
 if __name__ == "__main__":
