@@ -73,6 +73,7 @@ class Calibrator:
 
     def add(self, step: int, eps_c: torch.Tensor, eps_u: torch.Tensor) -> None:
         """Real conditional and unconditional estimates at ``step`` of the current trajectory batch."""
+        eps_c, eps_u = eps_c.detach(), eps_u.detach()
         past = [self._past.get(step - j) for j in range(1, self.history + 1)]
         if all(p is not None for p in past):
             a = _features(eps_c, past).reshape(-1, self.xtx.shape[-1]).cpu()
@@ -121,6 +122,7 @@ class LinearAG:
         past = [self._past.get(step - j) for j in range(1, self.history + 1)]
         return all(p is not None and p[0].shape[0] == batch for p in past)
 
+    @torch.no_grad()
     def estimate(self, step: int, eps_c: torch.Tensor) -> torch.Tensor:
         past = [self._past[step - j] for j in range(1, self.history + 1)]
         a = _features(eps_c, past)

@@ -125,7 +125,11 @@ class TrainFreeLinearAGCalibrate:
                   name, overwrite):
         path = calibration.file_in(method_dir(METHOD), name)
         ms = model.get_model_object("model_sampling")
-        sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, steps).to(torch.float64)
+        if sampler_name in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS:   # as KSampler does
+            sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, steps + 1)
+            sigmas = torch.cat([sigmas[:-2], sigmas[-1:]]).to(torch.float64)
+        else:
+            sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, steps).to(torch.float64)
         keys = {"model": model_fingerprint(model), "schedule": schedule_key(ms), "scheduler": scheduler,
                 "steps": int(steps), "history": int(history), "cfg": f"{float(cfg):g}", "sampler": sampler_name}
         cached = reuse(path, METHOD, keys, overwrite)

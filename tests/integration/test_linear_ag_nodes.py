@@ -145,3 +145,19 @@ def test_two_guidance_patches_and_a_cache_with_an_empty_negative(comfyui, models
         out = comfy.sample.sample(model, noise, 8, 4.0, "euler", "normal", pos, empty, torch.zeros_like(noise),
                                   seed=4, disable_pbar=True)
         assert torch.isfinite(out).all() and rows == want
+
+
+def test_samplers_that_drop_the_penultimate_sigma_and_two_calls_per_step(comfyui, models_dir):
+    """uni_pc samples KSampler's steps + 1 schedule minus its penultimate sigma; heun calls the model twice per
+    step: LinearAG acts at the first call at each schedule sigma (for heun: the previous step's corrector),
+    in calibration and sampling alike."""
+    base = _tiny(comfyui).build("sd15")
+    for sampler, calls in (("uni_pc", [4, 2] * 4), ("heun", [4] + [2, 4, 4, 4] * 3 + [2, 4])):
+        tiny = _tiny(comfyui)
+        rec = _node(comfyui, "TrainFreeLinearAGCalibrate").calibrate(
+            base, tiny.conditioning("sd15", 1, 4), tiny.conditioning("sd15", 2), {"samples": torch.zeros(4, 4, 8, 8)},
+            8, 4.0, sampler, "normal", 1, 0, "lag_" + sampler, True)[0]
+        assert rec.coef[1:].isfinite().all()
+        model, rows = _counting(_patch(comfyui, base, rec))
+        assert torch.isfinite(_sample(comfyui, model, sampler=sampler)).all()
+        assert rows == calls, (sampler, rows)
