@@ -24,7 +24,7 @@ from ..caching.deep_cache import (SCHEDULES, DeepCacheRun, Entry, Recorder, Repl
 
 KEY = "trainfree_deep_cache"
 PAPER = "Ma, Fang, Wang, DeepCache: Accelerating Diffusion Models for Free (CVPR 2024)"
-OTHER_CACHES = ("easycache", "lazycache", "trainfree_cache_quant")
+OTHER_CACHES = ("easycache", "lazycache", "trainfree_cache_quant", "trainfree_dit_cache")
 log = logging.getLogger("trainfree")
 
 
@@ -122,9 +122,11 @@ def _sync(x):
 
 def conflicts(model_options, wrappers) -> list:
     found = []
-    holder = model_options.get("transformer_options", {}).get("easycache")
+    options = model_options.get("transformer_options", {})
+    holder = options.get("easycache")
     if holder is not None:
         found.append(getattr(holder, "name", "EasyCache/LazyCache"))
+    found += [str(k) for k in options if str(k).startswith(OTHER_CACHES[2:])]
     for per_type in wrappers.values():
         for key in per_type:
             if any(str(key).startswith(k) for k in OTHER_CACHES):
@@ -137,7 +139,7 @@ class _Controller:
         self.interval, self.depth, self.schedule, self.start, self.end = interval, depth, schedule, start, end
         self.blocks, self.has_middle, self.tr, self.node_id = blocks, has_middle, transformers, node_id
         self.plan = None
-        self.last_report = None
+        self.last_report, self.last_stats = None, None
 
     def outer_sample(self, executor, *args, **kwargs):
         guider = executor.class_obj
@@ -163,6 +165,8 @@ class _Controller:
             guider.model_options = original
             text = (f"{run.report()}; {sum(mask)} of {len(mask)} steps full; sampling took {now() - t0:.2f} s"
                     + (f" ({note})" if note else "") + ("" if done else " [run interrupted; cache freed]"))
+            self.last_stats = {"full": run.full_calls, "cached": run.cached_calls, "speedup": run.speedup(),
+                               "bytes": run.peak_bytes, "full_steps": sum(mask), "steps": len(mask)}
             run.clear()
             self.last_report = text
             log.info("trainfree: %s", text)

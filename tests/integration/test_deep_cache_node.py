@@ -266,6 +266,10 @@ def test_refusals_and_other_caches(comfyui):
     cq.add_wrapper_with_key("diffusion_model", "trainfree_cache_quant_x", lambda ex, *a, **k: ex(*a, **k))
     with pytest.raises(RuntimeError, match="trainfree_cache_quant"):
         _sample(comfyui, cq)
+    dit = base.clone()
+    dit.model_options["transformer_options"]["trainfree_dit_cache"] = object()     # the pack's DiT cache holder
+    with pytest.raises(ValueError, match="trainfree_dit_cache"):
+        _dc(comfyui, dit)
 
 
 def test_report_goes_to_the_log_and_the_node(comfyui, monkeypatch, caplog):
