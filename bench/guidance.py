@@ -202,7 +202,7 @@ class Single:
         return d_u + self.scale * (d_c - d_u)
 
 
-def hybrid_table(batch=1024, base_cfg=3.0, delta=0.03, seed=9, base_steps=(0, 1, 2)):
+def hybrid_table(batch=1024, base_cfg=3.0, delta=0.03, seed=9, base_steps=(0, 1, 2), base_substeps=1):
     """Coverage and quality of distilled-only vs hybrid (base for the first k steps) vs base-only, 4 Euler
     steps on a Turbo-like schedule. Quality: the share of samples off the data manifold (log p(x|c) below
     the 1% quantile of exact samples' log p) and the mean log p."""
@@ -217,9 +217,13 @@ def hybrid_table(batch=1024, base_cfg=3.0, delta=0.03, seed=9, base_steps=(0, 1,
     out = {}
     for k in base_steps:
         base, dist = Single(gmm, cls, base_cfg), Single(distilled_gmm, cls)
-        x = sample_hybrid(euler, base, dist, x0, sig, base_steps=k)
+        x = sample_hybrid(euler, base, dist, x0, sig, base_steps=k, base_substeps=base_substeps)
         label = "distilled only" if k == 0 else f"hybrid, {k} base step{'s' if k > 1 else ''}"
         out[label] = metrics(gmm, x, cls, base.nfe + dist.nfe, floor=floor)
+    if base_substeps == 1 and 1 in base_steps:      # the paper's script: 4 base steps down to the distilled σ_1
+        base, dist = Single(gmm, cls, base_cfg), Single(distilled_gmm, cls)
+        x = sample_hybrid(euler, base, dist, x0, sig, base_steps=1, base_substeps=4)
+        out["hybrid, 1 base step in 4 substeps"] = metrics(gmm, x, cls, base.nfe + dist.nfe, floor=floor)
     base = Single(gmm, cls, base_cfg)
     out[f"base only (CFG {base_cfg:g})"] = metrics(gmm, sample_hybrid(euler, base, base, x0, sig, base_steps=steps),
                                                    cls, base.nfe, floor=floor)

@@ -11,12 +11,14 @@ partially denoised latent to the distilled model for the remaining steps:
 
 Both segments use the same sigma schedule (the distilled model's), so the hand-off is exact only
 when both models read σ the same way: the same sigma space (VE for eps / v-prediction, rectified
-flow for CONST) and the same latent format; other pairs are refused. Departure from the paper's
-script: it runs the base model for several of its own steps down to the distilled σ_1; here the
-base takes the first ``base_steps`` steps of the one schedule (use more steps to give it more).
+flow for CONST) and the same latent format; other pairs are refused. The paper's script runs the
+base model for several of its own steps down to the distilled σ_1: ``base_substeps`` m splits each
+base step into m (geometric in σ; linear into σ = 0), which is that schedule when base_steps = 1.
 Multistep samplers restart their history at the hand-off (as two chained KSamplerAdvanced do).
 """
 from __future__ import annotations
+
+import torch
 
 
 def switch_index(steps: int, base_steps: int) -> int:
@@ -24,6 +26,22 @@ def switch_index(steps: int, base_steps: int) -> int:
     if base_steps < 0:
         raise ValueError(f"base_steps must be >= 0, got {base_steps}")
     return min(int(base_steps), int(steps))
+
+
+def refine(sigmas: torch.Tensor, substeps: int) -> torch.Tensor:
+    """Each interval of ``sigmas`` split into ``substeps`` (geometric between positive sigmas, linear to 0)."""
+    if substeps < 1:
+        raise ValueError(f"substeps must be >= 1, got {substeps}")
+    if substeps == 1:
+        return sigmas
+    parts = [sigmas[:1]]
+    for a, b in zip(sigmas[:-1], sigmas[1:]):
+        t = torch.linspace(0.0, 1.0, substeps + 1, dtype=torch.float64, device=sigmas.device)[1:]
+        a64, b64 = a.to(torch.float64), b.to(torch.float64)
+        seg = a64 * (b64 / a64) ** t if float(b) > 0 and float(a) > 0 else a64 + (b64 - a64) * t
+        seg[-1] = b64                                            # the hand-off sigma exactly
+        parts.append(seg.to(sigmas.dtype))
+    return torch.cat(parts)
 
 
 def check_compatible(base_kind: str, distilled_kind: str, base_latent: str, distilled_latent: str) -> None:
@@ -50,12 +68,13 @@ def offset_callback(callback, offset: int, total: int):
     return cb
 
 
-def sample_hybrid(sampler, base, distilled, x, sigmas, base_steps: int = 1, extra_args=None, **options):
+def sample_hybrid(sampler, base, distilled, x, sigmas, base_steps: int = 1, extra_args=None, base_substeps: int = 1,
+                  **options):
     """Pure version for denoisers with ComfyUI's sampler signature (``x`` already noised at sigmas[0])."""
     n = len(sigmas) - 1
     k = switch_index(n, base_steps)
     if k > 0:
-        x = sampler(base, x, sigmas[: k + 1], extra_args=extra_args, **options)
+        x = sampler(base, x, refine(sigmas[: k + 1], base_substeps), extra_args=extra_args, **options)
     if k < n:
         x = sampler(distilled, x, sigmas[k:], extra_args=extra_args, **options)
     return x

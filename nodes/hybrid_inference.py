@@ -6,7 +6,7 @@ import logging
 import comfy.samplers
 import torch
 
-from ..guidance.hybrid_inference import check_compatible, offset_callback, switch_index
+from ..guidance.hybrid_inference import check_compatible, offset_callback, refine, switch_index
 from ..samplers.common import UnsupportedModelError, kind_of_sampling
 
 PAPER = "Gandikota & Bau, Distilling Diversity and Control in Diffusion Models (arXiv 2503.10637)"
@@ -24,8 +24,9 @@ def _family(model, which):
 class HybridGuider:
     """Two CFGGuiders sharing one sigma schedule: base for the first ``base_steps`` steps, distilled after."""
 
-    def __init__(self, base, distilled, base_steps):
+    def __init__(self, base, distilled, base_steps, base_substeps=1):
         self.base, self.distilled, self.base_steps = base, distilled, int(base_steps)
+        self.base_substeps = int(base_substeps)
         self.model_patcher = distilled.model_patcher          # latent channels, previews (SamplerCustomAdvanced)
         self.model_options = distilled.model_options
 
@@ -36,10 +37,13 @@ class HybridGuider:
         if k == 0 or n <= 0:
             return self.distilled.sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar,
                                          seed)
-        if k >= n:
+        m = self.base_substeps
+        if k >= n and m == 1:
             return self.base.sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
-        x = self.base.sample(noise, latent_image, sampler, sigmas[: k + 1], denoise_mask,
-                             offset_callback(callback, 0, n), disable_pbar, seed)
+        x = self.base.sample(noise, latent_image, sampler, refine(sigmas[: k + 1], m), denoise_mask,
+                             None if m > 1 else offset_callback(callback, 0, n), disable_pbar, seed)
+        if k >= n:
+            return x
         log.info("trainfree: hybrid inference: %d of %d steps with the base model, the rest distilled", k, n)
         # the hand-off: zero noise, the partial sample as the latent (what chained KSamplerAdvanced do)
         return self.distilled.sample(torch.zeros_like(noise), x, sampler, sigmas[k:], denoise_mask,
@@ -74,9 +78,14 @@ class TrainFreeHybridGuider:
             "base_steps": ("INT", {"default": 1, "min": 0, "max": 1000,
                                    "tooltip": "Steps, from the first, sampled with the base model (paper: 1). 0 = "
                                               "distilled model only; >= the step count = base model only."}),
+            "base_substeps": ("INT", {"default": 1, "min": 1, "max": 50,
+                                      "tooltip": "Base-model steps per base step (the paper's script runs the base "
+                                                 "model for 4 of its own steps down to the distilled model's "
+                                                 "second sigma). 1 = one base evaluation per base step."}),
         }}
 
-    def get_guider(self, base_model, distilled_model, positive, negative, base_cfg, distilled_cfg, base_steps):
+    def get_guider(self, base_model, distilled_model, positive, negative, base_cfg, distilled_cfg, base_steps,
+                   base_substeps=1):
         bk, bl = _family(base_model, "base")
         dk, dl = _family(distilled_model, "distilled")
         check_compatible(bk, dk, bl, dl)
@@ -86,7 +95,7 @@ class TrainFreeHybridGuider:
             g.set_conds(positive, negative)
             g.set_cfg(cfg)
             guiders.append(g)
-        return (HybridGuider(guiders[0], guiders[1], base_steps),)
+        return (HybridGuider(guiders[0], guiders[1], base_steps, base_substeps),)
 
 
 NODES = {"TrainFreeHybridGuider": (TrainFreeHybridGuider, "Hybrid Base→Distilled Guider (TrainFree)")}

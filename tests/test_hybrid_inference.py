@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from trainfree.bench import guidance as bench
-from trainfree.guidance.hybrid_inference import check_compatible, sample_hybrid, switch_index
+from trainfree.guidance.hybrid_inference import check_compatible, refine, sample_hybrid, switch_index
 
 
 def test_diversity_comes_back_and_quality_stays():
@@ -39,3 +39,15 @@ def test_incompatible_pairs_are_refused():
         check_compatible("ve", "flow", "SD15", "SD15")
     with pytest.raises(ValueError, match="latent format: base is SD15, distilled is Flux"):
         check_compatible("ve", "ve", "SD15", "Flux")
+
+
+def test_base_substeps_refine_the_base_segment():
+    sig = torch.tensor([8.0, 2.0, 0.5, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(refine(sig, 2), torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.0], dtype=torch.float64))
+    assert torch.equal(refine(sig, 1), sig)
+    with pytest.raises(ValueError):
+        refine(sig, 0)
+    rows = bench.hybrid_table(batch=1024, base_steps=(1,), base_substeps=4)
+    one = bench.hybrid_table(batch=1024, base_steps=(1,))
+    assert rows["hybrid, 1 base step"]["nfe"] == 11                        # 4 base steps with CFG + 3 distilled
+    assert rows["hybrid, 1 base step"]["cov"] > one["hybrid, 1 base step"]["cov"]   # measured 0.720 vs 0.688

@@ -41,9 +41,9 @@ def _cfg(model, pos, neg, cfg):
     return g
 
 
-def _hybrid(comfyui, base, distilled, pos, neg, base_steps, base_cfg=5.0, distilled_cfg=1.0):
+def _hybrid(comfyui, base, distilled, pos, neg, base_steps, base_cfg=5.0, distilled_cfg=1.0, substeps=1):
     node = comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeHybridGuider"]()
-    return node.get_guider(base, distilled, pos, neg, base_cfg, distilled_cfg, base_steps)[0]
+    return node.get_guider(base, distilled, pos, neg, base_cfg, distilled_cfg, base_steps, substeps)[0]
 
 
 def _case(comfyui, batch=2, arch="sd15"):
@@ -81,6 +81,11 @@ def test_first_step_is_the_base_models_then_distilled(comfyui, arch):
     chained = _cfg(distilled, pos, neg, 1.0).sample(torch.zeros_like(noise), first, _sampler("euler"), sig[1:],
                                                     disable_pbar=True, seed=3)
     assert torch.equal(out, chained)
+    log.clear()
+    sub = _run(_hybrid(comfyui, _counting(base, "base", log), _counting(distilled, "distilled", log), pos, neg, 1,
+                       substeps=3), noise, sig)
+    assert log == [("base", 4)] * 3 + [("distilled", 2)] * 5                # the paper's several base steps
+    assert torch.isfinite(sub).all() and not torch.equal(sub, out)
     one_model = _run(_hybrid(comfyui, base, base, pos, neg, 2, base_cfg=3.0, distilled_cfg=3.0), noise, sig)
     torch.testing.assert_close(one_model, _run(_cfg(base, pos, neg, 3.0), noise, sig), rtol=1e-5, atol=1e-4)
 
@@ -121,7 +126,7 @@ def test_in_a_graph_with_samplercustomadvanced(comfyui):
     prompt["ckpt2"] = {"class_type": "TrainFreeTestTinyCheckpoint", "inputs": {"arch": "sd15", "seed": 1}}
     prompt["guider"] = {"class_type": "TrainFreeHybridGuider", "inputs": {
         "base_model": ["ckpt", 0], "distilled_model": ["ckpt2", 0], "positive": ["pos", 0], "negative": ["neg", 0],
-        "base_cfg": 5.0, "distilled_cfg": 1.0, "base_steps": 1}}
+        "base_cfg": 5.0, "distilled_cfg": 1.0, "base_steps": 1, "base_substeps": 1}}
     ok, out, err = comfyui.run(prompt)
     assert ok, err
     prompt["ckpt2"]["inputs"]["arch"] = "flux"

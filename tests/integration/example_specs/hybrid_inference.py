@@ -19,7 +19,7 @@ def _graph(b):
         (4, "EmptyLatentImage", [1024, 1024, 1], (400, 540)),
         (5, "KSamplerSelect", ["euler_ancestral"], (800, 60)),
         (6, "BasicScheduler", ["sgm_uniform", 4, 1.0], (800, 260)),
-        (7, "TrainFreeHybridGuider", [5.0, 1.0, 1], (800, 440)),
+        (7, "TrainFreeHybridGuider", [5.0, 1.0, 1, 1], (800, 440)),
         (8, "RandomNoise", [0, "fixed"], (800, 700)),
         (9, "SamplerCustomAdvanced", [], (1180, 200)),
         (10, "VAEDecode", [], (1500, 200)),
