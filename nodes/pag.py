@@ -10,6 +10,8 @@ any earlier override for the attention calls it does not perturb.
 """
 from __future__ import annotations
 
+import uuid
+
 import comfy.ldm.flux.model as flux_model
 import comfy.ldm.modules.attention as attention
 import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
@@ -133,6 +135,13 @@ def _block_patch(prev, arch, kind, index, model, img_len_box):
     return patch
 
 
+def perturbed_conds(conds):
+    """The conds with their uuid replaced by one derived from it: caches keyed by cond uuid (EasyCache, LazyCache)
+    then keep the perturbed prediction apart from the conditional one instead of overwriting its cache."""
+    return [dict(c, uuid=uuid.uuid5(c["uuid"], "trainfree-pag")) if isinstance(c.get("uuid"), uuid.UUID) else c
+            for c in conds]
+
+
 def perturbed_options(model_options, arch, layers, model):
     """A copy of model_options whose forward perturbs ``layers``; the original is not modified."""
     opts = model_options.copy()
@@ -219,7 +228,8 @@ class TrainFreePAG:
             if not bool(gate.any()):
                 return denoised
             opts = perturbed_options(args["model_options"], arch, spec, m)
-            (perturbed,) = comfy.samplers.calc_cond_batch(inner, [args["cond"]], args["input"], sigma, opts)
+            (perturbed,) = comfy.samplers.calc_cond_batch(inner, [perturbed_conds(args["cond"])], args["input"], sigma,
+                                                          opts)
             return pag_math.combine(denoised, args["cond_denoised"], perturbed, scale,
                                     None if bool(gate.all()) else gate)
 

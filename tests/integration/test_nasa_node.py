@@ -167,3 +167,25 @@ def test_refusals_at_queue_time(comfyui):
     prompt["ks"]["inputs"]["model"] = ["nasa", 0]
     ok, _, err = comfyui.run(prompt)
     assert not ok and "supports UNet models" in str(err)
+
+
+@pytest.mark.parametrize("arch", ["sd15", "flux"])
+def test_one_graph_with_nasa_pag_adaptive_guidance_and_a_cache_through_sampler_custom_advanced(comfyui, arch):
+    from prompts import custom_advanced
+
+    prompt = custom_advanced("KSamplerSelect", {"sampler_name": "euler"}, arch=arch, steps=4, cfg=3.0)
+    prompt["nasa"] = {"class_type": "TrainFreeNASA", "inputs": {"model": ["ckpt", 0], "negative": ["neg", 0],
+                                                               "alpha": 0.2, "start_percent": 0.0, "end_percent": 1.0}}
+    prompt["pag"] = {"class_type": "TrainFreePAG", "inputs": {"model": ["nasa", 0], "scale": 2.0, "layers": "",
+                                                             "start_percent": 0.0, "end_percent": 0.8}}
+    prompt["ag"] = {"class_type": "TrainFreeAdaptiveGuidance", "inputs": {"model": ["pag", 0], "threshold": 0.9999}}
+    prompt["cache"] = {"class_type": "EasyCache", "inputs": {"model": ["ag", 0], "reuse_threshold": 0.2,
+                                                             "start_percent": 0.0, "end_percent": 1.0, "verbose": False}}
+    prompt["guider"]["inputs"]["model"] = ["cache", 0]
+    ok, out, err = comfyui.run(prompt)
+    assert ok, err
+    assert "finite=True" in out["stats"]["text"][0]
+    prompt["guider"]["inputs"]["model"] = ["ckpt", 0]
+    ok, plain, err = comfyui.run(prompt)
+    assert ok, err
+    assert plain["stats"]["text"][0] != out["stats"]["text"][0]

@@ -185,3 +185,24 @@ def test_refusals_at_queue_time(comfyui):
     prompt["ks"]["inputs"]["model"] = ["pag", 0]
     ok, _, err = comfyui.run(prompt)
     assert not ok and "no attention layer middle.7" in str(err)
+
+
+def test_the_perturbed_pass_has_its_own_cond_uuid_for_caches(comfyui):
+    """Caches keyed by cond uuid (EasyCache, LazyCache) must not take the perturbed prediction for the conditional
+    one: the perturbed pass carries a uuid derived from the cond's (stable over the run) and a marker."""
+    import comfy.patcher_extension as pe
+
+    seen = []
+
+    def spy(executor, *args, **kwargs):
+        to = args[-1] if isinstance(args[-1], dict) else kwargs["transformer_options"]
+        seen.append((tuple(to["uuids"]), to.get("trainfree_perturbed")))
+        return executor(*args, **kwargs)
+
+    model = _pag(comfyui, _tiny(comfyui).build("flux"), 3.0)
+    model.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "spy", spy)
+    _sample(comfyui, model, "flux", steps=3)
+    normal = [u for u, mark in seen if mark is None]
+    perturbed = [u for u, mark in seen if mark == "pag"]
+    assert len(normal) == len(perturbed) == 3 and len(set(normal)) == len(set(perturbed)) == 1
+    assert not set(normal[0]) & set(perturbed[0])
