@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 
+import comfy.conds
 import comfy.model_patcher
 import comfy.patcher_extension as pe
 import comfy.samplers
@@ -31,6 +32,8 @@ class _Rows:
 
     def process_cond(self, batch_size, **kwargs):
         full = self.inner.process_cond(batch_size=self.batch, **kwargs)
+        if isinstance(full, comfy.conds.CONDConstant):                # not per row
+            return full
         c = full.cond
         if isinstance(c, torch.Tensor) and c.ndim and c.shape[0] == self.batch:
             return full._copy_with(c[self.rows])
