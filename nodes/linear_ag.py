@@ -119,10 +119,10 @@ class TrainFreeLinearAGCalibrate:
                                                                             "models/trainfree/linear_ag."}),
             "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Calibrate again even if a matching file "
                                                                    "exists."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def calibrate(self, model, positive, negative, latent_image, steps, cfg, sampler_name, scheduler, history, seed,
-                  name, overwrite):
+                  name, overwrite, unique_id=None):
         path = calibration.file_in(method_dir(METHOD), name)
         ms = model.get_model_object("model_sampling")
         if sampler_name in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS:   # as KSampler does
@@ -148,6 +148,10 @@ class TrainFreeLinearAGCalibrate:
         calibration.save(path, tensors, METHOD, keys)
         log.info("trainfree: LinearAG coefficients saved to %s (R^2 per step: %s)", path,
                  ", ".join("-" if v != v else f"{v:.4f}" for v in r2.tolist()))
+        fitted = r2[r2 == r2]
+        if fitted.numel():
+            ui_text(f"LinearAG: fitted {fitted.numel()} steps, R² {float(fitted.min()):.5f} (worst) to "
+                    f"{float(fitted.max()):.5f}; saved as {path.name}", unique_id)
         return (_record(tensors, keys, path.name),)
 
 
