@@ -243,19 +243,22 @@ class TrainFreeCacheQuantCalibrate:
             **SPAN_INPUTS,
             "correction": ("BOOLEAN", {"default": True, "tooltip": "Fit CacheQuant's decoupled error correction "
                                                                    "(per-channel affine map of reused residuals)."}),
+            "step_weighting": ("BOOLEAN", {"default": True, "tooltip": "Weight each step's reuse error by its squared "
+                                                                       "step size (our refinement of the paper's "
+                                                                       "objective; off = the paper's)."}),
             "name": ("STRING", {"default": "my_dit_cache", "tooltip": "File name under models/trainfree/cache_quant."}),
             "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Calibrate again even if a matching file exists."}),
         }}
 
     def calibrate(self, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, interval,
-                  head_blocks, tail_blocks, correction, name, overwrite):
+                  head_blocks, tail_blocks, correction, name, overwrite, step_weighting=True):
         path = calibration.file_in(method_dir(METHOD), name)
         arch, span = dit_span(model, head_blocks, tail_blocks)
         check_alone(model.model_options)
         latent = empty_latent_for(model, latent_image)
         full_steps = math.ceil(steps / interval)
         keys = {"model": model_fingerprint(model), "steps": steps, "arch": arch, "span": f"{head_blocks}:{tail_blocks}",
-                "interval": interval, "correction": bool(correction), "sampler": sampler_name, "scheduler": scheduler,
+                "interval": interval, "correction": bool(correction), "weighted": bool(step_weighting), "sampler": sampler_name, "scheduler": scheduler,
                 "cfg": f"{cfg:g}", "latent": "x".join(map(str, latent.shape)), "seed": seed}
         found = reuse(path, METHOD, keys, overwrite)
         if found is not None:
@@ -266,7 +269,7 @@ class TrainFreeCacheQuantCalibrate:
         noise = comfy.sample.prepare_noise(latent, seed)
         comfy.sample.sample(patched, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
                             callback=progress.tick, disable_pbar=True, seed=seed)
-        out = calibrator.solve(full_steps, bool(correction))
+        out = calibrator.solve(full_steps, bool(correction), bool(step_weighting))
         calibrator.history.clear()
         calibration.save(path, out, METHOD, keys)
         record = CacheSchedule.from_tensors(out, keys, path.name)

@@ -184,3 +184,15 @@ def test_span_cache_never_reuses_across_chunks_or_shapes():
     model(torch.randn(1, 3, 8), torch.ones(1, 2, 8), float(ss[3]), ss, uuids=("b",),   # now it has its own
           replace=lambda k, a, c: run.block(k, a, c) if k in span else c(a))
     assert model.calls == 4 + 2 and len(run.entries) == 2
+
+
+def test_step_weights_scale_the_reuse_errors():
+    cal = Calibrator(4, window=3)
+    g = torch.Generator().manual_seed(3)
+    for i in range(4):
+        cal.record(i, "c", {"img": torch.randn(3, 2, generator=g)})
+    assert cal.step_weights() is None                          # no sigmas seen: unweighted
+    cal.sigmas = torch.tensor([1.0, 0.9, 0.5, 0.4, 0.0], dtype=torch.float64)
+    w = cal.step_weights()
+    assert torch.allclose(w, torch.tensor([0.01, 0.16, 0.01, 0.16], dtype=torch.float64) / 0.16)
+    assert torch.allclose(cal.error_matrix(False, w)[0, 1:], cal.error_matrix(False)[0, 1:] * w[1:])

@@ -98,10 +98,10 @@ def test_error_correction_reduces_the_deviation_of_plain_reuse(comfyui, models_d
         out = _sample(comfyui, _cache(comfyui, base, arch, schedule=sch), arch, steps=12, seed=4, size=24, cfg=cfg)
         errs[label] = float((out - ref).norm() / ref.norm())
     print(arch, cfg, errs)
-    if cfg == 1.0:          # measured: flux 0.00286 vs 0.00409, sd3 0.00104 vs 0.00279, wan 0.00229 vs 0.00347
+    if cfg == 1.0:          # measured: flux 0.00299 vs 0.00421, sd3 0.00084 vs 0.00229, wan 0.00229 vs 0.00347
         assert errs["dec"] < 0.75 * errs["plain"]
-    else:                   # with CFG 3 the per-branch fit is neutral on these random models (within 3%)
-        assert abs(errs["dec"] / errs["plain"] - 1) < 0.1
+    else:                   # with CFG 3 the per-branch fit is about neutral on these random models: never 10% worse
+        assert errs["dec"] < 1.1 * errs["plain"]
 
 
 def _rows_per_call(model):
@@ -283,7 +283,8 @@ def test_calibrate_node_in_a_graph_advances_the_progress_bar(comfyui, models_dir
     p["cal"] = {"class_type": "TrainFreeCacheQuantCalibrate", "inputs": {
         "model": ["ckpt", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
         "seed": 0, "steps": 7, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple", "interval": 2,
-        "head_blocks": 1, "tail_blocks": 0, "correction": True, "name": "graph", "overwrite": True}}
+        "head_blocks": 1, "tail_blocks": 0, "correction": True, "step_weighting": True, "name": "graph",
+        "overwrite": True}}
     p["cache"] = {"class_type": "TrainFreeDiTCache", "inputs": {"model": ["ckpt", 0], "interval": 3, "head_blocks": 1,
                                                                 "tail_blocks": 1, "schedule": ["cal", 0]}}
     p["ks"]["inputs"]["model"] = ["cache", 0]
