@@ -258,9 +258,15 @@ class SpanRun:
         return self.full is None or step >= len(self.full) or bool(self.full[step])
 
     def _chunk(self, args):
+        """What a cached residual may be reused for: the same conds (uuids), cond/uncond layout, shapes and patches
+        (an extra pass with other patches, like PAG's perturbed one, must not share the plain pass's residual)."""
         to = args.get("transformer_options") or {}
         shapes = tuple(tuple(args[k].shape) for k in ("img", "txt") if isinstance(args.get(k), torch.Tensor))
-        return (tuple(str(u) for u in to.get("uuids", ())), tuple(to.get("cond_or_uncond", ())), shapes)
+        patches = tuple(sorted((str(n), str(k), id(f)) for n, d in (to.get("patches_replace") or {}).items()
+                               if isinstance(d, dict) for k, f in d.items()))
+        patches += tuple(sorted((str(n), tuple(id(f) for f in fs)) for n, fs in (to.get("patches") or {}).items()
+                                if isinstance(fs, (list, tuple))))
+        return (tuple(str(u) for u in to.get("uuids", ())), tuple(to.get("cond_or_uncond", ())), shapes, patches)
 
     def _correct(self, name, r, branches):
         if name not in self.corr:

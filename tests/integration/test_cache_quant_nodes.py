@@ -295,3 +295,32 @@ def test_calibrate_node_in_a_graph_advances_the_progress_bar(comfyui, models_dir
     assert ok, err
     assert [v for v, t in seen if t == 7][:7] == list(range(1, 8))
     assert (models_dir / "cache_quant" / "graph.safetensors").is_file()
+
+
+def test_an_extra_pass_with_other_patches_never_shares_the_plain_residual(comfyui, monkeypatch):
+    """A PAG-like post-CFG pass of the positive prompt with a patched head block: with cond and uncond run apart
+    its chunk looks like the positive one except for the patches; its residual must stay its own."""
+    import comfy.model_patcher
+    import comfy.samplers
+
+    base = _tiny(comfyui).build("flux")
+    plain = _cache(comfyui, base, "flux")
+    monkeypatch.setattr(base.model, "memory_required", lambda *a, **k: float("inf"))
+    ref = _sample(comfyui, plain, "flux")
+
+    def head(args, extra):                                            # the perturbation, outside the span
+        out = extra["original_block"](args)
+        return {"img": out["img"] * 1.5, "txt": out["txt"]}
+
+    passes = []
+
+    def post_cfg(args):
+        mo = comfy.model_patcher.set_model_options_patch_replace(args["model_options"].copy(), head, "dit",
+                                                                 "double_block", 0)
+        passes.append(comfy.samplers.calc_cond_batch(args["model"], [args["cond"]], args["input"], args["sigma"],
+                                                     mo)[0])
+        return args["denoised"]                                       # the extra pass is computed, not used
+
+    extra = plain.clone()
+    extra.set_model_sampler_post_cfg_function(post_cfg)
+    assert torch.equal(_sample(comfyui, extra, "flux"), ref) and len(passes) == 8
