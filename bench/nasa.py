@@ -3,7 +3,7 @@
     COMFYUI_PATH=/opt/comfy OMP_NUM_THREADS=1 python -m bench.nasa [--seeds 8] [--steps 1 2 4] [--size 8]
 
 The claim measured (SNOOPI, arXiv 2412.02687): with NASA a 1-4 step model at cfg 1 steers away from what the
-negative prompt describes. On randomly initialised ComfyUI models (the test suite's tiny SD1.5, SDXL and Flux,
+negative prompt describes. On randomly initialised ComfyUI models (the test suite's tiny SD1.5, SDXL, SD3, Flux, Wan,
 real ComfyUI classes) "what the negative prompt describes" is taken as x_neg, the sample of the negative prompt
 itself (same noise, same steps, cfg 1). For each method, in one run and side by side:
   away   = |x - x_neg| / |x_pos - x_neg|      (> 1: farther from the negative's sample than the plain prompt's)
@@ -99,13 +99,14 @@ def measure(arch, steps, seeds, size, model=None, cond=None):
 
     model = model or tiny.build(arch)
     cond = cond or (lambda s: tiny.conditioning(arch, s))
-    c = 16 if arch == "flux" else 4
+    c = 16 if arch in ("sd3", "flux", "wan") else 4
     methods = {"cfg 1 (prompt only)": None, "NASA a=0.1": 0.1, "NASA a=0.5": 0.5, "CFG 1.5 (neg as uncond)": 1.5,
                "CFG 3 (neg as uncond)": 3.0}
     acc = {m: [0.0, 0.0, float("inf")] for m in methods}     # away, change (means), fastest run
     for seed in range(seeds):
         pos, neg = cond(1000 + seed), cond(2000 + seed)
-        noise = torch.randn(1, c, size, size, generator=torch.Generator().manual_seed(seed))
+        shape = (1, c) + ((2, size, size) if arch == "wan" else (size, size))
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
         x_pos, _ = _sample(model, pos, pos, noise, steps, 1.0)
         x_neg, _ = _sample(model, neg, neg, noise, steps, 1.0)
         d = float((x_pos - x_neg).norm())
@@ -148,7 +149,7 @@ def main(argv=None):
     _setup()
     print("| model | steps | method | away from x_neg | change | NFE/step | time vs cfg 1 |")
     print("|---|---|---|---|---|---|---|")
-    for arch in ("sd15", "sdxl", "flux"):
+    for arch in ("sd15", "sdxl", "sd3", "flux", "wan"):
         for steps in a.steps:
             for name, (away, change, nfe, t) in measure(arch, steps, a.seeds, a.size).items():
                 print(f"| tiny {arch} | {steps} | {name} | {away:.3f} | {change:.3f} | {nfe} | {t:.2f} |")

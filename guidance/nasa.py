@@ -15,7 +15,8 @@ cross-attention layer. No official code was published (the project page says "co
 Our choices where the paper is silent:
 * with CFG (cfg > 1) the term is applied to the conditional rows only; the unconditional branch
   keeps its own plain cross-attention;
-* joint text+image attention (Flux): the negative prompt's tokens are carried through the network
+* cross-attention over a context (UNet attn2, Wan text-to-video): ``cross_nasa_attention``;
+* joint text+image attention (Flux, SD3): the negative prompt's tokens are carried through the network
   as extra text tokens that the positive stream never sees; the image rows get
   Z+ (their ordinary attention over [positive text; image]) minus alpha times a separate
   cross-attention of the image queries over the negative text tokens only

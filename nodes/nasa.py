@@ -1,11 +1,14 @@
-"""NASA (negative-away steer attention) as a MODEL patch: UNets via attn2 replace, Flux via block patches.
+"""NASA (negative-away steer attention) as a MODEL patch: UNets via attn2 replace, DiTs via block patches.
 
 UNet: an ``attn2`` replace on every cross-attention layer (chaining any earlier replace, which then
 computes Z+); the negative prompt's keys and values come from the layer's own ``to_k``/``to_v`` at run
 time (LoRA-patched weights included). Flux: a ``post_input`` patch (a list) appends the negative
 prompt, through the model's own ``txt_in``, as extra text tokens, and a ``patches_replace["dit"]``
 patch on every double and single block (chaining earlier ones) sets an attention override for that
-block that keeps the positive stream blind to those tokens (see guidance/nasa.py).
+block that keeps the positive stream blind to those tokens (see guidance/nasa.py). SD3: the same, the
+negative (through ``context_embedder``) appended to the text stream by the first joint block's patch.
+Wan (text-to-video): each block's patch appends the negative (through ``text_embedding``) to the block's
+context; the block's own cross-attention projects both, and its override splits the keys.
 """
 from __future__ import annotations
 
@@ -15,7 +18,9 @@ import torch
 
 import comfy.ldm.flux.model as flux_model
 import comfy.ldm.modules.attention as attention
+import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
 import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
+import comfy.ldm.wan.model as wan_model
 
 from ..guidance import nasa as nasa_math
 from ..guidance.pag import sigma_gate
@@ -85,26 +90,42 @@ def _unet_replace(attn2, prev, neg, alpha, sigma_start, sigma_end):
     return replace
 
 
-def _flux_block_patch(prev, neg_len, box, alpha, sigma_start, sigma_end):
+def _to_batch(t, batch):
+    """A negative's rows for a forward of ``batch`` rows: batch 1 for all, else cycled (item i of each chunk)."""
+    return t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 else t[torch.arange(batch, device=t.device) % t.shape[0]]
+
+
+def _call(earlier, func, *a, **kw):
+    return earlier(func, *a, **kw) if earlier is not None else func(*a, **kw)
+
+
+def _joint_block_patch(prev, neg_len, box, alpha, sigma_start, sigma_end, extend=None):
+    """Flux double/single and SD3 joint blocks: the block's first attention call is the joint one over
+    [positive text; negative text; image]; later calls (SD3.5 MMDiT-X image self-attention) pass through.
+    ``extend(args)`` (SD3, first block) appends the negative tokens to the text stream."""
     def patch(args, extra):
+        if extend is not None:
+            args = extend(args)
         to = dict(args["transformer_options"])
         earlier = to.get("optimized_attention_override")
+        calls = [0]
 
         def override(func, *a, **kw):
+            calls[0] += 1
+            if calls[0] > 1:
+                return _call(earlier, func, *a, **kw)
             if kw.get("mask") is not None:
-                raise RuntimeError("NASA (TrainFree) on Flux does not support attention masks in the conditioning")
+                raise RuntimeError("NASA (TrainFree) on joint attention does not support attention masks in the "
+                                   "conditioning")
             q, k, v = a[:3]
             heads = a[3] if len(a) > 3 else kw.pop("heads")
             if not kw.get("skip_reshape", False):
                 q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
             want_heads_out = kw.get("skip_output_reshape", False)
             sub = dict(kw, skip_reshape=True, skip_output_reshape=True)
-
-            def attend(q_, k_, v_):
-                return earlier(func, q_, k_, v_, heads, **sub) if earlier is not None else func(q_, k_, v_, heads, **sub)
-
             rows = _rows(to, q.shape[0], q.device, sigma_start, sigma_end)
-            out = nasa_math.joint_nasa_attention(q, k, v, box["t_pos"], neg_len, alpha, rows, attend)
+            out = nasa_math.joint_nasa_attention(q, k, v, box["t_pos"], neg_len, alpha, rows,
+                                                 lambda q_, k_, v_: _call(earlier, func, q_, k_, v_, heads, **sub))
             if want_heads_out:
                 return out
             b, h, n, d = out.shape
@@ -120,9 +141,7 @@ def _flux_post_input(dm, neg, box):
     def post_input(io):
         txt = io["txt"]
         box["t_pos"] = txt.shape[1]
-        extra = dm.txt_in(neg.get(txt.device, txt.dtype))
-        extra = extra.expand(txt.shape[0], -1, -1) if extra.shape[0] == 1 else \
-            extra[torch.arange(txt.shape[0], device=txt.device) % extra.shape[0]]
+        extra = _to_batch(dm.txt_in(neg.get(txt.device, txt.dtype)), txt.shape[0])
         out = dict(io, txt=torch.cat([txt, extra], dim=1))
         ids = io.get("txt_ids")
         if ids is not None:
@@ -132,12 +151,52 @@ def _flux_post_input(dm, neg, box):
     return post_input
 
 
+def _sd3_extend(dm, neg, box):
+    def extend(args):
+        txt = args["txt"]
+        box["t_pos"] = txt.shape[1]
+        extra = _to_batch(dm.context_embedder(neg.get(txt.device, txt.dtype)), txt.shape[0])
+        return dict(args, txt=torch.cat([txt, extra], dim=1))
+    return extend
+
+
+def _wan_block_patch(prev, text_call, dm, neg, alpha, sigma_start, sigma_end):
+    """Wan: append the embedded negative to the block's context; in the text cross-attention call split the keys
+    into positive and negative parts (the module's own k / norm_k / v projected both)."""
+    def patch(args, extra):
+        ctx = args["txt"]
+        neg_emb = _to_batch(dm.text_embedding(neg.get(ctx.device, ctx.dtype)), ctx.shape[0])
+        t_neg = neg_emb.shape[1]
+        to = dict(args["transformer_options"])
+        earlier = to.get("optimized_attention_override")
+        calls = [0]
+
+        def override(func, *a, **kw):
+            calls[0] += 1
+            if calls[0] - 1 != text_call:
+                return _call(earlier, func, *a, **kw)
+            q, k, v = a[:3]
+            heads = a[3] if len(a) > 3 else kw.pop("heads")
+            rows = _rows(to, q.shape[0], q.device, sigma_start, sigma_end)
+
+            def attend(q_, k_, v_):
+                return _call(earlier, func, q_, k_, v_, heads, **kw)
+            return nasa_math.cross_nasa_attention(q, k[:, :-t_neg], v[:, :-t_neg], k[rows][:, -t_neg:],
+                                                  v[rows][:, -t_neg:], alpha, rows, attend)
+
+        to["optimized_attention_override"] = override
+        new_args = dict(args, txt=torch.cat([ctx, neg_emb], dim=1), transformer_options=to)
+        return prev(new_args, extra) if prev is not None else extra["original_block"](new_args)
+    return patch
+
+
 class TrainFreeNASA:
     DESCRIPTION = ("NASA, negative-away steer attention: a negative prompt for 1-4 step distilled models run at cfg 1. "
                    "In every cross-attention layer the attention to the negative prompt is subtracted: "
                    "Z = Attn(Q, K+, V+) - alpha Attn(Q, K-, V-); no extra model call. UNets (SD1.x, SD2.x, SDXL and "
-                   "their one-step/LCM/Lightning/DMD2 distillations) and Flux (joint attention: the negative tokens "
-                   f"ride along as extra text tokens the prompt never sees). From {PAPER}.")
+                   "their one-step/LCM/Lightning/DMD2 distillations), Flux and SD3 (joint attention: the negative tokens "
+                   "ride along as extra text tokens the prompt never sees) and Wan text-to-video. "
+                   f"From {PAPER}.")
     CATEGORY = "trainfree/guidance"
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The model with the negative prompt applied in cross-attention; sample it at cfg 1.",)
@@ -146,7 +205,8 @@ class TrainFreeNASA:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The model to patch: a UNet (SD1.x/SD2.x/SDXL family) or Flux. Place it "
+            "model": ("MODEL", {"tooltip": "The model to patch: a UNet (SD1.x/SD2.x/SDXL family), Flux, SD3 or Wan "
+                                           "text-to-video. Place it "
                                            "after other nodes that replace cross-attention (IPAdapter); it chains."}),
             "negative": ("CONDITIONING", {"tooltip": "The negative prompt (from the same text encoder as the positive). "
                                                      "The paper uses a generic 'worst quality, low quality, ...'."}),
@@ -162,13 +222,7 @@ class TrainFreeNASA:
 
     def patch(self, model, negative, alpha, start_percent=0.0, end_percent=1.0):
         dm = model.get_model_object("diffusion_model")
-        if isinstance(dm, openaimodel.UNetModel):
-            arch = "unet"
-        elif type(dm) is flux_model.Flux:
-            arch = "flux"
-        else:
-            raise ValueError(f"NASA (TrainFree) supports UNet models (SD1.x, SD2.x, SDXL) and Flux; this model's "
-                             f"network is {type(dm).__name__}. (SD3 and Wan are not supported yet.)")
+        arch, want = _architecture(dm)
         if start_percent > end_percent:
             raise ValueError(f"NASA: start_percent ({start_percent}) is after end_percent ({end_percent})")
         if not negative or negative[0][0].ndim != 3:
@@ -177,15 +231,6 @@ class TrainFreeNASA:
             log.warning("trainfree: NASA uses the first of %d negative conditioning entries", len(negative))
         neg_t = negative[0][0]
         m = model.clone()
-        if arch == "unet":
-            layers = unet_cross_attention_layers(dm)
-            if not layers:
-                raise ValueError("NASA: this UNet has no cross-attention layers (not a text-conditioned model)")
-            want = layers[0][1].to_k.in_features
-        else:
-            if any(getattr(b, "flipped_img_txt", False) for b in dm.double_blocks):
-                raise ValueError("NASA: this Flux variant puts image tokens first; not supported")
-            want = dm.txt_in.in_features
         if neg_t.shape[-1] != want:
             raise ValueError(f"NASA: the negative conditioning has {neg_t.shape[-1]} features per token, this model's "
                              f"text input takes {want}: encode it with this model's text encoder")
@@ -197,18 +242,53 @@ class TrainFreeNASA:
         existing = m.model_options["transformer_options"].get("patches_replace", {})
         if arch == "unet":
             attn2_existing = existing.get("attn2", {})
-            for key, attn2 in layers:
+            for key, attn2 in unet_cross_attention_layers(dm):
                 prev = attn2_existing.get(key, attn2_existing.get(key[:2]))
                 m.set_model_attn2_replace(_unet_replace(attn2, prev, neg, alpha, s_start, s_end), *key)
             return (m,)
-        box = {}
-        m.set_model_patch(_flux_post_input(dm, neg, box), "post_input")
         dit = existing.get("dit", {})
-        for kind, count in (("double_block", len(dm.double_blocks)), ("single_block", len(dm.single_blocks))):
-            for i in range(count):
-                m.set_model_patch_replace(_flux_block_patch(dit.get((kind, i)), neg_t.shape[1], box, alpha, s_start,
-                                                            s_end), "dit", kind, i)
+        if arch == "wan":
+            text_call = 2 if isinstance(dm.blocks[0].cross_attn, wan_model.WanI2VCrossAttention) else 1
+            for i in range(len(dm.blocks)):
+                m.set_model_patch_replace(_wan_block_patch(dit.get(("double_block", i)), text_call, dm, neg, alpha,
+                                                           s_start, s_end), "dit", "double_block", i)
+            return (m,)
+        box = {}
+        if arch == "flux":
+            m.set_model_patch(_flux_post_input(dm, neg, box), "post_input")
+            blocks = [("double_block", i) for i in range(len(dm.double_blocks))] + \
+                     [("single_block", i) for i in range(len(dm.single_blocks))]
+        else:
+            blocks = [("double_block", i) for i in range(len(dm.joint_blocks))]
+        for kind, i in blocks:
+            extend = _sd3_extend(dm, neg, box) if arch == "sd3" and i == 0 else None
+            m.set_model_patch_replace(_joint_block_patch(dit.get((kind, i)), neg_t.shape[1], box, alpha, s_start,
+                                                         s_end, extend), "dit", kind, i)
         return (m,)
+
+
+def _architecture(dm):
+    """(family, features per token of the text input) or a ValueError naming what is supported."""
+    if isinstance(dm, openaimodel.UNetModel):
+        layers = unet_cross_attention_layers(dm)
+        if not layers:
+            raise ValueError("NASA: this UNet has no cross-attention layers (not a text-conditioned model)")
+        return "unet", layers[0][1].to_k.in_features
+    if type(dm) is flux_model.Flux:
+        if any(getattr(b, "flipped_img_txt", False) for b in dm.double_blocks):
+            raise ValueError("NASA: this Flux variant puts image tokens first; not supported")
+        return "flux", dm.txt_in.in_features
+    if isinstance(dm, mmdit.MMDiT):
+        if getattr(dm, "context_processor", None) is not None or not hasattr(dm.context_embedder, "in_features"):
+            raise ValueError("NASA: this MMDiT variant processes its text context before the blocks; not supported")
+        return "sd3", dm.context_embedder.in_features
+    if type(dm) is wan_model.WanModel:
+        if not isinstance(dm.blocks[0].cross_attn, wan_model.WanT2VCrossAttention) or \
+                isinstance(dm.blocks[0].cross_attn, wan_model.WanI2VCrossAttention):
+            raise ValueError("NASA: only Wan text-to-video models are supported (this one has image cross-attention)")
+        return "wan", dm.text_embedding[0].in_features
+    raise ValueError(f"NASA (TrainFree) supports UNet models (SD1.x, SD2.x, SDXL), Flux, SD3 and Wan text-to-video; "
+                     f"this model's network is {type(dm).__name__}.")
 
 
 NODES = {"TrainFreeNASA": (TrainFreeNASA, "NASA negative prompt at cfg 1 (TrainFree)")}

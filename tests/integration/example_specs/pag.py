@@ -14,3 +14,4 @@ def _graph(b):
 
 
 GRAPHS = {"pag": _graph}
+ARCHS = {"pag": ["sd15", "sdxl", "sd3", "flux"]}
