@@ -166,7 +166,8 @@ class _Controller:
             text = (f"{run.report()}; {sum(mask)} of {len(mask)} steps full; sampling took {now() - t0:.2f} s"
                     + (f" ({note})" if note else "") + ("" if done else " [run interrupted; cache freed]"))
             self.last_stats = {"full": run.full_calls, "cached": run.cached_calls, "speedup": run.speedup(),
-                               "bytes": run.peak_bytes, "full_steps": sum(mask), "steps": len(mask)}
+                               "bytes": run.peak_bytes, "full_steps": sum(mask), "steps": len(mask),
+                               "full_time": run.full_time, "cached_time": run.cached_time}
             run.clear()
             self.last_report = text
             log.info("trainfree: %s", text)
@@ -268,8 +269,8 @@ class TrainFreeDeepCache:
         has_middle = dm.middle_block is not None
         deepest = blocks - 1 if has_middle else blocks - 2
         if not 0 <= int(cache_depth) <= deepest:
-            raise ValueError(f"cache_depth {cache_depth} does not fit this U-Net ({type(model.model).__name__}): it has "
-                             f"{blocks} input blocks, so cache_depth must be 0..{deepest}.")
+            raise ValueError(f"cache_depth {cache_depth} does not fit this U-Net ({type(model.model).__name__}): it "
+                             f"has {blocks} input blocks, so cache_depth must be 0..{deepest}.")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if any(KEY in per_type for per_type in model.wrappers.values()):

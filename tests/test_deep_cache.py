@@ -88,7 +88,8 @@ def test_run_keys_decisions_and_accounting():
 
 def test_entry_completeness_and_stand_ins():
     e = dc.Entry()
-    e.shapes.update({("in", 2): (1, 8, 4, 4), ("in", 3): (1, 8, 2, 2), ("mid",): (1, 8, 2, 2), ("out", 0): (1, 8, 2, 2)})
+    e.shapes.update({("in", 2): (1, 8, 4, 4), ("in", 3): (1, 8, 2, 2), ("mid",): (1, 8, 2, 2),
+                     ("out", 0): (1, 8, 2, 2)})
     assert not e.complete(1, 4, True)
     rec = dc.Recorder(e.__dict__, "feature", keep=True)
     x = torch.randn(1, 8, 4, 4)

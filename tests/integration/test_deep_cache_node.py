@@ -310,3 +310,16 @@ def test_graph_with_pag_and_adaptive_guidance_nodes(comfyui):
     ok, out, err = comfyui.run(prompt)
     assert ok, err
     assert "finite=True" in out["stats"]["text"][0]
+
+
+@pytest.mark.parametrize("sampler", ["heun", "dpmpp_2s_ancestral", "uni_pc"])
+def test_multistage_and_multistep_samplers(comfyui, sampler):
+    """Intermediate evaluations belong to the step they start from; each gets its own cache entry."""
+    base = _tiny(comfyui).build("sd15")
+    plain = _sample(comfyui, base, sampler=sampler)
+    assert torch.equal(_sample(comfyui, _dc(comfyui, base, interval=1), sampler=sampler), plain)
+    model = _dc(comfyui, base, interval=3)
+    out = _sample(comfyui, model, sampler=sampler)
+    stats = _controller(model).last_stats
+    assert torch.isfinite(out).all() and stats["cached"] > stats["full"] > 0
+    assert (out - plain).abs().max() > 1e-4
