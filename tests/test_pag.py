@@ -97,3 +97,33 @@ def test_validate_layers_lists_the_valid_names():
         pag.validate_layers([("output", 2, None)], avail)
     with pytest.raises(ValueError, match=r"middle\.0\.2"):
         pag.validate_layers([("middle", 0, 2)], avail)
+
+
+def test_analytic_proxy_structure_without_losing_diversity():
+    """Pack notes' analytic proxy of what the perturbation removes: D~ = exact denoiser of the same mixture with
+    component variances x4. Euler, 6 Karras steps, cfg 1 (D = D_c + s (D_c - D~)): the share of samples within
+    2 standard deviations of a component rises with s (0.972 -> 0.996 -> 0.999), while the occupancy of the
+    components (entropy) moves by < 0.02 nats for s <= 2."""
+    from kit.gmm import GaussianMixture, default_mixture
+    from kit.schedules import karras
+
+    g = default_mixture()
+    blurred = GaussianMixture(g.means, 4 * g.variances, g.weights, g.labels)
+    sig = karras(6)
+    x0 = torch.randn(4096, g.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * sig[0]
+
+    def run(s):
+        x = x0.clone()
+        for i in range(len(sig) - 1):
+            sv = sig[i] * x.new_ones(x.shape[0])
+            d = g.denoise(x, sv)
+            d = pag.combine(d, d, blurred.denoise(x, sv), s)
+            x = x + (sig[i + 1] - sig[i]) * (x - d) / sig[i]
+        dist, k = ((x[:, None] - g.means[None]) ** 2 / g.variances[None]).mean(-1).sqrt().min(1)
+        occ = torch.bincount(k, minlength=len(g.weights)).double() / len(k)
+        occ = occ[occ > 0]
+        return float((dist <= 2).double().mean()), float(-(occ * occ.log()).sum())
+
+    (p0, e0), (p1, e1), (p2, e2) = run(0.0), run(1.0), run(2.0)
+    assert p0 < 0.98 and p0 < p1 < p2 and p2 > 0.998
+    assert abs(e1 - e0) < 0.02 and abs(e2 - e0) < 0.02
