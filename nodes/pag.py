@@ -213,7 +213,10 @@ class TrainFreePAG:
                              f"{', '.join(k + '.N' for k in allowed)}")
         if arch != "unet" and any(t is not None for _, _, t in spec):
             raise ValueError("PAG: a transformer index (kind.N.T) exists on UNets only")
-        pag_math.validate_layers(spec, available_layers(model, arch))
+        available = available_layers(model, arch)
+        pag_math.validate_layers(spec, available)
+        if arch == "unet":   # exact (block, id, transformer) keys: they win over an earlier replace keyed so
+            spec = [a for a in available if any(a[:2] == ly[:2] and ly[2] in (None, a[2]) for ly in spec)]
         scale = float(scale)
         m = model.clone()
 

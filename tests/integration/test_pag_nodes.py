@@ -206,3 +206,26 @@ def test_the_perturbed_pass_has_its_own_cond_uuid_for_caches(comfyui):
     perturbed = [u for u, mark in seen if mark == "pag"]
     assert len(normal) == len(perturbed) == 3 and len(set(normal)) == len(set(perturbed)) == 1
     assert not set(normal[0]) & set(perturbed[0])
+
+
+def test_identity_wins_over_an_earlier_exact_key_attn1_replace(comfyui):
+    """Another node's attn1 replace keyed (block, id, transformer index) would shadow a (block, id) key: PAG uses
+    exact keys, so its perturbed pass still perturbs (and the other replace still runs in the normal passes)."""
+    import comfy.ldm.modules.attention as attention
+
+    base = _tiny(comfyui).build("sd15")
+    calls = []
+
+    def other(q, k, v, extra_options):
+        calls.append(1)
+        return attention.optimized_attention(q, k, v, extra_options["n_heads"])
+
+    m = base.clone()
+    m.set_model_attn1_replace(other, "middle", 0, 0)
+    plain_with_other = _sample(comfyui, m, steps=3)
+    pag = _sample(comfyui, _pag(comfyui, m, 3.0, "middle.0"), steps=3)
+    assert len(calls) == 3 + 3                           # 3 steps alone, 3 steps CFG pass with PAG (not its pass)
+    import comfy_extras.nodes_pag as core
+
+    assert torch.equal(pag, _sample(comfyui, core.PerturbedAttentionGuidance.execute(base, 3.0)[0], steps=3))
+    assert not torch.equal(pag, plain_with_other)
