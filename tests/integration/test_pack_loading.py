@@ -7,9 +7,14 @@ PACK_NODES = {
     "TrainFreeDPMSolverV3Calibrate", "TrainFreeDPMSolverV3Load", "TrainFreeDPMSolverV3Sampler",
     "TrainFreeDCSolverSearch", "TrainFreeDCSolverLoad", "TrainFreeDCSolverSampler", "TrainFreeScheduleSearch",
     "TrainFreeAdaptiveGuidance", "TrainFreeAdaptiveGuidanceGuider",
+    "TrainFreeLinearAGCalibrate", "TrainFreeLinearAGLoad", "TrainFreeLinearAG", "TrainFreeHybridGuider",
+    "TrainFreeCFGppSampler", "TrainFreePAG", "TrainFreeNASA",
+    "TrainFreeDeepCache", "TrainFreeCacheQuantCalibrate", "TrainFreeCacheQuantLoad", "TrainFreeDiTCache",
 }
-DROPDOWN = {"trainfree_ghvb", "trainfree_plms_hb", "trainfree_dpmpp_2m_hb", "trainfree_ts_ddim",
-            "trainfree_ts_dpmpp_2m"}
+_BASE_DROPDOWN = {"trainfree_ghvb", "trainfree_plms_hb", "trainfree_dpmpp_2m_hb", "trainfree_ts_ddim",
+                  "trainfree_ts_dpmpp_2m"}
+DROPDOWN = _BASE_DROPDOWN | {f"{n}_cfg_pp" for n in _BASE_DROPDOWN} | {
+    "trainfree_dpmpp_2m_cfg_pp", "trainfree_plms_cfg_pp", "trainfree_uni_pc_bh2_cfg_pp"}
 
 
 def test_every_node_is_registered_with_a_display_name(comfyui):
@@ -28,7 +33,7 @@ def test_schema_tooltips_and_category(comfyui, node_id):
     spec = cls.INPUT_TYPES()
     assert cls.CATEGORY.startswith("trainfree/") and cls.DESCRIPTION
     assert cls.RETURN_TYPES in (("SAMPLER",), ("SIGMAS",), ("MODEL",), ("GUIDER",), ("TRAINFREE_EMS",),
-                                ("TRAINFREE_DC_RATIOS",))
+                                ("TRAINFREE_DC_RATIOS",), ("TRAINFREE_LINEAR_AG",), ("TRAINFREE_CACHE_SCHEDULE",))
     assert len(cls.OUTPUT_TOOLTIPS) == 1
     for name, (kind, *rest) in {**spec.get("required", {}), **spec.get("optional", {})}.items():
         opts = rest[0] if rest else {}
