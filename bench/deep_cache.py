@@ -1,18 +1,21 @@
 """DeepCache benchmark: DeepCache vs ComfyUI's EasyCache / LazyCache on an SD1.5-architecture U-Net, side by side.
 
-    COMFYUI_PATH=/opt/comfy OMP_NUM_THREADS=1 python -m bench.deep_cache [--steps 20 50] [--size 32] [--width 64]
+    COMFYUI_PATH=/opt/comfy OMP_NUM_THREADS=1 python -m bench.deep_cache [--steps 20 50] [--size 24] [--width 64]
+        [--full-width] [--trained SECONDS] [-v]
 
 The real SD1.5 U-Net layout (ComfyUI's own classes and config: 4 levels, 2 res blocks each, attention at levels 0-2,
 12 input / 12 output blocks) with the base width reduced from 320 to ``--width`` and random weights (torch
 initialisers; the output convolution rescaled so the first prediction has unit standard deviation, like a trained
 eps model). One CPU thread, dpmpp_2m / normal, cfg 7.5, cond and uncond in one chunk. Every row samples the same
-noise and prompts; in one run: wall-clock speed-up over the uncached run, relative RMSE of the final latent to the
-uncached one, extra memory held by the cache (bytes of cached tensors at the end of the run), and the cache's own
-report. Speed-ups are ratios of process CPU time (one thread, so CPU time = compute time) and, beside them, of
-wall-clock time, which on a shared machine also counts other jobs' load. EasyCache / LazyCache (core defaults
-start 0.15 / end 0.95) are swept over their threshold; for each DeepCache row the sweep entry closest in CPU-time
-speed-up is shown (all entries with -v). No VAE: the random latent has no
-image to decode. A random U-Net is not a trained one: read the ratios, not the absolute errors.
+noise and prompts; in one run: speed-up over the uncached run, relative RMSE of the final latent to the uncached
+one, extra memory held by the cache (bytes of cached tensors at the end of the run), and the cache's own report.
+Speed-ups are ratios of process CPU time (one thread, so CPU time = compute time) and, beside them, of wall-clock
+time, which on a shared machine also counts other jobs' load. EasyCache / LazyCache (core defaults start 0.15 /
+end 0.95) are swept over their threshold (EasyCache with cond and uncond in separate calls, see _SeparateCalls; its
+speed-up is taken over the uncached run with the same split); for each DeepCache row the sweep entry closest in
+CPU-time speed-up is shown (all entries with -v). No VAE: the random latent has no image to decode. A random U-Net
+is not a trained one, hence ``--trained``: a small U-Net of the same layout trained here on synthetic shapes.
+``--full-width`` times one full and one shallow call of the real-size U-Net at 64x64.
 """
 from __future__ import annotations
 
@@ -97,6 +100,23 @@ class _EasyHeld:
             self.bytes = sum(t.numel() * t.element_size() for t in held if isinstance(t, torch.Tensor))
 
 
+class _SeparateCalls:
+    """Make ComfyUI evaluate cond and uncond in separate model calls (as it does when memory is short). Core
+    EasyCache 0.3.64 needs this: with both in one call its apply_cache_diff adds every cond's cached difference to
+    all rows of the call (a broadcast at batch 1, a shape error at batch > 1)."""
+
+    def __init__(self, model, on=True):
+        self.base, self.on = model.model, on
+
+    def __enter__(self):
+        if self.on:
+            self.base.memory_required = lambda *a, **k: 1e30
+        return self
+
+    def __exit__(self, *exc):
+        self.base.__dict__.pop("memory_required", None)
+
+
 def run(model, steps, size, seed=11):
     import comfy.sample
 
@@ -123,6 +143,9 @@ def main():
     p.add_argument("--width", type=int, default=64, help="base channels (SD1.5: 320)")
     p.add_argument("--full-width", action="store_true",
                    help="also time one full and one shallow call of the full-width (320) SD1.5 U-Net at 64x64")
+    p.add_argument("--trained", type=float, default=0, metavar="SECONDS",
+                   help="also train a small SD1.5-architecture U-Net on synthetic shapes for SECONDS of CPU time and "
+                        "compare the caches on it (premise check: trained deep features change slowly)")
     p.add_argument("-v", action="store_true")
     a = p.parse_args()
     _setup()
@@ -150,14 +173,20 @@ def main():
             rows.append((label, _ratio(t_ref, t), rel_rmse(out, ref), st["bytes"],
                          f"{st['full_steps']}/{st['steps']} full steps, own estimate {st['speedup']:.2f}x"))
         sweeps = {}
+        with _SeparateCalls(base):                    # EasyCache's reference: the same split, uncached
+            ref_split, t_split = run(base, steps, a.size)
+        rows[0] = rows[0][:4] + (rows[0][4] + f"; cond/uncond split changes it by {rel_rmse(ref_split, ref):.1e}",)
         for name, node in (("EasyCache", EasyCacheNode), ("LazyCache", LazyCacheNode)):
             sweeps[name] = []
             for thr in THRESHOLDS:
                 held = _EasyHeld()
                 m = node.execute(base, thr, 0.15, 0.95, False)[0].clone()
                 m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, "bench_held", held.wrapper)
-                out, t = run(m, steps, a.size)
-                sweeps[name].append((f"{name} threshold {thr}", _ratio(t_ref, t), rel_rmse(out, ref), held.bytes, ""))
+                with _SeparateCalls(base, name == "EasyCache"):
+                    out, t = run(m, steps, a.size)
+                label = f"{name} threshold {thr}" + (" (cond/uncond in separate calls)" if name == "EasyCache" else "")
+                t0 = t_split if name == "EasyCache" else t_ref       # its speed-up over the same split, uncached
+                sweeps[name].append((label, _ratio(t0, t), rel_rmse(out, ref), held.bytes, ""))
         ours = rows[1:]
         for r in ours:
             for name in sweeps:
@@ -175,11 +204,13 @@ def main():
             print(f"| {label} | {sp[0]:.2f}x | {sp[1]:.2f}x | {err:.4f} | {held / 2**20:.2f} MiB | {note} |")
         if a.v:
             for name, entries in sweeps.items():
-                print(f"\n{name} sweep: " + ", ".join(f"{lab.split()[-1]}: {sp[0]:.2f}x / {err:.4f}"
+                print(f"\n{name} sweep: " + ", ".join(f"{lab.split()[2]}: {sp[0]:.2f}x / {err:.4f}"
                                                      for lab, sp, err, _, _ in entries))
         print()
     if a.full_width:
         full_width()
+    if a.trained:
+        trained(a.trained, a.steps or [20, 50])
 
 
 def full_width():
@@ -204,6 +235,83 @@ def full_width():
         print(f"| {depth} | {st['full_time']:.1f} s | {st['cached_time']:.2f} s | {r:.3f} | "
               f"{paper_flop_ratio(1.0, r, 50, f5):.2f}x | {paper_flop_ratio(1.0, r, 50, f3):.2f}x |")
     print()
+
+
+def shapes(n, size, gen):
+    """Synthetic 4-channel latents: a class-dependent shape (disk, square, horizontal bar, vertical bar) at a random
+    place and size with random per-channel colours, over a smooth random background gradient."""
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    cls = torch.randint(0, 4, (n,), generator=gen)
+    cx, cy = (torch.rand(2, n, 1, 1, generator=gen) - 0.5)
+    r = 0.25 + 0.25 * torch.rand(n, 1, 1, generator=gen)
+    dx, dy = xx - cx, yy - cy
+    masks = torch.stack([(dx ** 2 + dy ** 2).sqrt() < r, (dx.abs() < r) & (dy.abs() < r),
+                         (dx.abs() < 1.6 * r) & (dy.abs() < 0.4 * r), (dx.abs() < 0.4 * r) & (dy.abs() < 1.6 * r)], 1)
+    mask = masks[torch.arange(n), cls].float()
+    bg = (torch.randn(n, 4, 1, 1, generator=gen) * xx + torch.randn(n, 4, 1, 1, generator=gen) * yy) * 0.3
+    return bg + mask[:, None] * torch.randn(n, 4, 1, 1, generator=gen), cls
+
+
+def train(model, size, seconds, emb, seed=0):
+    """eps-prediction training with ComfyUI's discrete SD schedule, 15% prompt dropout (for CFG)."""
+    dm, ms = model.model.diffusion_model, model.model.model_sampling
+    dm.train()
+    opt = torch.optim.Adam(dm.parameters(), lr=3e-4)
+    gen = torch.Generator().manual_seed(seed)
+    t0, it, avg = time.process_time(), 0, None
+    while time.process_time() - t0 < seconds:
+        x0, cls = shapes(16, size, gen)
+        ctx = emb[torch.where(torch.rand(16, generator=gen) < 0.15, 4, cls)]
+        t = torch.randint(0, 1000, (16,), generator=gen)
+        sig = ms.sigmas[t].view(-1, 1, 1, 1)
+        n = torch.randn(x0.shape, generator=gen)
+        loss = (dm((x0 + sig * n) / (sig ** 2 + 1).sqrt(), t.float(), context=ctx) - n).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        avg, it = (loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()), it + 1
+    dm.eval()
+    return it, avg
+
+
+def trained(seconds, steps_list, size=16, width=32):
+    import comfy.sample
+    from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
+
+    from trainfree.nodes import deep_cache as dcn
+
+    emb = torch.randn(5, 77, 768, generator=torch.Generator().manual_seed(123))    # 4 class prompts + empty
+    base = build_model(width, size)
+    with torch.enable_grad():
+        it, loss = train(base, size, seconds, emb)
+
+    def go(model, steps):
+        noise = torch.randn(4, 4, size, size, generator=torch.Generator().manual_seed(11))
+        c = time.process_time()
+        out = comfy.sample.sample(model, noise, steps, 3.0, "dpmpp_2m", "normal", [[emb[:4], {}]],
+                                  [[emb[[4] * 4], {}]], torch.zeros_like(noise), seed=11, disable_pbar=True)
+        return out, time.process_time() - c
+
+    go(base, 2)
+    print(f"## Trained: SD1.5-architecture U-Net, width {width}, trained {it} iterations ({seconds:.0f} s CPU, final "
+          f"loss {loss:.3f}) on synthetic {size}x{size} shapes; 4 prompts in one batch, cfg 3, dpmpp_2m/normal\n")
+    for steps in steps_list:
+        ref, t_ref = go(base, steps)
+        with _SeparateCalls(base):
+            _, t_split = go(base, steps)
+        print(f"### {steps} steps (uncached: {t_ref:.1f} s CPU)\n")
+        print("| method | speed-up (CPU time) | rel. RMSE of final latent |\n|---|---|---|")
+        for n, depth, schedule in ((3, 1, "uniform"), (5, 1, "quadratic"), (5, 0, "quadratic")):
+            out, t = go(dcn.TrainFreeDeepCache().patch(base, n, depth, schedule, 0.0, 1.0)[0], steps)
+            print(f"| DeepCache N={n} {schedule}, depth {depth} | {t_ref / t:.2f}x | {rel_rmse(out, ref):.4f} |")
+        for name, node in (("LazyCache", LazyCacheNode), ("EasyCache", EasyCacheNode)):
+            for thr in THRESHOLDS[1:-1]:
+                with _SeparateCalls(base, name == "EasyCache"):
+                    out, t = go(node.execute(base, thr, 0.15, 0.95, False)[0], steps)
+                split = " (cond/uncond in separate calls)" if name == "EasyCache" else ""
+                t0 = t_split if split else t_ref
+                print(f"| {name} threshold {thr}{split} | {t0 / t:.2f}x | {rel_rmse(out, ref):.4f} |")
+        print()
 
 
 if __name__ == "__main__":
