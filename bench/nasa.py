@@ -17,34 +17,15 @@ ratios (NASA vs CFG at similar change), not the absolute numbers.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
-import types
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from .common import setup
 
 
 def _setup():
-    torch.set_num_threads(1)
-    if "trainfree" not in sys.modules:
-        pkg = types.ModuleType("trainfree")
-        pkg.__path__ = [str(ROOT)]
-        sys.modules["trainfree"] = pkg
-    path = os.environ.get("COMFYUI_PATH")
-    if not path:
-        sys.exit("set COMFYUI_PATH to a ComfyUI checkout")
-    sys.path.insert(0, str(ROOT / "tests" / "integration"))
-    sys.path.insert(0, path)
-    from harness import _torchvision_stand_in
-
-    _torchvision_stand_in()
-    from comfy.cli_args import args
-
-    args.cpu = True
+    setup()
 
 
 def _wide_sd15():

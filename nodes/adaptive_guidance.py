@@ -11,7 +11,7 @@ import torch
 
 from ..guidance.adaptive_guidance import AdaptiveGuidance
 from .linear_ag import NODES as LINEAR_AG_NODES
-from .linear_ag import ui_text
+from .ui_support import ui_text
 
 KEY = "trainfree_adaptive_guidance"
 PAPER = "Castillo et al., Adaptive Guidance: Training-free Acceleration of Conditional Diffusion Models (AAAI 2025)"

@@ -23,6 +23,7 @@ from .. import calibration
 from ..caching.cache_quant import Calibrator, SpanRun, group_bounds, uniform_schedule
 from .calibration_support import (Progress, empty_latent_for, list_files, load_named, method_dir, model_fingerprint,
                                   reuse)
+from .ui_support import ui_text
 
 KEY = "trainfree_dit_cache"
 RUN = "trainfree_dit_cache.run"
@@ -154,19 +155,6 @@ def report(run, what: str) -> str:
             f"{run.held_bytes / 2**20:.2f} MiB")
 
 
-def _send_ui(text, node_id):
-    if node_id is None:
-        return
-    try:
-        import server
-
-        inst = getattr(server.PromptServer, "instance", None)
-        if inst is not None and hasattr(inst, "send_progress_text"):
-            inst.send_progress_text(text, node_id)
-    except Exception as e:                                   # UI text is best effort, the log line is not
-        log.debug("trainfree: could not send the cache report to the UI: %s", e)
-
-
 def _outer_sample(executor, *args, **kwargs):
     guider = executor.class_obj
     original = guider.model_options
@@ -186,7 +174,7 @@ def _outer_sample(executor, *args, **kwargs):
             what = cfg.schedule.describe() if cfg.schedule else f"uniform, every {cfg.interval} steps"
             cfg.last_report = report(run, what)
             log.info("trainfree: %s", cfg.last_report)
-            _send_ui(cfg.last_report, cfg.node_id)
+            ui_text(cfg.last_report, cfg.node_id)
         cfg.last_held = run.held_bytes
         run.clear()                                          # nothing stays held, even after an interruption
 

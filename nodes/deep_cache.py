@@ -21,6 +21,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequenti
 
 from ..caching.deep_cache import (SCHEDULES, DeepCacheRun, Entry, Recorder, Replay, Zeros, full_step_mask, now,
                                   step_of)
+from .ui_support import ui_text
 
 KEY = "trainfree_deep_cache"
 PAPER = "Ma, Fang, Wang, DeepCache: Accelerating Diffusion Models for Free (CVPR 2024)"
@@ -171,7 +172,7 @@ class _Controller:
             run.clear()
             self.last_report = text
             log.info("trainfree: %s", text)
-            _ui_text(text, self.node_id)
+            ui_text(text, self.node_id)
 
     def diffusion_model(self, executor, x, *args, **kwargs):
         options = kwargs.get("transformer_options", args[-1] if args and isinstance(args[-1], dict) else {})
@@ -204,18 +205,6 @@ class _Controller:
             mode = "full"
         run.account(mode, x.shape[0], now() - t0)
         return out
-
-
-def _ui_text(text, node_id):
-    if node_id is None:
-        return
-    try:
-        import server
-        instance = getattr(server.PromptServer, "instance", None)
-        if instance is not None and hasattr(instance, "send_progress_text"):
-            instance.send_progress_text(text, node_id)
-    except Exception as e:                                        # reporting must never fail a finished run
-        log.debug("trainfree: DeepCache UI text not sent: %s", e)
 
 
 def unet_of(model):

@@ -15,6 +15,7 @@ from ..calibration import CalibrationError
 from ..guidance.linear_ag import Calibrator, LinearAG, estimated_steps
 from .calibration_support import (Progress, empty_latent_for, list_files, load_named, method_dir, model_fingerprint,
                                   reuse, schedule_key)
+from .ui_support import ui_text
 
 METHOD = "linear_ag"
 TYPE = "TRAINFREE_LINEAR_AG"
@@ -42,19 +43,6 @@ class LinearAGRecord:
 
 def _record(tensors, keys, name):
     return LinearAGRecord(tensors["coef"], tensors["r2"], tensors["sigmas"], {k: str(v) for k, v in keys.items()}, name)
-
-
-def ui_text(text, node_id):
-    """Show ``text`` on the node in the ComfyUI editor (no-op without a server, e.g. in tests)."""
-    if node_id is None:
-        return
-    try:
-        import server
-        instance = getattr(server.PromptServer, "instance", None)
-        if instance is not None and hasattr(instance, "send_progress_text"):
-            instance.send_progress_text(text, node_id)
-    except Exception as e:                                        # reporting must never fail a finished run
-        log.debug("trainfree: UI text not sent: %s", e)
 
 
 def step_of(timestep, sigmas) -> int | None:
