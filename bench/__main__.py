@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import types
 from pathlib import Path
 
 import torch
+
+from .common import setup
 
 ROOT = Path(__file__).resolve().parents[1]
 NFES = (4, 5, 6, 8, 10, 15, 20)   # issue targets: 5, 6, 8, 10, 15, 20
@@ -35,23 +36,8 @@ BUILTINS = ("euler", "heun", "dpmpp_2m", "dpmpp_2m_sde", "uni_pc", "uni_pc_bh2",
 
 
 def _setup_imports():
-    torch.set_num_threads(1)
-    if "trainfree" not in sys.modules:
-        pkg = types.ModuleType("trainfree")
-        pkg.__path__ = [str(ROOT)]
-        sys.modules["trainfree"] = pkg
-    sys.path.insert(0, str(ROOT / "tests"))
-    comfy_path = os.environ.get("COMFYUI_PATH")
-    if not comfy_path:
+    if not setup(require_comfy=False):
         return None
-    sys.path.insert(0, str(ROOT / "tests" / "integration"))
-    sys.path.insert(0, comfy_path)
-    from harness import _torchvision_stand_in
-
-    _torchvision_stand_in()
-    from comfy.cli_args import args
-
-    args.cpu = True
     import comfy.k_diffusion.sampling as kds
     import comfy.model_sampling as cms
     from comfy.extra_samplers import uni_pc

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 import types
 from pathlib import Path
 
 import torch
+
+from .common import setup
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = (5, 10, 20)
@@ -39,23 +39,8 @@ CORE = {"core euler": ("euler_cfg_pp", "euler"), "core dpm++2m": ("dpmpp_2m_cfg_
 
 
 def _imports():
-    torch.set_num_threads(1)
-    if "trainfree" not in sys.modules:
-        pkg = types.ModuleType("trainfree")
-        pkg.__path__ = [str(ROOT)]
-        sys.modules["trainfree"] = pkg
-    sys.path.insert(0, str(ROOT / "tests"))
-    path = os.environ.get("COMFYUI_PATH")
-    if not path:
+    if not setup(require_comfy=False):
         return None, None
-    sys.path.insert(0, str(ROOT / "tests" / "integration"))
-    sys.path.insert(0, path)
-    from harness import _torchvision_stand_in
-
-    _torchvision_stand_in()
-    from comfy.cli_args import args
-
-    args.cpu = True
     import comfy.k_diffusion.sampling as kds
     import comfy.model_sampling as cms
 
