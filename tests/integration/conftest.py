@@ -21,3 +21,12 @@ def comfyui():
     if _COMFY is None:
         _COMFY = Comfy(comfyui_path())
     return _COMFY
+
+
+@pytest.fixture
+def models_dir(comfyui, tmp_path, monkeypatch):
+    """A fresh models/trainfree folder for calibration files."""
+    import folder_paths
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "trainfree", ([str(tmp_path)], {".safetensors"}))
+    return tmp_path

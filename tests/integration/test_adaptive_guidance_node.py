@@ -4,6 +4,8 @@ import logging
 import pytest
 import torch
 
+from probes import count_rows
+
 
 def _sample(comfyui, model, cfg=4.0, steps=6, batch=1, sampler="euler"):
     import comfy.sample
@@ -13,21 +15,6 @@ def _sample(comfyui, model, cfg=4.0, steps=6, batch=1, sampler="euler"):
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(4))
     return comfy.sample.sample(model, noise, steps, cfg, sampler, "normal", tiny.conditioning("sd15", 1, batch),
                                tiny.conditioning("sd15", 2, batch), latent, seed=4, disable_pbar=True)
-
-
-def _counting(model):
-    """Count the batch rows the diffusion model is run on (an APPLY_MODEL wrapper)."""
-    import comfy.patcher_extension as pe
-
-    rows = []
-
-    def count(executor, x, *args, **kwargs):
-        rows.append(x.shape[0])
-        return executor(x, *args, **kwargs)
-
-    m = model.clone()
-    m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "count_rows", count)
-    return m, rows
 
 
 def _ag(comfyui, model, threshold):
@@ -42,13 +29,13 @@ def test_threshold_one_is_plain_cfg(comfyui):
 
 def test_switched_off_batch_skips_the_unconditional_pass(comfyui, caplog):
     tiny = comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models
-    model, rows = _counting(_ag(comfyui, tiny.build("sd15"), 0.0))     # switches off at the first step
+    model, rows = count_rows(_ag(comfyui, tiny.build("sd15"), 0.0))     # switches off at the first step
     with caplog.at_level(logging.INFO, logger="trainfree"):
         out = _sample(comfyui, model, steps=6, batch=2)
     assert torch.isfinite(out).all()
     assert sum(rows) == 2 * 2 + 5 * 2                                   # step 1 cond+uncond, then cond only
     assert "skipped 10 of 12 unconditional evaluations" in caplog.text
-    again, rows2 = _counting(_ag(comfyui, tiny.build("sd15"), 0.0))
+    again, rows2 = count_rows(_ag(comfyui, tiny.build("sd15"), 0.0))
     _sample(comfyui, again, steps=4, batch=3)                           # fresh state per run and batch size
     assert sum(rows2) == 3 * 2 + 3 * 3
 
@@ -80,7 +67,6 @@ def test_guider_variant_matches_the_patch(comfyui):
     assert out["stats"]["sum"] == out2["stats"]["sum"]
 
 
-
 def _run_rows(model, pos, neg, noise, steps=6):
     import comfy.sample
 
@@ -110,7 +96,7 @@ def test_rows_switch_off_on_their_own_and_only_guided_rows_pay(comfyui, caplog, 
     if "pooled_output" in pos[0][1]:
         neg[0][1]["pooled_output"] = torch.cat([pos[0][1]["pooled_output"][:1], other[0][1]["pooled_output"][1:]])
     noise = torch.randn((2, *SHAPES[arch]), generator=torch.Generator().manual_seed(5))
-    model, rows = _counting(_ag(comfyui, base, 0.999999))
+    model, rows = count_rows(_ag(comfyui, base, 0.999999))
     with caplog.at_level(logging.INFO, logger="trainfree"):
         out = _run_rows(model, pos, neg, noise)
     assert rows == [4] + [2, 1] * 5                              # step 1 full CFG; then cond x2 + uncond x1

@@ -4,16 +4,10 @@ import logging
 import pytest
 import torch
 
+from probes import count_rows
+
 SPANS = {"flux": (1, 1), "sd3": (1, 0), "wan": (1, 0)}       # the tiny SD3 / Wan have 2 blocks
 ARCHS = list(SPANS)
-
-
-@pytest.fixture
-def models_dir(comfyui, tmp_path, monkeypatch):
-    import folder_paths
-
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "trainfree", ([str(tmp_path)], {".safetensors"}))
-    return tmp_path
 
 
 def _tiny(comfyui):
@@ -104,20 +98,6 @@ def test_error_correction_reduces_the_deviation_of_plain_reuse(comfyui, models_d
         assert errs["dec"] < 1.1 * errs["plain"]
 
 
-def _rows_per_call(model):
-    import comfy.patcher_extension as pe
-
-    rows = []
-
-    def count(executor, x, *args, **kwargs):
-        rows.append(x.shape[0])
-        return executor(x, *args, **kwargs)
-
-    m = model.clone()
-    m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "count_rows", count)
-    return m, rows
-
-
 def test_batch_rows_are_independent_and_chunking_does_not_matter(comfyui, monkeypatch):
     tiny = _tiny(comfyui)
     base = tiny.build("flux")
@@ -134,7 +114,7 @@ def test_batch_rows_are_independent_and_chunking_does_not_matter(comfyui, monkey
         one = comfy.sample.sample(model, noise[row:row + 1], 8, 3.0, "euler", "simple", tiny.conditioning("flux", s),
                                   tiny.conditioning("flux", 2), latent[:1], seed=4, disable_pbar=True)
         assert torch.allclose(two[row:row + 1], one, rtol=1e-4, atol=1e-5)
-    counted, rows = _rows_per_call(model)
+    counted, rows = count_rows(model)
     together = _sample(comfyui, counted, "flux", batch=2)
     assert rows == [4] * 8                                            # cond and uncond in one chunk
     rows.clear()

@@ -19,14 +19,6 @@ def _calibrate(comfyui, arch="sd15", name="tiny_test", overwrite=True, cfg=4.0, 
     return model, nodes["TrainFreeDPMSolverV3Calibrate"]().calibrate(**args)[0]
 
 
-@pytest.fixture
-def models_dir(comfyui, tmp_path, monkeypatch):
-    import folder_paths
-
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "trainfree", ([str(tmp_path)], {".safetensors"}))
-    return tmp_path
-
-
 @pytest.mark.parametrize("arch", ["sd15", "flux"])
 def test_calibration_is_quick_saved_and_reused(comfyui, models_dir, arch):
     t = time.time()

@@ -4,13 +4,7 @@ import logging
 import pytest
 import torch
 
-
-@pytest.fixture
-def models_dir(comfyui, tmp_path, monkeypatch):
-    import folder_paths
-
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "trainfree", ([str(tmp_path)], {".safetensors"}))
-    return tmp_path
+from probes import count_rows
 
 
 def _tiny(comfyui):
@@ -30,20 +24,6 @@ def _calibrate(comfyui, model, steps=8, history=1, name="lag_test", overwrite=Tr
 
 def _patch(comfyui, model, record, start=0.0, end=1.0, unique_id=None):
     return _node(comfyui, "TrainFreeLinearAG").patch(model, record, start, end, unique_id)[0]
-
-
-def _counting(model):
-    import comfy.patcher_extension as pe
-
-    rows = []
-
-    def count(executor, x, *args, **kwargs):
-        rows.append(x.shape[0])
-        return executor(x, *args, **kwargs)
-
-    m = model.clone()
-    m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "count_rows", count)
-    return m, rows
 
 
 def _sample(comfyui, model, steps=8, cfg=4.0, batch=2, sampler="euler"):
@@ -77,7 +57,7 @@ def test_calibrate_save_reload_and_sample(comfyui, models_dir, caplog, monkeypat
     loaded = _node(comfyui, "TrainFreeLinearAGLoad").load("lag_test.safetensors")[0]
     torch.testing.assert_close(loaded.coef, rec.coef, rtol=0, atol=0, equal_nan=True)
     assert loaded.keys == rec.keys and loaded.keys["steps"] == "8"
-    model, rows = _counting(_patch(comfyui, base, loaded, unique_id="5"))
+    model, rows = count_rows(_patch(comfyui, base, loaded, unique_id="5"))
     with caplog.at_level(logging.INFO, logger="trainfree"):
         out = _sample(comfyui, model)
     assert rows == [4, 2] * 4                      # steps 1, 3, 5, 7 (every other): conditional rows only
@@ -92,7 +72,7 @@ def test_calibrate_save_reload_and_sample(comfyui, models_dir, caplog, monkeypat
 def test_first_half_and_history_two(comfyui, models_dir):
     base = _tiny(comfyui).build("sd15")
     rec = _calibrate(comfyui, base, steps=10, history=2, name="lag_h2")
-    model, rows = _counting(_patch(comfyui, base, rec, 0.0, 0.5))
+    model, rows = count_rows(_patch(comfyui, base, rec, 0.0, 0.5))
     _sample(comfyui, model, steps=10)
     assert rows == [4, 4, 4, 2, 4] + [4] * 5       # history 2, first half: only step 3 (odd, >= 2, < 5)
 
@@ -117,10 +97,10 @@ def test_cfg_one_and_composition_with_adaptive_guidance_and_pag(comfyui, models_
     lin = _patch(comfyui, base, rec)
     assert torch.equal(_sample(comfyui, lin, cfg=1.0), _sample(comfyui, base, cfg=1.0))
     ag = _node(comfyui, "TrainFreeAdaptiveGuidance").patch(lin, 0.0)[0]   # AG switches off after step 1
-    both, rows = _counting(pag.PerturbedAttentionGuidance.execute(ag, 2.0)[0])
+    both, rows = count_rows(pag.PerturbedAttentionGuidance.execute(ag, 2.0)[0])
     out = _sample(comfyui, both)
     assert torch.isfinite(out).all()
-    model, rows = _counting(_node(comfyui, "TrainFreeAdaptiveGuidance").patch(lin, 0.0)[0])
+    model, rows = count_rows(_node(comfyui, "TrainFreeAdaptiveGuidance").patch(lin, 0.0)[0])
     _sample(comfyui, model)
     assert rows == [4] + [2] * 7                    # AG takes over from step 2: conditional rows only
 
@@ -141,7 +121,7 @@ def test_two_guidance_patches_and_a_cache_with_an_empty_negative(comfyui, models
     # AG at 0: it takes over after step 1; at 0.999999 it stays on here and LinearAG does the saving
     for threshold, want in ((0.0, [4] + [2] * 7), (0.999999, [4, 2] * 4)):
         ag = _node(comfyui, "TrainFreeAdaptiveGuidance").patch(lin, threshold)[0]
-        model, rows = _counting(_node(comfyui, "TrainFreeDeepCache").patch(ag, 3, 1, "uniform", 0.0, 1.0)[0])
+        model, rows = count_rows(_node(comfyui, "TrainFreeDeepCache").patch(ag, 3, 1, "uniform", 0.0, 1.0)[0])
         out = comfy.sample.sample(model, noise, 8, 4.0, "euler", "normal", pos, empty, torch.zeros_like(noise),
                                   seed=4, disable_pbar=True)
         assert torch.isfinite(out).all() and rows == want
@@ -158,6 +138,6 @@ def test_samplers_that_drop_the_penultimate_sigma_and_two_calls_per_step(comfyui
             base, tiny.conditioning("sd15", 1, 4), tiny.conditioning("sd15", 2), {"samples": torch.zeros(4, 4, 8, 8)},
             8, 4.0, sampler, "normal", 1, 0, "lag_" + sampler, True)[0]
         assert rec.coef[1:].isfinite().all()
-        model, rows = _counting(_patch(comfyui, base, rec))
+        model, rows = count_rows(_patch(comfyui, base, rec))
         assert torch.isfinite(_sample(comfyui, model, sampler=sampler)).all()
         assert rows == calls, (sampler, rows)

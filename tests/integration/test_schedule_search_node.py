@@ -5,14 +5,6 @@ import pytest
 import torch
 
 
-@pytest.fixture
-def models_dir(comfyui, tmp_path, monkeypatch):
-    import folder_paths
-
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "trainfree", ([str(tmp_path)], {".safetensors"}))
-    return tmp_path
-
-
 def _search(comfyui, model, sampler, overwrite=True, **kw):
     tiny = comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models
     args = dict(model=model, positive=tiny.conditioning("sd15", 1), negative=tiny.conditioning("sd15", 2),
