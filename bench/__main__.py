@@ -122,16 +122,16 @@ def _dc_with_search(kind, cfg):
     return run
 
 
-def _v3_with_schedule(kind, cfg, ems):
-    """Calibrated DPM-Solver-v3 on a schedule searched for it (Schedule Search node, 16 other noises)."""
+def _on_searched_schedule(kind, cfg, sampler, options=None, tune=None):
+    """``sampler`` on a schedule the Schedule Search node finds for it (16 other noises, as the node); ``tune``
+    (model, start, sigmas) -> options fitted on that schedule afterwards (DC-Solver's ratios)."""
     from kit import reference
     from kit.gmm import default_mixture
     from kit.models import AnalyticModel, initial_state, noise_like
-    from trainfree.samplers import SAMPLERS
     from trainfree.samplers.autodiffusion import search_schedule
 
     train = AnalyticModel(default_mixture(), "eps" if kind == "ve" else "flow", cls=torch.arange(16) % 3, cfg=cfg)
-    v3, opts, cache = SAMPLERS["dpm_solver_v3"], {"ems": ems}, {}
+    options, cache = dict(options or {}), {}
 
     def run(model, x, sigmas, **kw):
         n = len(sigmas) - 1
@@ -139,35 +139,27 @@ def _v3_with_schedule(kind, cfg, ems):
             sig = sigmas.double()
             start = initial_state(noise_like((16, 8), seed=7), sig[0], kind)
             ref = reference.solve(train.exact, start, float(sig[0]), 0.0, h=1e-2)
-            cache[n] = search_schedule(train, start, sig, v3, ref, budget=60, options=opts,
-                                       sigma_min=0.0292 if kind == "ve" else 1e-3)[0]
-        return v3(model, x, cache[n].to(sigmas), **kw, **opts)
+            found = search_schedule(train, start, sig, sampler, ref, budget=60, options=options,
+                                    sigma_min=0.0292 if kind == "ve" else 1e-3)[0]
+            cache[n] = (found, dict(options, **(tune(train, start, found) if tune else {})))
+        found, opts = cache[n]
+        return sampler(model, x, found.to(sigmas), **kw, **opts)
     return run
+
+
+def _v3_with_schedule(kind, cfg, ems):
+    """Calibrated DPM-Solver-v3 on a schedule searched for it."""
+    from trainfree.samplers import SAMPLERS
+
+    return _on_searched_schedule(kind, cfg, SAMPLERS["dpm_solver_v3"], {"ems": ems})
 
 
 def _dc_with_schedule(kind, cfg):
-    """DC-Solver on a searched schedule (Schedule Search node), then ratios searched on it (16 other noises)."""
-    from kit import reference
-    from kit.gmm import default_mixture
-    from kit.models import AnalyticModel, initial_state, noise_like
-    from trainfree.samplers.autodiffusion import search_schedule
+    """DC-Solver on a searched schedule (unit ratios during the search), then ratios searched on it."""
     from trainfree.samplers.dc_solver import sample_dc_solver, search_ratios
 
-    train = AnalyticModel(default_mixture(), "eps" if kind == "ve" else "flow", cls=torch.arange(16) % 3, cfg=cfg)
-    cache = {}
-
-    def run(model, x, sigmas, **kw):
-        n = len(sigmas) - 1
-        if n not in cache:
-            sig = sigmas.double()
-            start = initial_state(noise_like((16, 8), seed=7), sig[0], kind)
-            ref = reference.solve(train.exact, start, float(sig[0]), 0.0, h=1e-2)
-            found = search_schedule(train, start, sig, sample_dc_solver, ref, budget=60,
-                                    sigma_min=0.0292 if kind == "ve" else 1e-3)[0]
-            cache[n] = (found, search_ratios(train, start, found, kind=kind))
-        found, ratios = cache[n]
-        return sample_dc_solver(model, x, found.to(sigmas), ratios=ratios, **kw)
-    return run
+    return _on_searched_schedule(kind, cfg, sample_dc_solver,
+                                 tune=lambda m, start, sig: {"ratios": search_ratios(m, start, sig, kind=kind)})
 
 
 def accuracy(kind, cfg, builtins, ms_classes, batch):

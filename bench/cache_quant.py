@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from .common import setup
+from .common import EasyCacheHeld, setup, wide_flux
 
 
 def _setup():
@@ -29,21 +29,7 @@ def _setup():
 
 
 def build_model(seed=0):
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.supported_models as sm
-    from test_nodes.tiny_models import _reinit
-
-    cfg = sm.Flux({"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 64,
-                   "context_in_dim": 64, "hidden_size": 256, "mlp_ratio": 4.0, "num_heads": 4, "depth": 4,
-                   "depth_single_blocks": 8, "axes_dim": [16, 24, 24], "theta": 10000, "patch_size": 2,
-                   "qkv_bias": True, "guidance_embed": True})
-    cfg.set_inference_dtype(torch.float32, None)
-    model = cfg.get_model({}, "", device=torch.device("cpu"))
-    _reinit(model.diffusion_model, seed)
-    model.diffusion_model.eval()
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
+    return wide_flux(seed)
 
 
 def cond(seed):
@@ -58,24 +44,6 @@ def _clone_input(executor, x, *args, **kwargs):
     skipped step (final-latent RMSE ~0.8 here). In bf16/fp16 inference the cast copies it, so real users don't see
     this: the copy reproduces that, to compare with EasyCache as it behaves in practice."""
     return executor(x.clone(), *args, **kwargs)
-
-
-class _Easy:
-    """Bytes EasyCache / LazyCache hold, read from their holder at the end of the run (before its reset)."""
-
-    def __init__(self):
-        self.bytes, self.note = 0, ""
-
-    def wrapper(self, executor, *args, **kwargs):
-        guider = executor.class_obj
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            h = guider.model_options["transformer_options"].get("easycache")
-            held = [getattr(h, n, None) for n in ("uuid_cache_diffs", "cache_diff", "x_prev_subsampled", "output_prev_subsampled")]
-            held = [v for t in held for v in (t.values() if isinstance(t, dict) else [t])]
-            self.bytes = sum(t.numel() * t.element_size() for t in held if isinstance(t, torch.Tensor))
-            self.note = f"skipped {h.total_steps_skipped}/{len(args[3]) - 1} steps"
 
 
 def run(model, steps, size, seed=11, prompt=5, repeats=1):
@@ -155,7 +123,7 @@ def table(base, steps, a, cq, pe, EasyCacheNode, LazyCacheNode):
     sweep = []
     for node, name in ((EasyCacheNode, "EasyCache"), (LazyCacheNode, "LazyCache")):
         for thr in a.thresholds:
-            probe = _Easy()
+            probe = EasyCacheHeld()
             m = base.clone()
             if name == "EasyCache":   # see _clone_input
                 m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "bench_clone_input", _clone_input)

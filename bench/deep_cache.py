@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from .common import setup
+from .common import EasyCacheHeld, setup
 
 THRESHOLDS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
 
@@ -35,10 +35,8 @@ def _setup():
 
 
 def build_model(width, size, seed=0):
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.supported_models as sm
-    from test_nodes.tiny_models import _reinit
+    from test_nodes.tiny_models import patcher
 
     cfg = sm.SD15({"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
                    "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": width,
@@ -46,40 +44,18 @@ def build_model(width, size, seed=0):
                    "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
                    "context_dim": 768, "num_heads": 8, "transformer_depth_output": [1] * 9 + [0] * 3,
                    "use_temporal_attention": False, "use_temporal_resblock": False})
-    cfg.set_inference_dtype(torch.float32, None)
-    model = cfg.get_model({}, "", device=torch.device("cpu"))
-    dm = model.diffusion_model
-    _reinit(dm, seed)
-    dm.eval()
+    mp = patcher(cfg, seed)
+    dm = mp.model.diffusion_model
     with torch.no_grad():                      # unit-variance eps at the first step, like a trained model
         x = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(seed))
         std = dm(x, torch.tensor([999.0]), context=cond(0)[0][0]).std()
         dm.out[-1].weight.div_(std)
         dm.out[-1].bias.div_(std)
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
+    return mp
 
 
 def cond(seed):
     return [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(seed)), {}]]
-
-
-class _EasyHeld:
-    """Bytes EasyCache / LazyCache hold at the end of the run (read before their own reset)."""
-
-    def __init__(self):
-        self.bytes = 0
-
-    def wrapper(self, executor, *args, **kwargs):
-        guider = executor.class_obj
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            h = guider.model_options["transformer_options"].get("easycache")
-            held = [getattr(h, n, None) for n in ("uuid_cache_diffs", "cache_diff", "x_prev_subsampled",
-                                                  "output_prev_subsampled")]
-            held = [v for t in held for v in (t.values() if isinstance(t, dict) else [t])]
-            self.bytes = sum(t.numel() * t.element_size() for t in held if isinstance(t, torch.Tensor))
 
 
 class _SeparateCalls:
@@ -161,7 +137,7 @@ def main():
         for name, node in (("EasyCache", EasyCacheNode), ("LazyCache", LazyCacheNode)):
             sweeps[name] = []
             for thr in THRESHOLDS:
-                held = _EasyHeld()
+                held = EasyCacheHeld()
                 m = node.execute(base, thr, 0.15, 0.95, False)[0].clone()
                 m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, "bench_held", held.wrapper)
                 with _SeparateCalls(base, name == "EasyCache"):

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from .common import setup
+from .common import setup, wide_flux
 
 
 def _setup():
@@ -30,39 +30,13 @@ def _setup():
 
 def _wide_sd15():
     """A wider random SD1.5-layout UNet (for the time overhead): 128 channels, 768-d context."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.supported_models as sm
-    from test_nodes.tiny_models import _UNET, _reinit
+    from test_nodes.tiny_models import _UNET, patcher
 
     cfg = sm.SD15(dict(_UNET, model_channels=128, context_dim=768, num_heads=4, num_head_channels=-1,
                        channel_mult=[1, 2, 2], num_res_blocks=[1, 1, 1], transformer_depth=[1, 1, 1],
                        transformer_depth_output=[1, 1, 1, 1, 1, 1]))
-    cfg.set_inference_dtype(torch.float32, None)
-    model = cfg.get_model({}, "", device=torch.device("cpu"))
-    _reinit(model.diffusion_model, 0)
-    model.diffusion_model.eval()
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
-
-
-def _wide_flux():
-    """A wider random Flux-layout DiT (for the time overhead): hidden 256, 4 double + 8 single blocks."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.supported_models as sm
-    from test_nodes.tiny_models import _reinit
-
-    cfg = sm.Flux({"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 64,
-                   "context_in_dim": 64, "hidden_size": 256, "mlp_ratio": 4.0, "num_heads": 4, "depth": 4,
-                   "depth_single_blocks": 8, "axes_dim": [16, 24, 24], "theta": 10000, "patch_size": 2,
-                   "qkv_bias": True, "guidance_embed": True})
-    cfg.set_inference_dtype(torch.float32, None)
-    model = cfg.get_model({}, "", device=torch.device("cpu"))
-    _reinit(model.diffusion_model, 0)
-    model.diffusion_model.eval()
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
+    return patcher(cfg, 0)
 
 
 def _sample(model, pos, neg, noise, steps, cfg):
@@ -145,7 +119,7 @@ def main(argv=None):
             g = torch.Generator().manual_seed(s)
             return [[torch.randn(1, 64, 64, generator=g), {"pooled_output": torch.randn(1, 64, generator=g),
                                                            "guidance": 3.5}]]
-        times["wide flux (32x32, 64 text tokens)"] = timing(_wide_flux(), fcond, 16, 32)
+        times["wide flux (32x32, 64 text tokens)"] = timing(wide_flux(), fcond, 16, 32)
         print("\n| model (4 steps) | " + " | ".join(next(iter(times.values()))) + " |")
         print("|---|---|---|---|")
         for label, row in times.items():

@@ -87,10 +87,14 @@ def _reinit(module: torch.nn.Module, seed: int) -> None:
 
 def build(arch: str = "sd15", seed: int = 0):
     """A ModelPatcher around a tiny random model of ``arch``."""
+    return patcher(_config(arch), seed)
+
+
+def patcher(cfg, seed: int = 0):
+    """A ModelPatcher around a float32 CPU model of the ``comfy.supported_models`` config ``cfg``, initialised."""
     import comfy.model_management as mm
     import comfy.model_patcher
 
-    cfg = _config(arch)
     cfg.set_inference_dtype(torch.float32, None)
     model = cfg.get_model({}, "", device=torch.device("cpu"))
     _reinit(model.diffusion_model, seed)
