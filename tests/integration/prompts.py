@@ -26,19 +26,31 @@ def custom_advanced(sampler_type, sampler_inputs, arch="sd15", steps=6, cfg=4.0,
     return p
 
 
-def ksampler(sampler_name, arch="sd15", steps=6, cfg=4.0, size=64, scheduler="normal", seed=0):
+def ksampler(sampler_name, arch="sd15", steps=6, cfg=4.0, size=64, scheduler="normal", seed=0, batch=1):
     """The plain KSampler graph with a sampler picked from its dropdown."""
     return {
         "ckpt": {"class_type": "TrainFreeTestTinyCheckpoint", "inputs": {"arch": arch, "seed": 0}},
         "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a lighthouse"}},
         "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "blurry"}},
-        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": batch}},
         "ks": {"class_type": "KSampler", "inputs": {
             "model": ["ckpt", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
             "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler_name, "scheduler": scheduler,
             "denoise": 1.0}},
         "stats": {"class_type": "TrainFreeTestLatentStats", "inputs": {"samples": ["ks", 0]}},
     }
+
+
+def patched_ksampler(chain, sampler_name="euler", prefix="patch", **kw):
+    """``ksampler`` whose model goes through ``chain``, [(MODEL-patch node type, its other inputs)], in order;
+    the patch nodes get ids prefix0, prefix1, ..."""
+    p = ksampler(sampler_name, **kw)
+    src = ["ckpt", 0]
+    for i, (node, inputs) in enumerate(chain):
+        p[f"{prefix}{i}"] = {"class_type": node, "inputs": dict(inputs, model=src)}
+        src = [f"{prefix}{i}", 0]
+    p["ks"]["inputs"]["model"] = src
+    return p
 
 
 SAMPLER_NODES = {

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from probes import count_rows
+from prompts import patched_ksampler
 
 SPANS = {"flux": (1, 1), "sd3": (1, 0), "wan": (1, 0)}       # the tiny SD3 / Wan have 2 blocks
 ARCHS = list(SPANS)
@@ -208,21 +209,7 @@ def test_interrupted_run_leaves_nothing_behind(comfyui, models_dir):
 
 
 def _graph(arch="flux", steps=6, cfg=4.0, nodes=()):
-    p = {
-        "ckpt": {"class_type": "TrainFreeTestTinyCheckpoint", "inputs": {"arch": arch, "seed": 0}},
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a lighthouse"}},
-        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "blurry"}},
-        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-    }
-    src = ["ckpt", 0]
-    for i, (cls, inputs) in enumerate(nodes):
-        p[f"n{i}"] = {"class_type": cls, "inputs": dict(inputs, model=src)}
-        src = [f"n{i}", 0]
-    p["ks"] = {"class_type": "KSampler", "inputs": {
-        "model": src, "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0], "seed": 3,
-        "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}}
-    p["stats"] = {"class_type": "TrainFreeTestLatentStats", "inputs": {"samples": ["ks", 0]}}
-    return p
+    return patched_ksampler(nodes, prefix="n", arch=arch, steps=steps, cfg=cfg, scheduler="simple", seed=3)
 
 
 def test_composes_with_adaptive_guidance_and_reports_in_the_ui(comfyui, monkeypatch):

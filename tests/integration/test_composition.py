@@ -11,6 +11,8 @@ import re
 
 import pytest
 
+from prompts import patched_ksampler
+
 CHAINS = {
     "sd15": [("TrainFreeAdaptiveGuidance", {"threshold": 0.9}),
              ("TrainFreePAG", {"scale": 2.0, "layers": "", "start_percent": 0.0, "end_percent": 1.0}),
@@ -25,21 +27,7 @@ CACHED = {"sd15": r"DeepCache: (\d+) of \d+ UNet calls used the shallow branch",
 
 
 def _prompt(arch, chain, steps=9, cfg=4.0):
-    p = {
-        "ckpt": {"class_type": "TrainFreeTestTinyCheckpoint", "inputs": {"arch": arch, "seed": 0}},
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a lighthouse"}},
-        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "blurry"}},
-        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
-    }
-    src = ["ckpt", 0]
-    for i, (node, inputs) in enumerate(chain):
-        p[f"patch{i}"] = {"class_type": node, "inputs": dict(inputs, model=src)}
-        src = [f"patch{i}", 0]
-    p["ks"] = {"class_type": "KSampler", "inputs": {
-        "model": src, "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0], "seed": 3,
-        "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
-    p["stats"] = {"class_type": "TrainFreeTestLatentStats", "inputs": {"samples": ["ks", 0]}}
-    return p
+    return patched_ksampler(chain, arch=arch, steps=steps, cfg=cfg, seed=3, batch=2)
 
 
 def _run(comfyui, prompt, caplog):
