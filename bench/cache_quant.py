@@ -1,12 +1,16 @@
 """DiT block cache benchmark: CacheQuant schedule (DPS + DEC) vs uniform reuse vs ComfyUI's EasyCache / LazyCache.
 
-    COMFYUI_PATH=/opt/comfy OMP_NUM_THREADS=1 python -m bench.cache_quant [--steps 20 50] [--size 32]
+    COMFYUI_PATH=/opt/comfy OMP_NUM_THREADS=1 python -m bench.cache_quant [--steps 20 50] [--size 32] [--repeats 2]
+        [--vae PATH] [-v]
 
 A randomly initialised Flux-architecture DiT (ComfyUI's own classes, torch initialisers; hidden 256, 4 double + 8
 single blocks) on one CPU thread, cfg 1 like Flux-dev. Every row samples the same noise and prompt (different from
 the calibration prompt and seed) with euler / simple; in one run, side by side: speed-up over the uncached run in
 process CPU time (steadier on a shared machine: 1 thread, so CPU time is the computation) and in wall-clock time,
-each timed in pairs with an uncached run right before it (median of --repeats pairs), relative RMSE of the final latent to the uncached one, extra memory the cache holds (bytes of cached
+each timed in pairs with an uncached run right before it (median of --repeats pairs), relative RMSE of the final
+latent to the uncached one and of its decoded image (``--vae PATH``: a Flux VAE file, loaded and decoded as ComfyUI's
+VAELoader / VAEDecode do; without it ComfyUI's latent preview decoder, Flux's latent_rgb_factors and bias, since no VAE
+weights are here; see bench.common.Decoder; decoded after timing), extra memory the cache holds (bytes of cached
 tensors: our residuals; EasyCache/LazyCache's cached output difference), the cache's own speed-up report.
 EasyCache / LazyCache thresholds are swept (all printed with -v; else the rows nearest our speed-ups).
 A random DiT is not a trained one: trajectories are smoother or rougher than real ones, so read the ratios, not the
@@ -21,7 +25,7 @@ import time
 
 import torch
 
-from .common import EasyCacheHeld, setup, wide_flux
+from .common import Decoder, EasyCacheHeld, rel_rmse, setup, wide_flux
 
 
 def _setup():
@@ -69,6 +73,8 @@ def main():
     p.add_argument("--repeats", type=int, default=1, help="timed (uncached, row) pairs per row (median ratio)")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.2, 0.3],
                    help="EasyCache / LazyCache reuse thresholds swept")
+    p.add_argument("--vae", metavar="PATH", help="VAE file (Flux latent space) for the decoded-image deviation; "
+                   "default: ComfyUI's latent preview RGB factors")
     p.add_argument("-v", action="store_true")
     a = p.parse_args()
     _setup()
@@ -83,16 +89,18 @@ def main():
     logging.getLogger().setLevel(logging.WARNING)
     folder_paths.folder_names_and_paths["trainfree"] = ([tempfile.mkdtemp()], {".safetensors"})
     base = build_model()
+    a.decoder = Decoder(base, a.vae)
     run(base, 2, a.size)                                      # warm-up (first-call overheads)
     print(f"# DiT block cache on a random Flux-architecture DiT (hidden 256, 4+8 blocks, {a.size // 2}^2 image "
-          "tokens), 1 CPU thread, euler/simple, cfg 1\n")
+          f"tokens), 1 CPU thread, euler/simple, cfg 1; images decoded with {a.decoder.label}\n")
     for steps in a.steps:
         table(base, steps, a, cq, pe, EasyCacheNode, LazyCacheNode)
 
 
 def table(base, steps, a, cq, pe, EasyCacheNode, LazyCacheNode):
     ref, t_ref, c_ref = run(base, steps, a.size)
-    rows = [("uncached", 1.0, 1.0, 0.0, 0, "")]
+    img = a.decoder(ref)
+    rows = [("uncached", 1.0, 1.0, 0.0, 0.0, 0, "")]
 
     def measure(label, model, extra_bytes=None):
         """Timed in pairs (uncached run, then this one) so both see the same load on a shared machine."""
@@ -102,13 +110,13 @@ def table(base, steps, a, cq, pe, EasyCacheNode, LazyCacheNode):
             out, t, c = run(model, steps, a.size)
             cpu.append(cr / c)
             wall.append(tr / t)
-        err = float((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
+        err, err_img = rel_rmse(out, ref), a.decoder.deviation(out, img)            # decoded after timing
         cfg = model.model_options["transformer_options"].get(cq.KEY)
         held, note = extra_bytes() if extra_bytes else (0, "")
         if cfg is not None and cfg.last_report:
             note = cfg.last_report.split(": ", 1)[1].split("; cache held")[0]
             held = cfg.last_held
-        return (label, statistics.median(cpu), statistics.median(wall), err, held, note)
+        return (label, statistics.median(cpu), statistics.median(wall), err, err_img, held, note)
 
     for n in a.intervals:
         rows.append(measure(f"ours uniform N={n} (no calibration)", cq.TrainFreeDiTCache().patch(base, n, 1, 1)[0]))
@@ -134,11 +142,11 @@ def table(base, steps, a, cq, pe, EasyCacheNode, LazyCacheNode):
             for o in ours for name in ("EasyCache", "LazyCache")}
     rows += sorted(keep, key=lambda r: r[0]) if not a.v else sweep
     print(f"## {steps} steps (uncached: {c_ref:.2f} s CPU, {t_ref:.2f} s wall)\n")
-    print("| method | speed-up (CPU time) | speed-up (wall clock) | rel. RMSE of final latent | extra memory held | "
-          "cache's own report |")
-    print("|---|---|---|---|---|---|")
-    for label, sp, wall, err, held, note in rows:
-        print(f"| {label} | {sp:.2f}x | {wall:.2f}x | {err:.4f} | {held / 1024:.0f} KiB | {note} |")
+    print("| method | speed-up (CPU time) | speed-up (wall clock) | rel. RMSE of final latent | rel. RMSE of decoded "
+          "image | extra memory held | cache's own report |")
+    print("|---|---|---|---|---|---|---|")
+    for label, sp, wall, err, err_img, held, note in rows:
+        print(f"| {label} | {sp:.2f}x | {wall:.2f}x | {err:.4f} | {err_img:.4f} | {held / 1024:.0f} KiB | {note} |")
     print(flush=True)
 
 

@@ -64,3 +64,51 @@ class EasyCacheHeld:
             held = [v for t in held for v in (t.values() if isinstance(t, dict) else [t])]
             self.bytes = sum(t.numel() * t.element_size() for t in held if isinstance(t, torch.Tensor))
             self.note = f"skipped {h.total_steps_skipped}/{len(args[3]) - 1} steps"
+
+
+def rel_rmse(out, ref) -> float:
+    """‖out − ref‖ / ‖ref‖ (root mean squares)."""
+    return float((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
+
+
+class Decoder:
+    """Decodes a sampler's final latent (``comfy.sample.sample``'s output, which has already been through the
+    model's ``latent_format.process_out``: comfy/samplers.py ``inner_sample``) to images in [-1, 1], B×H×W×3.
+
+    ``vae_path``: a VAE file loaded as ComfyUI's VAELoader does (``comfy.utils.load_torch_file`` +
+    ``comfy.sd.VAE(sd=...)``) and decoded with ``VAE.decode``, i.e. what VAEDecode does with a KSampler's output
+    (``VAE.decode`` returns [0, 1], mapped here to [-1, 1]). Without one: ComfyUI's latent preview decoder,
+    ``latent_preview.Latent2RGBPreviewer`` built from the model's ``latent_rgb_factors`` / ``latent_rgb_factors_bias``,
+    applied to the model-space latent (``process_in``) like the sampler preview, to every row, clamped to [-1, 1] as
+    ``preview_to_image`` does but without its 8-bit rounding."""
+
+    def __init__(self, model, vae_path=None):
+        self.fmt = model.model.latent_format
+        if vae_path:
+            import comfy.sd
+            import comfy.utils
+
+            self.vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(vae_path))
+            self.vae.throw_exception_if_invalid()
+            if self.vae.latent_channels != self.fmt.latent_channels:
+                sys.exit(f"--vae {vae_path}: {self.vae.latent_channels} latent channels, the benchmark model has "
+                         f"{self.fmt.latent_channels}")
+            self.label = f"VAE {Path(vae_path).name}"
+        else:
+            from latent_preview import Latent2RGBPreviewer
+
+            self.vae = None
+            self.preview = Latent2RGBPreviewer(self.fmt.latent_rgb_factors, self.fmt.latent_rgb_factors_bias)
+            self.label = "latent preview RGB factors, no VAE weights here"
+
+    @torch.inference_mode()                      # as ComfyUI's executor runs VAEDecode
+    def __call__(self, latent):
+        if self.vae is not None:
+            return self.vae.decode(latent).float() * 2 - 1
+        p = self.preview
+        x = self.fmt.process_in(latent.float()).movedim(1, -1)
+        return torch.nn.functional.linear(x, p.latent_rgb_factors, p.latent_rgb_factors_bias).clamp(-1, 1)
+
+    def deviation(self, out, ref_image) -> float:
+        """Relative RMSE of ``out``'s decoded image to ``ref_image`` (a decoded reference)."""
+        return rel_rmse(self(out), ref_image)
