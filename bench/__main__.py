@@ -32,6 +32,7 @@ OURS = {  # label -> (registry name, options); calibrated DPM-Solver-v3 and DC-S
     "ts_ddim": ("ts_ddim", {}),
     "ts_dpm++2m": ("ts_dpmpp_2m", {}),
 }
+SEARCHED_BUILTINS = ("ipndm", "deis")    # built-ins also run on a schedule the Schedule Search node finds for them
 BUILTINS = ("euler", "heun", "dpmpp_2m", "dpmpp_2m_sde", "uni_pc", "uni_pc_bh2", "deis", "ipndm", "res_multistep")
 
 
@@ -184,6 +185,9 @@ def accuracy(kind, cfg, builtins, ms_classes, batch):
     samplers["dpm-solver-v3 + searched schedule"] = (_v3_with_schedule(kind, cfg, ems), {})
     samplers["dc-solver (searched)"] = (_dc_with_search(kind, cfg), {})
     samplers["dc-solver + searched schedule"] = (_dc_with_schedule(kind, cfg), {})
+    for name in SEARCHED_BUILTINS:          # the Schedule Search node's SIGMAS feed any sampler, built-ins too
+        if name in builtins:
+            samplers[f"{name} + searched schedule"] = (_on_searched_schedule(kind, cfg, builtins[name]), {})
     samplers.update({n: (f, {}) for n, f in builtins.items()})
     table = {}
     for label, (fn, opts) in samplers.items():
@@ -206,6 +210,11 @@ def _fmt(v):
     return "—" if v is None else ("inf" if not math.isfinite(v) else f"{v:.2e}")
 
 
+def _ours(label):
+    """A row of the pack: its solvers, and any sampler on a schedule the pack searched."""
+    return label in OURS or label.startswith(("dpm-solver-v3", "dc-solver")) or "searched" in label
+
+
 def print_tables(title, table, builtin_names):
     best = {n: min((table[b].get(n, math.inf) for b in builtin_names), default=math.inf) for n in NFES}
     print(f"\n### {title}: relative RMSE to the exact ODE solution\n")
@@ -221,7 +230,7 @@ def print_tables(title, table, builtin_names):
         table = dict(table, **{"best calibrated option": {
             n: min(table[lab][n] for lab in calibrated if n in table[lab]) for n in NFES
             if any(n in table[lab] for lab in calibrated)}})
-        for label in [lab for lab in table if lab in OURS or lab.startswith(("dpm-solver-v3", "dc-solver", "best"))]:
+        for label in [lab for lab in table if _ours(lab) or lab.startswith("best")]:
             row = table[label]
             print(f"| {label} | " + " | ".join(
                 f"{row[n] / best[n]:.2f}" if n in row and math.isfinite(best[n]) and best[n] > 0 else "—"
@@ -272,7 +281,7 @@ def plot(results, out):
     for ax, (title, table) in zip(axes.flat, results.items()):
         for label, row in table.items():
             ns = [n for n in NFES if n in row and math.isfinite(row[n])]
-            ours = label in OURS or label.startswith(("dpm-solver-v3", "dc-solver"))
+            ours = _ours(label)
             ax.loglog(ns, [row[n] for n in ns], "-o" if ours else "--", label=label, lw=2 if ours else 1, ms=3)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("NFE")
