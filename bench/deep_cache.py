@@ -1,7 +1,7 @@
 """DeepCache benchmark: DeepCache vs ComfyUI's EasyCache / LazyCache on an SD1.5-architecture U-Net, side by side.
 
     COMFYUI_PATH=/opt/comfy OMP_NUM_THREADS=1 python -m bench.deep_cache [--steps 20 50] [--size 24] [--width 64]
-        [--full-width] [--trained SECONDS] [--vae PATH] [-v]
+        [--full-width] [--paper-run STEPS] [--attention pytorch] [--trained SECONDS] [--vae PATH] [-v]
 
 The real SD1.5 U-Net layout (ComfyUI's own classes and config: 4 levels, 2 res blocks each, attention at levels 0-2,
 12 input / 12 output blocks) with the base width reduced from 320 to ``--width`` and random weights (torch
@@ -19,7 +19,11 @@ speed-up is taken over the uncached run with the same split); for each DeepCache
 CPU-time speed-up is shown (all entries with -v). A random U-Net is not a trained one, hence ``--trained``: a small
 U-Net of the same layout trained here on synthetic shapes (DeepCache also at depth 1 with N = 6, 7, 8 there, to find
 where depth 1 reaches the paper's 2.3x). ``--full-width`` times one full and one shallow call of the real-size
-U-Net at 64x64 and counts their FLOPs (torch.utils.flop_counter) for a hardware-neutral speed-up bound.
+U-Net at 64x64 and counts their FLOPs (torch.utils.flop_counter) for a hardware-neutral speed-up bound;
+``--paper-run 50`` samples that full-width U-Net for 50 steps uncached and with DeepCache at the paper's SD1.5
+setting (N=5 quadratic, depth 1) and measures the end-to-end speed-up. ``--attention pytorch`` selects torch's
+scaled_dot_product_attention, which ComfyUI uses by default on NVIDIA GPUs (``--use-pytorch-cross-attention``
+elsewhere); ComfyUI's CPU default is its sub-quadratic attention, slow at the shallow branch's 4096 tokens.
 """
 from __future__ import annotations
 
@@ -34,8 +38,15 @@ from .common import Decoder, EasyCacheHeld, rel_rmse, setup
 THRESHOLDS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
 
 
-def _setup():
+def _setup(attention="default"):
     setup()
+    if attention == "pytorch":                   # before comfy.ldm.modules.attention picks its function
+        from comfy.cli_args import args
+
+        args.use_pytorch_cross_attention = True
+    import comfy.ldm.modules.attention as attn
+
+    return attn.optimized_attention.__name__
 
 
 def build_model(width, size, seed=0):
@@ -101,6 +112,12 @@ def main():
     p.add_argument("--width", type=int, default=64, help="base channels (SD1.5: 320)")
     p.add_argument("--full-width", action="store_true",
                    help="also time one full and one shallow call of the full-width (320) SD1.5 U-Net at 64x64")
+    p.add_argument("--paper-run", type=int, default=0, metavar="STEPS",
+                   help="also sample the full-width U-Net at 64x64 for STEPS steps, uncached and with DeepCache N=5 "
+                        "quadratic depth 1 (the paper's SD1.5 setting; about 30 min on one CPU thread at 50 steps)")
+    p.add_argument("--attention", choices=("default", "pytorch"), default="default",
+                   help="ComfyUI's attention function: its default for the device (CPU: sub-quadratic) or torch SDPA "
+                        "(ComfyUI's default on NVIDIA GPUs)")
     p.add_argument("--trained", type=float, default=0, metavar="SECONDS",
                    help="also train a small SD1.5-architecture U-Net on synthetic shapes for SECONDS of CPU time and "
                         "compare the caches on it (premise check: trained deep features change slowly)")
@@ -108,7 +125,7 @@ def main():
                    "default: ComfyUI's latent preview RGB factors")
     p.add_argument("-v", action="store_true")
     a = p.parse_args()
-    _setup()
+    print(f"attention: {_setup(a.attention)}\n")
     import comfy.patcher_extension as pe
     from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
 
@@ -172,6 +189,8 @@ def main():
         print()
     if a.full_width:
         full_width()
+    if a.paper_run:
+        paper_run(a.paper_run)
     if a.trained:
         trained(a.trained, a.steps or [20, 50], a.vae)
 
@@ -226,6 +245,30 @@ def full_width():
               f"{paper_flop_ratio(1.0, r, 50, f5):.2f}x | {paper_flop_ratio(1.0, r, 50, f3):.2f}x | "
               f"{full / 1e12:.2f} T | {shallow / 1e12:.3f} T | {q:.3f} | {paper_flop_ratio(1.0, q, 50, f5):.2f}x | "
               f"{paper_flop_ratio(1.0, q, 50, f3):.2f}x |", flush=True)
+    print()
+
+
+def paper_run(steps):
+    """End-to-end speed-up of DeepCache at the paper's SD1.5 setting on the full-width U-Net at 512x512."""
+    import comfy.patcher_extension as pe
+
+    from trainfree.nodes import deep_cache as dcn
+
+    base = build_model(320, 64)
+    run(base, 1, 16)                                            # warm-up at a small size
+    ref, t_ref = run(base, steps, 64)
+    print(f"## Full-width SD1.5 U-Net (320 channels, random weights), 64x64 latent, {steps} steps, cfg 7.5 (cond+uncond "
+          f"in one call), 1 thread; uncached: {t_ref[0]:.0f} s CPU\n")
+    print("| method | speed-up (CPU time) | speed-up (wall) | rel. RMSE of final latent | cache memory | notes |")
+    print("|---|---|---|---|---|---|")
+    for n, depth, schedule in ((5, 1, "quadratic"),):
+        model = dcn.TrainFreeDeepCache().patch(base, n, depth, schedule, 0.0, 1.0)[0]
+        out, t = run(model, steps, 64)
+        st = model.get_wrappers(pe.WrappersMP.DIFFUSION_MODEL, dcn.KEY)[0].__self__.last_stats
+        sp = _ratio(t_ref, t)
+        print(f"| DeepCache N={n} {schedule}, depth {depth} | {sp[0]:.2f}x | {sp[1]:.2f}x | {rel_rmse(out, ref):.4f} | "
+              f"{st['bytes'] / 2**20:.2f} MiB | {st['full_steps']}/{st['steps']} full steps, own estimate "
+              f"{st['speedup']:.2f}x |", flush=True)
     print()
 
 
