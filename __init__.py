@@ -2,7 +2,9 @@
 
 ComfyUI loads this file from ``custom_nodes/``. The math lives in ``samplers/``, ``guidance/`` and
 ``caching/`` (pure torch); ``nodes/`` adapts it to ComfyUI. Imported outside ComfyUI (no ``comfy``
-package), the pack exposes no nodes and its pure layers stay importable.
+package), the pack exposes no nodes and its pure layers stay importable. ``web/`` is the frontend
+extension ComfyUI serves through WEB_DIRECTORY (it refreshes the loaders' file lists after a
+calibration).
 """
 import importlib.util
 
@@ -11,4 +13,6 @@ if importlib.util.find_spec("comfy") is None:
 else:
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+WEB_DIRECTORY = "./web"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -98,3 +98,10 @@ def test_failing_prompt_leaves_the_server_working(server, comfyui):
     status, _ = _queue_and_wait(server, custom_advanced("TrainFreeTimeShiftDDIMSampler",
                                                         {"window": 80, "cutoff": 300, "data_variance": 0.0}, seed=9))
     assert status == "success"
+
+
+def test_server_serves_the_frontend_extension(server):
+    listed = _get(server + "/extensions")
+    assert f"/extensions/{PACK_NAME}/trainfree.js" in listed
+    with urllib.request.urlopen(f"{server}/extensions/{PACK_NAME}/trainfree.js", timeout=10) as r:
+        assert r.status == 200 and b'registerExtension' in r.read()
