@@ -100,6 +100,10 @@ def stored_keys(path) -> dict:
     """The keys a calibration file was computed for (for listings)."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # truncated or not a safetensors file
+        raise CalibrationError(f"calibration file {Path(path).name} is unreadable ({type(e).__name__}: {e}); "
+                               "delete it and calibrate again") from e
     return {k[4:]: v for k, v in meta.items() if k.startswith("key.")}

@@ -106,6 +106,9 @@ def _outer_sample(executor, *args, **kwargs):
                      state.saved, state.total, 100.0 * state.saved / state.total)
             ui_text(f"Adaptive Guidance: skipped {state.saved} of {state.total} negative-prompt evaluations "
                     f"({100.0 * state.saved / state.total:.0f}%)", holder.node_id)
+        else:
+            log.info("trainfree: Adaptive Guidance inactive: this run made no negative-prompt evaluations (CFG 1)")
+            ui_text("Adaptive Guidance: inactive (CFG 1 has no negative-prompt pass to skip)", holder.node_id)
         guider.model_options = original
 
 

@@ -22,7 +22,7 @@ import torch
 from .. import calibration
 from ..caching.cache_quant import Calibrator, SpanRun, group_bounds, uniform_schedule
 from .calibration_support import (Progress, empty_latent_for, list_files, load_named, method_dir, model_fingerprint,
-                                  reuse)
+                                  reuse, warn_if_other_run)
 from .ui_support import ui_text
 
 KEY = "trainfree_dit_cache"
@@ -164,6 +164,8 @@ def _outer_sample(executor, *args, **kwargs):
         raise ValueError("DiT block cache: EasyCache/LazyCache was added to this model after the TrainFree DiT "
                          "cache; two caches cannot be stacked. Use one of them.")
     run = cfg.new_run(len(args[3]) - 1)                      # refuses a schedule for another step count
+    if cfg.schedule is not None:
+        warn_if_other_run(cfg.schedule.name, cfg.schedule.keys, guider, args[2], args[3])
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
     guider.model_options["transformer_options"][RUN] = run
     try:

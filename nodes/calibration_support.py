@@ -1,6 +1,7 @@
 """Where calibration files live (ComfyUI's models folder) and which model they belong to."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from .. import calibration
 from ..calibration import CalibrationError, fingerprint
 
 FOLDER = "trainfree"
+log = logging.getLogger("trainfree")
 _PRINTS: dict = {}
 
 
@@ -57,11 +59,24 @@ def _tensors_in(obj, prefix):
         yield from _tensors_in(obj.weights, prefix + ".w")
 
 
+def _original_weights(model_patcher) -> list:
+    """The diffusion model's weights as loaded from disk. ComfyUI bakes weight patches (LoRA ...) into
+    the shared model in place while a patched clone is loaded, keeping the originals in the patcher's
+    ``backup``; hashing the live tensors would give the base model (and the LoRA'd one) another print
+    while any LoRA is applied."""
+    backup = getattr(model_patcher, "backup", {}) or {}
+    named = []
+    for k, t in model_patcher.model.diffusion_model.state_dict().items():
+        bk = backup.get("diffusion_model." + k)
+        named.append((k, bk.weight if bk is not None else t))
+    return named
+
+
 def model_fingerprint(model_patcher) -> str:
     """Hash of the diffusion model's weights, its weight patches (LoRA ...) and its sampling type."""
     key = (id(model_patcher.model), getattr(model_patcher, "patches_uuid", None))
     if key not in _PRINTS:
-        named = list(model_patcher.model.diffusion_model.state_dict().items())
+        named = _original_weights(model_patcher)
         desc = [type(model_patcher.model).__name__]
         for k in sorted(model_patcher.patches):
             for j, p in enumerate(model_patcher.patches[k]):
@@ -127,9 +142,30 @@ def reuse(path, method: str, keys: dict, overwrite: bool):
     if overwrite or not path.exists():
         return None
     try:
-        return calibration.load(path, method, keys)
+        tensors = calibration.load(path, method, keys)
     except CalibrationError as e:
         raise CalibrationError(f"{e}. Choose another name, or set overwrite to replace it.") from e
+    log.info("trainfree: reusing %s, calibrated for this model and these settings (set overwrite to redo it)",
+             path.name)
+    return tensors
+
+
+def settings_key(**settings) -> str:
+    """The calibration settings a result depends on, as one key: changing any of them recalibrates."""
+    return ";".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items())
+
+
+def guider_cfg(guider):
+    """The CFG scale of a guider (a sampler's ``model.inner_model``), or None when it has no single one."""
+    cfg = getattr(guider, "cfg", None)
+    return float(cfg) if isinstance(cfg, (int, float)) else None
+
+
+def warn_if_other(name: str, keys: dict, key: str, have, what: str) -> None:
+    """Log when sampling runs with another ``key`` than the calibration was made for (allowed, less exact)."""
+    if key in keys and have is not None and keys[key] != str(have):
+        log.warning("trainfree: %s was calibrated for %s %s; this run uses %s, where it fits less well "
+                    "(calibrate for this %s too)", name, what, keys[key], have, what)
 
 
 def load_named(method: str, name: str):
@@ -139,3 +175,36 @@ def load_named(method: str, name: str):
         raise CalibrationError(f"calibration file not found: {name}")
     keys = calibration.stored_keys(path)
     return calibration.load(path, method, keys), keys, path.name
+
+
+def _sampler_differs(calibrated: str, sampler) -> bool:
+    fn = getattr(sampler, "sampler_function", None)
+    if fn is None or calibrated not in comfy.samplers.SAMPLER_NAMES:
+        return False
+    other = getattr(comfy.samplers.sampler_object(calibrated), "sampler_function", None)
+    return other is not None and other.__name__ != fn.__name__
+
+
+def _scheduler_sigmas(ms, scheduler: str, steps: int, sampler_name=None):
+    if sampler_name in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS:      # as KSampler does
+        sig = comfy.samplers.calculate_sigmas(ms, scheduler, steps + 1)
+        return torch.cat([sig[:-2], sig[-1:]])
+    return comfy.samplers.calculate_sigmas(ms, scheduler, steps)
+
+
+def warn_if_other_run(name: str, keys: dict, guider, sampler=None, sigmas=None) -> None:
+    """Log each setting of this sampling run (CFG, sampler, scheduler's sigmas) that differs from the ones the
+    calibration ``keys`` were made for: allowed, but the calibration fits them less well."""
+    cfg = guider_cfg(guider)
+    warn_if_other(name, keys, "cfg", None if cfg is None else f"{cfg:g}", "CFG")
+    if sampler is not None and "sampler" in keys and _sampler_differs(keys["sampler"], sampler):
+        log.warning("trainfree: %s was calibrated with the %r sampler; this run uses another one (%s), where it "
+                    "fits less well", name, keys["sampler"], sampler.sampler_function.__name__)
+    scheduler = keys.get("scheduler")
+    if sigmas is None or scheduler not in comfy.samplers.SCHEDULER_NAMES:
+        return
+    ms = guider.model_patcher.get_model_object("model_sampling")
+    want = _scheduler_sigmas(ms, scheduler, len(sigmas) - 1, keys.get("sampler")).to(sigmas)
+    if want.shape != sigmas.shape or not torch.allclose(want, sigmas, rtol=1e-3, atol=1e-5):
+        log.warning("trainfree: %s was calibrated for the %r scheduler's sigmas; these sigmas differ (another "
+                    "scheduler, denoise < 1 or custom SIGMAS), so it may fit them less well", name, scheduler)

@@ -9,8 +9,9 @@ import torch
 
 from .. import calibration
 from ..samplers.dc_solver import cpr_fit, cpr_ratios, sample_dc_solver, search_ratios
-from .calibration_support import (Progress, check_matches, empty_latent_for, list_files, load_named, method_dir,
-                                  model_fingerprint, reuse, schedule_key, with_guided_model)
+from .calibration_support import (Progress, check_matches, empty_latent_for, guider_cfg, list_files, load_named,
+                                  method_dir, model_fingerprint, reuse, schedule_key, settings_key, warn_if_other_run,
+                                  with_guided_model)
 from .sampler_support import CATEGORY, SamplerNode, ksampler
 
 METHOD = "dc_solver"
@@ -30,6 +31,12 @@ class DcRecord:
         for (n, c), r in self.searched.items():
             if n == nfe and abs(c - cfg) < 1e-6:
                 return r
+        nfes, cfgs = [n for n, _ in self.searched], [c for _, c in self.searched]
+        if not (min(nfes) <= nfe <= max(nfes) and min(cfgs) - 1e-6 <= cfg <= max(cfgs) + 1e-6):
+            log.warning("trainfree: DC-Solver ratios in %s were searched for steps %d-%d and CFG %g-%g; %d steps at "
+                        "CFG %g is extrapolated by the regression (ratios clamped to [0.5, 1.5]). Add this step "
+                        "count / CFG to the search for searched ratios.", self.name, min(nfes), max(nfes),
+                        min(cfgs), max(cfgs), nfe, cfg)
         return cpr_ratios(self.cpr, nfe, cfg)
 
 
@@ -97,10 +104,12 @@ class TrainFreeDCSolverSearch:
         ms = model.get_model_object("model_sampling")
         keys = {"model": model_fingerprint(model), "schedule": schedule_key(ms), "scheduler": scheduler,
                 "grid": f"steps={','.join(map(str, nfes))};cfg={','.join(f'{c:g}' for c in scales)}"}
+        latent = empty_latent_for(model, latent_image)
+        keys["settings"] = settings_key(iterations=iterations, seed=seed,
+                                        latent="x".join(map(str, latent.shape)))
         cached = reuse(path, METHOD, keys, overwrite)
         if cached is not None:
             return (DcRecord(*_from_tensors(cached), keys, path.name),)
-        latent = empty_latent_for(model, latent_image)
         progress = Progress(len(scales) * sum(nfes))
         searched = {}
         for cfg in scales:
@@ -141,7 +150,11 @@ def _sample_dc(model, x, sigmas, extra_args=None, callback=None, disable=None, r
     ratios = None
     if record is not None:
         check_matches(record.name, record.keys, model, "DC-Solver Search")
-        cfg = float(getattr(model.inner_model, "cfg", 1.0))
+        warn_if_other_run(record.name, {"scheduler": record.keys.get("scheduler")}, model.inner_model, sigmas=sigmas)
+        cfg = guider_cfg(model.inner_model)
+        if cfg is None:
+            cfg = min(c for _, c in record.searched)
+            log.warning("trainfree: DC-Solver: this guider has no single CFG scale; using the ratios of CFG %g", cfg)
         ratios = record.ratios(len(sigmas) - 1, cfg)
     return sample_dc_solver(model, x, sigmas, extra_args, callback, disable, ratios=ratios, **opts)
 

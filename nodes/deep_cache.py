@@ -253,6 +253,9 @@ class TrainFreeDeepCache:
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def patch(self, model, cache_interval, cache_depth, schedule, start_percent, end_percent, unique_id=None):
+        if start_percent > end_percent:
+            raise ValueError(f"DeepCache: start_percent ({start_percent}) is after end_percent ({end_percent}): "
+                             "no step would be cached")
         dm = unet_of(model)
         blocks = len(dm.input_blocks)
         has_middle = dm.middle_block is not None

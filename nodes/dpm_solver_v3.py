@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+
 import comfy.samplers
 import torch
 
 from .. import calibration
+from ..calibration import fingerprint
 from ..samplers.common import kind_of_sampling
 from ..samplers.dpm_solver_v3 import sample_dpm_solver_v3
-from ..samplers.dpm_solver_v3_ems import EMS, estimate, lambda_range
+from ..samplers.dpm_solver_v3_ems import EMS, S_MAX, estimate, lambda_range
 from ..samplers.momentum import sample_dpmpp_2m_hb
-from .calibration_support import (Progress, check_matches, empty_latent_for, list_files, load_named, method_dir,
-                                  model_fingerprint, reuse, schedule_key, with_guided_model)
+from .calibration_support import (Progress, check_matches, empty_latent_for, guider_cfg, list_files, load_named,
+                                  method_dir, model_fingerprint, reuse, schedule_key, settings_key, warn_if_other,
+                                  with_guided_model)
 from .sampler_support import CATEGORY, SamplerNode, ksampler
 
 METHOD = "dpm_solver_v3"
@@ -28,10 +31,11 @@ class EmsRecord:
     name: str
 
 
-def _keys(model, shape, cfg, per_pixel):
+def _keys(model, shape, cfg, per_pixel, settings=""):
     ms = model.get_model_object("model_sampling")
     return {"model": model_fingerprint(model), "schedule": schedule_key(ms), "cfg": f"{cfg:g}",
-            "stats": "pixel:" + "x".join(map(str, shape)) if per_pixel else f"channel:{shape[0]}"}
+            "stats": "pixel:" + "x".join(map(str, shape)) if per_pixel else f"channel:{shape[0]}",
+            "settings": settings}
 
 
 def _calibration(samples, grid_points, data_steps, per_pixel, seed, clean):
@@ -101,7 +105,9 @@ class TrainFreeDPMSolverV3Calibrate:
         path = calibration.file_in(method_dir(METHOD), name)
         latent = empty_latent_for(model, latent_image)
         per_pixel = statistics.startswith("per pixel")
-        keys = _keys(model, tuple(latent.shape[1:]), cfg, per_pixel)
+        data = "model samples" if clean_latents is None else "clean:" + fingerprint([("x", clean_latents["samples"])])
+        keys = _keys(model, tuple(latent.shape[1:]), cfg, per_pixel, settings_key(
+            samples=samples, grid_points=grid_points, data_steps=data_steps, seed=seed, data=data))
         cached = reuse(path, METHOD, keys, overwrite)
         if cached is not None:
             return (EmsRecord(_from_tensors(cached), keys, path.name),)
@@ -112,6 +118,10 @@ class TrainFreeDPMSolverV3Calibrate:
         ems = with_guided_model(model, positive, negative, cfg, latent, seed, work)
         calibration.save(path, ems.tensors(), METHOD, keys)
         log.info("trainfree: DPM-Solver-v3 statistics saved to %s", path)
+        if ems.capped:
+            log.warning("trainfree: DPM-Solver-v3 statistics %s: the slope s was capped at %g in %.0f%% of the table "
+                        "(a steep estimate, usually too few samples or grid points); more samples give statistics "
+                        "that need no cap", path.name, S_MAX, 100 * ems.capped)
         return (EmsRecord(ems, keys, path.name),)
 
 
@@ -139,6 +149,8 @@ def _sample_checked(model, x, sigmas, extra_args=None, callback=None, disable=No
     ms = model.inner_model.inner_model.model_sampling
     if record is not None:
         check_matches(record.name, record.keys, model, "DPM-Solver-v3 Calibrate")
+        cfg = guider_cfg(model.inner_model)
+        warn_if_other(record.name, record.keys, "cfg", None if cfg is None else f"{cfg:g}", "CFG")
     if half:   # the corrector only in the low-noise half of the model's time range (paper: t <= 0.5)
         s = float(ms.percent_to_sigma(0.5))
         opts["corrector_sigma_max"] = s / (1 - s) if kind_of_sampling(ms) == "flow" else s

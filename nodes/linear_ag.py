@@ -13,8 +13,8 @@ import torch
 from .. import calibration
 from ..calibration import CalibrationError
 from ..guidance.linear_ag import Calibrator, LinearAG, estimated_steps
-from .calibration_support import (Progress, empty_latent_for, list_files, load_named, method_dir, model_fingerprint,
-                                  reuse, schedule_key)
+from .calibration_support import (Progress, empty_latent_for, list_files, load_named, method_dir,
+                                  model_fingerprint, reuse, schedule_key, settings_key, warn_if_other_run)
 from .ui_support import ui_text
 
 METHOD = "linear_ag"
@@ -118,12 +118,16 @@ class TrainFreeLinearAGCalibrate:
             sigmas = torch.cat([sigmas[:-2], sigmas[-1:]]).to(torch.float64)
         else:
             sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, steps).to(torch.float64)
+        if float(cfg) <= 1.0:
+            raise ValueError("LinearAG replaces CFG's negative-prompt pass; at CFG 1 ComfyUI skips that pass, so "
+                             "there is nothing to calibrate. Set the CFG you sample with (> 1).")
+        latent = empty_latent_for(model, latent_image)
         keys = {"model": model_fingerprint(model), "schedule": schedule_key(ms), "scheduler": scheduler,
-                "steps": int(steps), "history": int(history), "cfg": f"{float(cfg):g}", "sampler": sampler_name}
+                "steps": int(steps), "history": int(history), "cfg": f"{float(cfg):g}", "sampler": sampler_name,
+                "settings": settings_key(seed=seed, latent="x".join(map(str, latent.shape)))}
         cached = reuse(path, METHOD, keys, overwrite)
         if cached is not None:
             return (_record(cached, keys, path.name),)
-        latent = empty_latent_for(model, latent_image)
         calibrator, seen = Calibrator(steps, history), set()
         m = model.clone()
         m.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, KEY + "_calibrate", _recorder(calibrator, seen))
@@ -132,6 +136,9 @@ class TrainFreeLinearAGCalibrate:
         comfy.sample.sample(m, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent, seed=seed,
                             callback=lambda *a: progress.tick(), disable_pbar=True)
         coef, r2 = calibrator.solve()
+        if not bool((r2 == r2).any()):
+            raise ValueError("LinearAG: no step could be fitted (the sampler made no negative-prompt evaluations "
+                             f"at the calibrated steps); nothing saved to {path.name}")
         tensors = {"coef": coef, "r2": r2, "sigmas": sigmas}
         calibration.save(path, tensors, METHOD, keys)
         log.info("trainfree: LinearAG coefficients saved to %s (R^2 per step: %s)", path,
@@ -205,6 +212,7 @@ def _outer_sample(executor, noise, latent_image, sampler, sigmas, *args, **kwarg
             f"{float(rec.sigmas[-2]):.4g}); this run samples {sigmas.shape[-1] - 1} steps (sigmas "
             f"{float(sigmas[0]):.4g} ... {float(sigmas[-2]) if sigmas.shape[-1] > 1 else 0:.4g}). Sample with the "
             "calibrated steps, scheduler and denoise 1, or calibrate for this schedule")
+    warn_if_other_run(rec.name, {k: rec.keys[k] for k in ("cfg", "sampler") if k in rec.keys}, guider, sampler)
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
     holder = _Holder(rec, proto.start, proto.end, proto.node_id)
     holder.state = LinearAG(rec.coef, estimated_steps(rec.steps, proto.start, proto.end, rec.history), rec.history)
@@ -213,7 +221,10 @@ def _outer_sample(executor, noise, latent_image, sampler, sigmas, *args, **kwarg
         return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
     finally:
         lin = holder.state
-        if lin.total:
+        if not lin.total:
+            log.info("trainfree: LinearAG inactive: this run made no negative-prompt evaluations (CFG 1)")
+            ui_text("LinearAG: inactive (CFG 1 has no negative-prompt pass to replace)", holder.node_id)
+        else:
             log.info("trainfree: LinearAG replaced %d of %d unconditional evaluations (%.0f%%)", lin.saved,
                      lin.total, 100.0 * lin.saved / lin.total)
             ui_text(f"LinearAG: {lin.saved} of {lin.total} negative-prompt evaluations replaced "

@@ -37,11 +37,12 @@ def checked(**ranges):
         check_range(name, value, lo, hi)
 
 
-def _marked(function):
+def _marked(function, attr):
     def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
         return function(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **options)
 
     sampler.__trainfree__ = True
+    sampler.__name__ = sampler.__qualname__ = attr      # its own name (Schedule Search keys its cache by it)
     return sampler
 
 
@@ -60,7 +61,7 @@ def register_dropdown_samplers(entries: dict) -> list[str]:
         if current is not None and not getattr(current, "__trainfree__", False):
             log.warning("trainfree: %s already exists (%s); not replacing it", attr, current)
             continue
-        setattr(k_sampling, attr, _marked(function))
+        setattr(k_sampling, attr, _marked(function, attr))
         added.append(full)
     names = list(comfy.samplers.SAMPLER_NAMES)
     names += [n for n in added if n not in names]

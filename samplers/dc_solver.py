@@ -224,9 +224,15 @@ def cpr_features(nfe: int, cfg: float, step: int) -> torch.Tensor:
                         dtype=torch.float64)
 
 
-def cpr_ratios(coefs: torch.Tensor, nfe: int, cfg: float) -> list:
-    """Ratios for an unseen (NFE, CFG) from the 36 CPR coefficients; rho = 1 for steps 1-2."""
-    return [1.0 if step < 3 else float(cpr_features(nfe, cfg, step) @ coefs) for step in range(1, nfe + 1)]
+def cpr_ratios(coefs: torch.Tensor, nfe: int, cfg: float, bounds=(0.5, 1.5)) -> list:
+    """Ratios for an unseen (NFE, CFG) from the 36 CPR coefficients; rho = 1 for steps 1-2.
+
+    Departure from the paper: predictions are clamped to the search interval ``bounds``. The cubic
+    polynomial is unconstrained and, far outside the searched NFE / CFG grid, predicts ratios such as
+    0.07 or -3 that extrapolate the stored model output far beyond its two neighbours."""
+    lo, hi = bounds
+    return [1.0 if step < 3 else min(hi, max(lo, float(cpr_features(nfe, cfg, step) @ coefs)))
+            for step in range(1, nfe + 1)]
 
 
 def cpr_fit(searched: dict) -> torch.Tensor:

@@ -32,11 +32,6 @@ import torch
 from .common import SamplerInputError, alpha_s, check_inputs, check_range, precise, report, resolve_kind
 from .dpm_solver_v3_ems import EMS
 
-def _cumulative_b(ems: EMS, lam_s: float, nodes: torch.Tensor, S_s: torch.Tensor):
-    """Psi(lambda) = int_{lambda_s}^{lambda} e^{-(S_r - S_s)} b_r dr at each node (M, *stat_shape)."""
-    both = ems.B(torch.cat([torch.tensor([lam_s], dtype=torch.float64), nodes]))
-    return torch.exp(S_s) * (both[1:] - both[0])
-
 
 class _Stepper:
     """The v3 update from a base point s to lambda_t, given the cached (lambda_i, f_i)."""
@@ -48,7 +43,7 @@ class _Stepper:
         """g_i relative to base s for cached points [(lambda_i, f_i), ...] (base first)."""
         lams = torch.tensor([p[0] for p in points], dtype=torch.float64)
         _, _, _, _, S = self.ems.at(lams)
-        psi = _cumulative_b(self.ems, lam_s, lams, S_s)
+        psi = self.ems.psi(lam_s, S_s, lams)
         return [torch.exp(S_s - S[i]).to(f) * f - psi[i].to(f) for i, (_, f) in enumerate(points)]
 
     @staticmethod
@@ -78,13 +73,13 @@ class _Stepper:
         gs = self.g_values(lam_s, S_s, points[:order])
         coefs = [gs[0]] + self.derivatives([points[i][0] - lam_s for i in range(1, order)],
                                            [gs[i] - gs[0] for i in range(1, order)], pseudo)
-        nodes, w = ems.nodes(lam_s, lam_t)
+        nodes, w, psi = ems.nodes_with_psi(lam_s, lam_t, S_s)
         _, _, _, L, S = ems.at(nodes)
         L_t = ems.at(torch.tensor([lam_t], dtype=torch.float64))[3][0]
         view = (-1,) + (1,) * len(ems.shape)
         wv = w.view(view)
         base = torch.exp(L - L_t + S - S_s) * wv            # (M, *stat)
-        phi = torch.exp(S - S_s) * _cumulative_b(ems, lam_s, nodes, S_s)
+        phi = torch.exp(S - S_s) * psi
         integral = (torch.exp(L - L_t) * wv * phi).sum(0).to(x_s)   # statistics only: broadcast over the batch
         delta = (nodes - lam_s).view(view)
         for k, c in enumerate(coefs):

@@ -18,7 +18,12 @@ Departures from the official code: Jacobian-vector products are central finite d
 (works through any ComfyUI model and attention kernel; step 1e-3 relative), statistics may be
 pooled over spatial positions (per channel, so one file serves every resolution), s is shrunk by
 the R^2 of its regression (measured: at CFG 7.5 the raw estimates, |s| up to 9, made the
-calibrated solver lose to DPM-Solver++ beyond 10 NFE; shrunk, it wins at every NFE), and the solver
+calibrated solver lose to DPM-Solver++ beyond 10 NFE; shrunk, it wins at every NFE), s is capped at
+S_MAX = 0.5 (f tends to a constant at infinite noise and to 0 as the noise vanishes, so a steep
+positive slope is an estimation artifact; a random tiny Flux calibrated on 8 samples gave s = +37 at
+low noise, which the step multiplies by e^{s h} into NaN samples; on the analytic kit s stays in
+[-5, 0.4] and the cap changes nothing; ``capped`` is the share of table entries it cut),
+and the solver
 integrates the piecewise-linear tables with Gauss-Legendre quadrature at any lambda instead of
 snapping steps to the table grid (trapezoid sums).
 """
@@ -31,6 +36,7 @@ from .common import SamplerInputError, alpha_s, precise
 
 _GL_X, _GL_W = (torch.tensor(a, dtype=torch.float64) for a in np.polynomial.legendre.leggauss(6))
 MAX_PIECE = 0.5   # widest lambda interval one 6-point Gauss-Legendre rule integrates
+S_MAX = 0.5       # largest growth rate of f per unit lambda the solver accepts (see the module docstring)
 
 
 class EMS:
@@ -47,15 +53,16 @@ class EMS:
                                     f"{self.s.shape}, {self.b.shape}")
         if not all(torch.isfinite(t).all() for t in (self.l, self.s, self.b)):
             raise SamplerInputError("EMS tables contain NaN or infinity")
+        self.capped = float((self.s > S_MAX).double().mean())
+        self.s = self.s.clamp(max=S_MAX)
+        steep = float(self.s.abs().max())       # pieces short enough that e^{-S} varies by at most e^2 on one
+        self.piece = MAX_PIECE if steep <= 2.0 / MAX_PIECE else 2.0 / steep
         self.shape = tuple(self.l.shape[1:])
         h = self.lam[1:] - self.lam[:-1]
         view = (-1,) + (1,) * len(self.shape)
         # exact integrals of the piecewise-linear l and s at the grid nodes
         self._L = torch.cat([torch.zeros_like(self.l[:1]), torch.cumsum(h.view(view) * (self.l[1:] + self.l[:-1]) / 2, 0)])
         self._S = torch.cat([torch.zeros_like(self.s[:1]), torch.cumsum(h.view(view) * (self.s[1:] + self.s[:-1]) / 2, 0)])
-        # B = int e^{-S} b from the grid start, Gauss-Legendre per cell
-        cells = [self._gl(self.lam[i], self.lam[i + 1]) for i in range(n - 1)]
-        self._B = torch.cat([torch.zeros_like(self.b[:1]), torch.cumsum(torch.stack(cells), 0)])
 
     @classmethod
     def degenerate(cls, lam_min=-12.0, lam_max=12.0, shape=(1,)):
@@ -98,38 +105,59 @@ class EMS:
         b, _ = self._interp(self.b, torch.zeros_like(self.b), lam)
         return l, s, b, L, S
 
-    def _gl(self, a, b):
-        """int_a^b e^{-S} b dlambda by 6-point Gauss-Legendre (one smooth piece)."""
-        x = a + (b - a) * (_GL_X + 1) / 2
-        _, _, bb, _, S = self.at(x)
-        view = (-1,) + (1,) * len(self.shape)
-        return ((b - a) * _GL_W / 2).view(view).mul(torch.exp(-S) * bb).sum(0)
-
-    def B(self, lam: torch.Tensor) -> torch.Tensor:
-        """int_{grid start}^{lam} e^{-S} b at points lam (M,), pieces split at the grid ends."""
-        lam = lam.to(torch.float64)
-        i = torch.clamp(torch.searchsorted(self.lam, lam, right=True) - 1, 0, self.lam.numel() - 1)
-        start = self.lam[i]
-        x = start[:, None] + (lam - start)[:, None] * (_GL_X[None] + 1) / 2      # (M, 6)
-        _, _, bb, _, S = self.at(x.flatten())
-        shape = (lam.numel(), _GL_X.numel()) + self.shape
-        w = ((lam - start)[:, None] * _GL_W[None] / 2).view(shape[:2] + (1,) * len(self.shape))
-        return self._B[i] + (w * torch.exp(-S).view(shape) * bb.view(shape)).sum(1)
-
-    def nodes(self, a: float, b: float):
-        """Composite Gauss-Legendre nodes and weights on [a, b] (either order), split at grid nodes."""
-        lo, hi = min(a, b), max(a, b)
+    def _edges(self, lo: float, hi: float) -> torch.Tensor:
+        """Ascending piece edges of [lo, hi]: split at grid nodes, no piece wider than ``self.piece``."""
         inner = self.lam[(self.lam > lo) & (self.lam < hi)]
         edges = torch.cat([torch.tensor([lo], dtype=torch.float64), inner, torch.tensor([hi], dtype=torch.float64)])
-        pieces = torch.clamp(torch.ceil((edges[1:] - edges[:-1]) / MAX_PIECE), min=1).long()
+        pieces = torch.clamp(torch.ceil((edges[1:] - edges[:-1]) / self.piece), min=1).long()
         if bool((pieces > 1).any()):   # long pieces (sparse grid, outside it): split for accuracy
             edges = torch.cat([torch.cat([torch.linspace(float(edges[i]), float(edges[i + 1]), int(p) + 1,
                                                          dtype=torch.float64)[:-1]
                                           for i, p in enumerate(pieces)]), edges[-1:]])
+        return edges
+
+    def psi(self, lam_s: float, S_s: torch.Tensor, targets) -> torch.Tensor:
+        """Psi(t) = int_{lam_s}^{t} e^{-(S_r - S_s)} b_r dr at each target t (M, *stat_shape).
+
+        Integrated piece by piece relative to S_s (6-point Gauss-Legendre on smooth pieces, a second
+        rule from each piece's left edge to the node), never as a difference of integrals from the grid
+        start: with steep statistics S reaches hundreds over the grid and such differences lose every
+        digit (then e^{S_s} multiplies the rounding error into inf / NaN)."""
+        targets = torch.as_tensor(targets, dtype=torch.float64).flatten()
+        view = (-1,) + (1,) * len(self.shape)
+        out = torch.zeros((targets.numel(),) + self.shape, dtype=torch.float64)
+        for j, t in enumerate(targets.tolist()):
+            if t == lam_s:
+                continue
+            edges = self._edges(min(lam_s, t), max(lam_s, t))
+            left, width = edges[:-1], edges[1:] - edges[:-1]
+            x = (left[:, None] + width[:, None] * (_GL_X[None] + 1) / 2).flatten()
+            w = (width[:, None] * _GL_W[None] / 2).flatten()
+            _, _, b, _, S = self.at(x)
+            out[j] = (w.view(view) * torch.exp(S_s - S) * b).sum(0) * (1.0 if t > lam_s else -1.0)
+        return out
+
+    def nodes_with_psi(self, lam_s: float, lam_t: float, S_s: torch.Tensor):
+        """Composite Gauss-Legendre nodes x and signed weights w for int_{lam_s}^{lam_t}, and Psi at x (see
+        ``psi``); forward (lam_s < lam_t, every sampling step) vectorised: whole pieces summed, plus each
+        node's part of its own piece."""
+        edges = self._edges(min(lam_s, lam_t), max(lam_s, lam_t))
         left, width = edges[:-1], edges[1:] - edges[:-1]
+        k = _GL_X.numel()
         x = (left[:, None] + width[:, None] * (_GL_X[None] + 1) / 2).flatten()
         w = (width[:, None] * _GL_W[None] / 2).flatten()
-        return x, (w if b >= a else -w)
+        if lam_t < lam_s:
+            return x, -w, self.psi(lam_s, S_s, x)
+        view = (-1,) + (1,) * len(self.shape)
+        _, _, b, _, S = self.at(x)
+        whole = (w.view(view) * torch.exp(S_s - S) * b).view((-1, k) + self.shape).sum(1)
+        before = torch.cat([torch.zeros_like(whole[:1]), torch.cumsum(whole, 0)[:-1]])   # pieces left of each
+        start = left.repeat_interleave(k)
+        sub = (start[:, None] + (x - start)[:, None] * (_GL_X[None] + 1) / 2).flatten()
+        sw = ((x - start)[:, None] * _GL_W[None] / 2).flatten()
+        _, _, bb, _, SS = self.at(sub)
+        part = (sw.view(view) * torch.exp(S_s - SS) * bb).view((-1, k) + self.shape).sum(1)
+        return x, w, before.repeat_interleave(k, 0) + part
 
 
 def forward_process(x0: torch.Tensor, lam: float, kind: str, generator=None):

@@ -37,6 +37,9 @@ def test_missing_and_truncated_files(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CalibrationError, match="unreadable"):
         load(path, "m", {})
+    path.write_bytes(b"not a safetensors file")      # what a Load node reads first: the keys
+    with pytest.raises(CalibrationError, match="t.safetensors is unreadable"):
+        stored_keys(path)
 
 
 def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):

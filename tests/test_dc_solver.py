@@ -62,11 +62,25 @@ def test_cascade_polynomial_regression():
     """CPR's 36 coefficients reproduce a family of ratio curves it can express, and give rho = 1
     on the first two steps (paper §3.4)."""
     true = torch.randn(36, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.1
-    searched = {(n, c): cpr_ratios(true, n, c) for n in (5, 6, 8, 10) for c in (3.0, 5.0, 7.5)}
+    free = (-float("inf"), float("inf"))
+    searched = {(n, c): cpr_ratios(true, n, c, bounds=free) for n in (5, 6, 8, 10) for c in (3.0, 5.0, 7.5)}
     fitted = cpr_fit(searched)
     for n, c in ((7, 4.0), (9, 6.5), (5, 7.5)):
-        got, want = cpr_ratios(fitted, n, c), cpr_ratios(true, n, c)
+        got, want = cpr_ratios(fitted, n, c, bounds=free), cpr_ratios(true, n, c, bounds=free)
         assert got[:2] == [1.0, 1.0] and max(abs(a - b) for a, b in zip(got, want)) < 1e-6
+
+
+def test_cpr_predictions_stay_in_the_search_interval():
+    """Far outside the searched grid the cubic runs away (e.g. -3 at 30 steps); the sampler gets
+    ratios clamped to the golden-section interval [0.5, 1.5] instead."""
+    coefs = torch.zeros(36, dtype=torch.float64)
+    coefs[0] = 40.0                                   # x^0 g^2 n^2 term: grows with NFE and CFG
+    free = cpr_ratios(coefs, 30, 12.0, bounds=(-float("inf"), float("inf")))
+    assert max(free) > 1.5
+    clamped = cpr_ratios(coefs, 30, 12.0)
+    assert clamped[:2] == [1.0, 1.0] and max(clamped) == 1.5 and min(clamped) >= 0.5
+    coefs[0] = -40.0
+    assert min(cpr_ratios(coefs, 30, 12.0)[2:]) == 0.5
 
 
 def test_bad_options():

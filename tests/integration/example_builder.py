@@ -165,7 +165,7 @@ def _assemble(specs, wires):
         if t == "Note":
             node["color"], node["bgcolor"] = "#432", "#653"
         nodes.append(node)
-    return {"last_node_id": len(specs), "last_link_id": len(links), "nodes": nodes, "links": links,
+    return {"last_node_id": max(s[0] for s in specs), "last_link_id": len(links), "nodes": nodes, "links": links,
             "groups": [], "config": {}, "extra": {}, "version": 0.4}
 
 

@@ -37,7 +37,7 @@ def test_interval_one_and_empty_window_are_bit_identical(comfyui):
     base = _tiny(comfyui).build("sd15")
     plain = _sample(comfyui, base)
     assert torch.equal(_sample(comfyui, _dc(comfyui, base, interval=1)), plain)
-    assert torch.equal(_sample(comfyui, _dc(comfyui, base, interval=3, start=0.6, end=0.5)), plain)
+    assert torch.equal(_sample(comfyui, _dc(comfyui, base, interval=3, start=0.5, end=0.5)), plain)
     assert torch.equal(_sample(comfyui, base), plain)                 # object patches removed again
 
 
@@ -256,6 +256,8 @@ def test_refusals_and_other_caches(comfyui):
     base = _tiny(comfyui).build("sd15")
     with pytest.raises(ValueError, match="cache_depth 4 does not fit.*0..3"):
         _dc(comfyui, base, depth=4)
+    with pytest.raises(ValueError, match=r"start_percent \(0.8\) is after end_percent \(0.2\)"):
+        _dc(comfyui, base, start=0.8, end=0.2)
     with pytest.raises(ValueError, match="already applied"):
         _dc(comfyui, _dc(comfyui, base))
     with pytest.raises(ValueError, match="EasyCache"):

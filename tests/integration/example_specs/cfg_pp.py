@@ -6,7 +6,7 @@ NODE_NOTE = ("CFG++: the guider's CFG is the CFG++ scale lambda (0.4-1.0, here 0
              "Guidance acts on the denoised estimate and the sample is renoised with the negative prompt's noise, "
              "which keeps it on the data manifold at few steps. Needs a negative prompt (an empty one is fine). "
              "Exact for SD1.5/SDXL (eps, v) and flow models (SD3, Flux, Wan). Every solver is also in KSampler's "
-             "list as trainfree_<solver>_cfg_pp.")
+             "list as trainfree_<solver>_cfg_pp (except dpm_solver_v3, which needs its statistics).")
 KSAMPLER_NOTE = ("CFG++ from plain KSampler: pick a trainfree_*_cfg_pp sampler and set cfg to lambda (0.4-1.0). "
                  "cfg 1 still evaluates the negative prompt (lambda = 1), as ComfyUI's own *_cfg_pp samplers do.")
 

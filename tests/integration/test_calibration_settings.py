@@ -1,0 +1,116 @@
+"""Calibrations are reused only for the settings they were made with, and sampling with other settings
+(CFG, sampler, scheduler, step counts outside the searched grid) says so in the log instead of failing silently."""
+import logging
+
+import pytest
+import torch
+
+import test_cache_quant_nodes as cq
+import test_dc_solver_nodes as dc
+import test_dpm_solver_v3_nodes as v3
+import test_linear_ag_nodes as lag
+import test_schedule_search_node as ss
+
+OTHER = "another name, or set overwrite"
+
+
+def _warnings(caplog):
+    return " | ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+
+
+def test_changed_quality_settings_are_not_silently_reused(comfyui, models_dir, caplog):
+    import comfy.samplers
+
+    caplog.set_level(logging.INFO, logger="trainfree")
+    model, _ = v3._calibrate(comfyui, "sd15", name="q")
+    v3._calibrate(comfyui, "sd15", name="q", overwrite=False)
+    assert "reusing q.safetensors" in caplog.text
+    with pytest.raises(ValueError, match=f"settings: .*samples=16.*samples=32.*{OTHER}"):
+        v3._calibrate(comfyui, "sd15", name="q", overwrite=False, samples=32)
+    with pytest.raises(ValueError, match=OTHER):
+        v3._calibrate(comfyui, "sd15", name="q", overwrite=False, seed=1)
+    dc._search(comfyui, model, name="d")
+    with pytest.raises(ValueError, match=f"iterations=4.*iterations=6.*{OTHER}"):
+        dc._search(comfyui, model, name="d", overwrite=False, iterations=6)
+    euler = comfy.samplers.sampler_object("euler")
+    ss._search(comfyui, model, euler, name="s")
+    with pytest.raises(ValueError, match=f"budget=12.*budget=20.*{OTHER}"):
+        ss._search(comfyui, model, euler, name="s", overwrite=False, budget=20)
+    lag._calibrate(comfyui, model, name="l")
+    with pytest.raises(ValueError, match=f"latent=4x4x8x8.*latent=2x4x8x8.*{OTHER}"):
+        lag._calibrate(comfyui, model, name="l", overwrite=False, batch=2)
+
+
+def test_schedule_search_tells_the_packs_dropdown_samplers_apart(comfyui):
+    import comfy.samplers
+
+    key = comfyui.module_of("TrainFreeScheduleSearch")._sampler_key
+    ours = [n for n in comfy.samplers.SAMPLER_NAMES if n.startswith("trainfree_")]
+    assert len(ours) >= 3
+    keys = {key(comfy.samplers.sampler_object(n)) for n in ours}
+    assert len(keys) == len(ours)
+    assert all(n in k for n, k in zip(ours, [key(comfy.samplers.sampler_object(n)) for n in ours]))
+
+
+def test_dc_solver_clamps_and_warns_outside_the_searched_grid(comfyui, models_dir, caplog):
+    model = comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models.build("sd15")
+    record = dc._search(comfyui, model)                               # steps 5, 6; CFG 3-6; karras
+    assert all(0.5 <= r <= 1.5 for r in record.ratios(30, 12.0))
+    caplog.clear()
+    dc._sample(comfyui, model, record, 5)
+    assert _warnings(caplog) == ""                                    # a searched setting: nothing to say
+    dc._sample(comfyui, model, record, 9)
+    assert "searched for steps 5-6 and CFG 3-6; 9 steps at CFG 4 is extrapolated" in _warnings(caplog)
+    caplog.clear()
+    import comfy.samplers
+
+    sampler = comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeDCSolverSampler"]().get_sampler(2, "bh2", record)[0]
+    tiny = comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models
+    sig = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 5)
+    comfy.samplers.sample(model, torch.randn(1, 4, 8, 8), tiny.conditioning("sd15", 1), tiny.conditioning("sd15", 2),
+                          4.0, model.load_device, sampler, sig, latent_image=torch.zeros(1, 4, 8, 8), seed=1)
+    assert "calibrated for the 'karras' scheduler's sigmas; these sigmas differ" in _warnings(caplog)
+
+
+def test_other_cfg_or_sampler_than_calibrated_is_logged(comfyui, models_dir, caplog):
+    model, record = v3._calibrate(comfyui, "sd15")                    # CFG 4
+    caplog.clear()
+    v3._sample(comfyui, model, record)
+    assert _warnings(caplog) == ""
+    import comfy.samplers
+
+    sampler = comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeDPMSolverV3Sampler"]().get_sampler(2, False, "full", True,
+                                                                                            ems=record)[0]
+    tiny = comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models
+    sig = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 6)
+    comfy.samplers.sample(model, torch.randn(1, 4, 8, 8), tiny.conditioning("sd15", 1), tiny.conditioning("sd15", 2),
+                          7.0, model.load_device, sampler, sig, latent_image=torch.zeros(1, 4, 8, 8), seed=1)
+    assert "calibrated for CFG 4; this run uses 7" in _warnings(caplog)
+    caplog.clear()
+    rec = lag._calibrate(comfyui, model)                              # euler, normal, CFG 4
+    lag._sample(comfyui, lag._patch(comfyui, model, rec), sampler="heun")
+    assert "calibrated with the 'euler' sampler; this run uses another one (sample_heun)" in _warnings(caplog)
+    flux = tiny.build("flux")
+    sch = cq._calibrate(comfyui, flux, "flux", steps=8, cfg=3.0)
+    caplog.clear()
+    cq._sample(comfyui, cq._cache(comfyui, flux, "flux", schedule=sch), "flux", cfg=3.0)
+    assert _warnings(caplog) == ""
+    cq._sample(comfyui, cq._cache(comfyui, flux, "flux", schedule=sch), "flux", cfg=5.0)
+    assert "calibrated for CFG 3; this run uses 5" in _warnings(caplog)
+
+
+def test_cfg_one_is_refused_for_linear_ag_calibration_and_reported_when_sampling(comfyui, models_dir, caplog):
+    caplog.set_level(logging.INFO, logger="trainfree")
+    base = comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models.build("sd15")
+    tiny = comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models
+    with pytest.raises(ValueError, match="at CFG 1 ComfyUI skips that pass"):
+        comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeLinearAGCalibrate"]().calibrate(
+            base, tiny.conditioning("sd15", 1), tiny.conditioning("sd15", 2), {"samples": torch.zeros(2, 4, 8, 8)},
+            8, 1.0, "euler", "normal", 1, 0, "cfg1", True)
+    assert not (models_dir / "linear_ag" / "cfg1.safetensors").exists()
+    rec = lag._calibrate(comfyui, base)
+    lag._sample(comfyui, lag._patch(comfyui, base, rec), cfg=1.0)
+    assert "LinearAG inactive" in caplog.text
+    ag = comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeAdaptiveGuidance"]().patch(base, 0.5)[0]
+    lag._sample(comfyui, ag, cfg=1.0)
+    assert "Adaptive Guidance inactive" in caplog.text
