@@ -69,8 +69,9 @@ def save(path, tensors: dict, method: str, keys: dict) -> Path:
     return path
 
 
-def load(path, method: str, keys: dict) -> dict:
-    """Read a calibration file and check it was made by ``method`` for exactly ``keys``."""
+def load(path, method: str, keys: dict, optional=()) -> dict:
+    """Read a calibration file and check it was made by ``method`` for exactly ``keys``; a key named in
+    ``optional`` is checked only when the file records it (files from before that key existed)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -88,7 +89,8 @@ def load(path, method: str, keys: dict) -> dict:
     if meta.get("trainfree.format") != FORMAT:
         raise CalibrationError(f"{path.name} has format {meta.get('trainfree.format')!r}; this version reads {FORMAT!r}")
     stored = {k[4:]: v for k, v in meta.items() if k.startswith("key.")}
-    wrong = {k: (stored.get(k), str(v)) for k, v in keys.items() if stored.get(k) != str(v)}
+    wrong = {k: (stored.get(k), str(v)) for k, v in keys.items()
+             if stored.get(k) != str(v) and not (k in optional and k not in stored)}
     if wrong:
         detail = "; ".join(f"{k}: file has {a!r}, this run has {b!r}" for k, (a, b) in wrong.items())
         raise CalibrationError(f"{path.name} was computed for something else ({detail}); calibrate again for this "

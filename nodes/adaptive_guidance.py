@@ -97,8 +97,11 @@ def _outer_sample(executor, *args, **kwargs):
     proto = original["transformer_options"][KEY]
     holder = _Holder(proto.threshold, proto.node_id)                           # fresh per run
     guider.model_options["transformer_options"][KEY] = holder
+    finished = False
     try:
-        return executor(*args, **kwargs)
+        out = executor(*args, **kwargs)
+        finished = True
+        return out
     finally:
         state = holder.state
         if state is not None and state.total:
@@ -106,7 +109,7 @@ def _outer_sample(executor, *args, **kwargs):
                      state.saved, state.total, 100.0 * state.saved / state.total)
             ui_text(f"Adaptive Guidance: skipped {state.saved} of {state.total} negative-prompt evaluations "
                     f"({100.0 * state.saved / state.total:.0f}%)", holder.node_id)
-        else:
+        elif finished:                       # not after a cancelled or failed run
             log.info("trainfree: Adaptive Guidance inactive: this run made no negative-prompt evaluations (CFG 1)")
             ui_text("Adaptive Guidance: inactive (CFG 1 has no negative-prompt pass to skip)", holder.node_id)
         guider.model_options = original

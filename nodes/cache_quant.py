@@ -22,7 +22,7 @@ import torch
 from .. import calibration
 from ..caching.cache_quant import Calibrator, SpanRun, group_bounds, uniform_schedule
 from .calibration_support import (Progress, empty_latent_for, list_files, load_named, method_dir, model_fingerprint,
-                                  reuse, warn_if_other_run)
+                                  reuse, scheduler_sigmas, warn_if_other_run)
 from .ui_support import ui_text
 
 KEY = "trainfree_dit_cache"
@@ -246,16 +246,18 @@ class TrainFreeCacheQuantCalibrate:
         arch, span = dit_span(model, head_blocks, tail_blocks)
         check_alone(model.model_options)
         latent = empty_latent_for(model, latent_image)
-        full_steps = math.ceil(steps / interval)
+        ms = model.get_model_object("model_sampling")          # KSampler's own step count (ddim_uniform: more)
+        run_steps = len(scheduler_sigmas(ms, scheduler, steps, sampler_name)) - 1
+        full_steps = math.ceil(run_steps / interval)
         keys = {"model": model_fingerprint(model), "steps": steps, "arch": arch, "span": f"{head_blocks}:{tail_blocks}",
                 "interval": interval, "correction": bool(correction), "weighted": bool(step_weighting), "sampler": sampler_name, "scheduler": scheduler,
                 "cfg": f"{cfg:g}", "latent": "x".join(map(str, latent.shape)), "seed": seed}
         found = reuse(path, METHOD, keys, overwrite)
         if found is not None:
             return (CacheSchedule.from_tensors(found, keys, path.name),)
-        calibrator = Calibrator(steps, group_bounds(steps, full_steps)[1])
+        calibrator = Calibrator(run_steps, group_bounds(run_steps, full_steps)[1])
         patched = apply_cache(model, _Config(arch, span, calibrator=calibrator))
-        progress = Progress(steps)                           # also stops at Cancel
+        progress = Progress(run_steps)                           # also stops at Cancel
         noise = comfy.sample.prepare_noise(latent, seed)
         comfy.sample.sample(patched, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
                             callback=progress.tick, disable_pbar=True, seed=seed)

@@ -65,10 +65,11 @@ def _original_weights(model_patcher) -> list:
     ``backup``; hashing the live tensors would give the base model (and the LoRA'd one) another print
     while any LoRA is applied."""
     backup = getattr(model_patcher, "backup", {}) or {}
+    hooked = getattr(model_patcher, "hook_backup", {}) or {}          # weights patched by hook LoRAs: (weight, device)
     named = []
     for k, t in model_patcher.model.diffusion_model.state_dict().items():
-        bk = backup.get("diffusion_model." + k)
-        named.append((k, bk.weight if bk is not None else t))
+        bk, hk = backup.get("diffusion_model." + k), hooked.get("diffusion_model." + k)
+        named.append((k, bk.weight if bk is not None else hk[0] if hk is not None else t))
     return named
 
 
@@ -142,11 +143,15 @@ def reuse(path, method: str, keys: dict, overwrite: bool):
     if overwrite or not path.exists():
         return None
     try:
-        tensors = calibration.load(path, method, keys)
+        tensors = calibration.load(path, method, keys, optional=("settings",))
     except CalibrationError as e:
         raise CalibrationError(f"{e}. Choose another name, or set overwrite to replace it.") from e
-    log.info("trainfree: reusing %s, calibrated for this model and these settings (set overwrite to redo it)",
-             path.name)
+    if "settings" in keys and "settings" not in calibration.stored_keys(path):
+        log.info("trainfree: reusing %s, made before calibration settings were recorded (set overwrite to redo it "
+                 "with these settings)", path.name)
+    else:
+        log.info("trainfree: reusing %s, calibrated for this model and these settings (set overwrite to redo it)",
+                 path.name)
     return tensors
 
 
@@ -177,34 +182,73 @@ def load_named(method: str, name: str):
     return calibration.load(path, method, keys), keys, path.name
 
 
+def _name(fn):
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
 def _sampler_differs(calibrated: str, sampler) -> bool:
     fn = getattr(sampler, "sampler_function", None)
     if fn is None or calibrated not in comfy.samplers.SAMPLER_NAMES:
         return False
     other = getattr(comfy.samplers.sampler_object(calibrated), "sampler_function", None)
-    return other is not None and other.__name__ != fn.__name__
+    return other is not None and _name(other) != _name(fn)
 
 
-def _scheduler_sigmas(ms, scheduler: str, steps: int, sampler_name=None):
-    if sampler_name in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS:      # as KSampler does
+def scheduler_sigmas(ms, scheduler: str, steps: int, sampler_name=None):
+    """The sigmas KSampler samples for ``steps`` steps (penultimate sigma dropped for uni_pc / dpm_2, and
+    ddim_uniform's extra steps kept, exactly as KSampler does)."""
+    if sampler_name in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS:
         sig = comfy.samplers.calculate_sigmas(ms, scheduler, steps + 1)
         return torch.cat([sig[:-2], sig[-1:]])
     return comfy.samplers.calculate_sigmas(ms, scheduler, steps)
 
 
+def basic_scheduler_sigmas(ms, scheduler: str, steps: int):
+    """The sigmas ComfyUI's BasicScheduler node gives (the last steps + 1 values, denoise 1)."""
+    return comfy.samplers.calculate_sigmas(ms, scheduler, steps)[-(steps + 1):]
+
+
+def _same(a, b) -> bool:
+    return a.shape == b.shape and torch.allclose(a.to(b), b, rtol=1e-3, atol=1e-5)
+
+
+def _sigmas_note(ms, scheduler, sigmas, sampler_name):
+    """None when ``sigmas`` are the calibrated scheduler's (through KSampler or BasicScheduler), else a hint."""
+    n = len(sigmas) - 1
+    counts = [k for k in (n - 1, n, n + 1) if k >= 1]
+    dropped = sampler_name in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS
+
+    def plain(k):
+        return _same(scheduler_sigmas(ms, scheduler, k), sigmas) or _same(basic_scheduler_sigmas(ms, scheduler, k),
+                                                                          sigmas)
+
+    def without_penultimate(k):
+        return _same(scheduler_sigmas(ms, scheduler, k, "uni_pc"), sigmas)
+
+    if any((without_penultimate if dropped else plain)(k) for k in counts):
+        return None
+    if any((plain if dropped else without_penultimate)(k) for k in counts):
+        return ("KSampler drops the penultimate sigma for uni_pc / dpm_2 samplers, BasicScheduler does not, and the "
+                "calibration and this run differ in that")
+    return "another scheduler, denoise < 1 or custom SIGMAS"
+
+
 def warn_if_other_run(name: str, keys: dict, guider, sampler=None, sigmas=None) -> None:
     """Log each setting of this sampling run (CFG, sampler, scheduler's sigmas) that differs from the ones the
-    calibration ``keys`` were made for: allowed, but the calibration fits them less well."""
-    cfg = guider_cfg(guider)
-    warn_if_other(name, keys, "cfg", None if cfg is None else f"{cfg:g}", "CFG")
-    if sampler is not None and "sampler" in keys and _sampler_differs(keys["sampler"], sampler):
-        log.warning("trainfree: %s was calibrated with the %r sampler; this run uses another one (%s), where it "
-                    "fits less well", name, keys["sampler"], sampler.sampler_function.__name__)
-    scheduler = keys.get("scheduler")
-    if sigmas is None or scheduler not in comfy.samplers.SCHEDULER_NAMES:
-        return
-    ms = guider.model_patcher.get_model_object("model_sampling")
-    want = _scheduler_sigmas(ms, scheduler, len(sigmas) - 1, keys.get("sampler")).to(sigmas)
-    if want.shape != sigmas.shape or not torch.allclose(want, sigmas, rtol=1e-3, atol=1e-5):
-        log.warning("trainfree: %s was calibrated for the %r scheduler's sigmas; these sigmas differ (another "
-                    "scheduler, denoise < 1 or custom SIGMAS), so it may fit them less well", name, scheduler)
+    calibration ``keys`` were made for: allowed, but the calibration fits them less well. Never raises."""
+    try:
+        cfg = guider_cfg(guider)
+        warn_if_other(name, keys, "cfg", None if cfg is None else f"{cfg:g}", "CFG")
+        if sampler is not None and "sampler" in keys and _sampler_differs(keys["sampler"], sampler):
+            log.warning("trainfree: %s was calibrated with the %r sampler; this run uses another one (%s), where it "
+                        "fits less well", name, keys["sampler"], _name(sampler.sampler_function))
+        scheduler = keys.get("scheduler")
+        if sigmas is None or len(sigmas) < 2 or scheduler not in comfy.samplers.SCHEDULER_NAMES:
+            return
+        ms = guider.model_patcher.get_model_object("model_sampling")
+        note = _sigmas_note(ms, scheduler, sigmas.detach().cpu(), keys.get("sampler"))
+        if note:
+            log.warning("trainfree: %s was calibrated for the %r scheduler's sigmas; these sigmas differ (%s), so it "
+                        "may fit them less well", name, scheduler, note)
+    except Exception as e:  # a warning must never stop a run
+        log.debug("trainfree: could not compare this run's settings with %s: %s", name, e)

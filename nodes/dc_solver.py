@@ -8,16 +8,21 @@ import comfy.samplers
 import torch
 
 from .. import calibration
-from ..samplers.dc_solver import cpr_fit, cpr_ratios, sample_dc_solver, search_ratios
-from .calibration_support import (Progress, check_matches, empty_latent_for, guider_cfg, list_files, load_named,
-                                  method_dir, model_fingerprint, reuse, schedule_key, settings_key, warn_if_other_run,
-                                  with_guided_model)
+from ..samplers.dc_solver import RATIO_BOUNDS, cpr_fit, cpr_ratios, sample_dc_solver, search_ratios
+from .calibration_support import (Progress, basic_scheduler_sigmas, check_matches, empty_latent_for, guider_cfg,
+                                  list_files, load_named, method_dir, model_fingerprint, reuse, schedule_key,
+                                  settings_key, warn_if_other_run, with_guided_model)
 from .sampler_support import CATEGORY, SamplerNode, ksampler
 
 METHOD = "dc_solver"
 DC_TYPE = "TRAINFREE_DC_RATIOS"
 PAPER = "Zhao et al., DC-Solver: Improving Predictor-Corrector Diffusion Sampler via Dynamic Compensation (ECCV 2024)"
 log = logging.getLogger("trainfree")
+
+
+def _span(values, fmt):
+    lo, hi = min(values), max(values)
+    return fmt % lo if lo == hi else f"{fmt % lo}-{fmt % hi}"
 
 
 @dataclass
@@ -33,10 +38,10 @@ class DcRecord:
                 return r
         nfes, cfgs = [n for n, _ in self.searched], [c for _, c in self.searched]
         if not (min(nfes) <= nfe <= max(nfes) and min(cfgs) - 1e-6 <= cfg <= max(cfgs) + 1e-6):
-            log.warning("trainfree: DC-Solver ratios in %s were searched for steps %d-%d and CFG %g-%g; %d steps at "
-                        "CFG %g is extrapolated by the regression (ratios clamped to [0.5, 1.5]). Add this step "
-                        "count / CFG to the search for searched ratios.", self.name, min(nfes), max(nfes),
-                        min(cfgs), max(cfgs), nfe, cfg)
+            log.warning("trainfree: DC-Solver ratios in %s were searched for steps %s and CFG %s; %d steps at CFG %g "
+                        "is extrapolated by the regression (ratios clamped to [%g, %g]). Add this step count / CFG "
+                        "to the search for searched ratios.", self.name, _span(nfes, "%d"), _span(cfgs, "%g"), nfe, cfg,
+                        *RATIO_BOUNDS)
         return cpr_ratios(self.cpr, nfe, cfg)
 
 
@@ -118,7 +123,7 @@ class TrainFreeDCSolverSearch:
                 gen = torch.Generator().manual_seed(seed)
                 noise = torch.randn(x.shape, generator=gen).to(x)
                 for n in nfes:
-                    sig = comfy.samplers.calculate_sigmas(ms, scheduler, n).to(x.device)
+                    sig = basic_scheduler_sigmas(ms, scheduler, n).to(x.device)     # as BasicScheduler gives
                     start = ms.noise_scaling(sig[0], noise, torch.zeros_like(x), max_denoise=True)
                     out[n] = search_ratios(model_k, start, sig, extra_args, iters=iterations, progress=progress.tick)
                 return out

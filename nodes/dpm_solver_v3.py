@@ -110,7 +110,7 @@ class TrainFreeDPMSolverV3Calibrate:
             samples=samples, grid_points=grid_points, data_steps=data_steps, seed=seed, data=data))
         cached = reuse(path, METHOD, keys, overwrite)
         if cached is not None:
-            return (EmsRecord(_from_tensors(cached), keys, path.name),)
+            return (EmsRecord(_from_tensors(cached, path.name), keys, path.name),)
         clean = None
         if clean_latents is not None:
             clean = model.model.process_latent_in(clean_latents["samples"])
@@ -118,15 +118,21 @@ class TrainFreeDPMSolverV3Calibrate:
         ems = with_guided_model(model, positive, negative, cfg, latent, seed, work)
         calibration.save(path, ems.tensors(), METHOD, keys)
         log.info("trainfree: DPM-Solver-v3 statistics saved to %s", path)
-        if ems.capped:
-            log.warning("trainfree: DPM-Solver-v3 statistics %s: the slope s was capped at %g in %.0f%% of the table "
-                        "(a steep estimate, usually too few samples or grid points); more samples give statistics "
-                        "that need no cap", path.name, S_MAX, 100 * ems.capped)
+        _warn_capped(ems.capped, path.name)
         return (EmsRecord(ems, keys, path.name),)
 
 
-def _from_tensors(t):
-    return EMS(t["lambda"], t["l"], t["s"], t["b"])
+def _warn_capped(share, name):
+    if share:
+        log.warning("trainfree: DPM-Solver-v3 statistics %s: the slope s was capped at %g in %.0f%% of the table "
+                    "(a steep estimate, usually too few samples or grid points); more samples give statistics "
+                    "that need no cap", name, S_MAX, 100 * share)
+
+
+def _from_tensors(t, name):
+    ems = EMS(t["lambda"], t["l"], t["s"], t["b"])
+    _warn_capped(ems.capped, name)          # a file from before the cap
+    return ems
 
 
 class TrainFreeDPMSolverV3Load:
@@ -142,7 +148,7 @@ class TrainFreeDPMSolverV3Load:
 
     def load(self, ems_name):
         tensors, keys, name = load_named(METHOD, ems_name)
-        return (EmsRecord(_from_tensors(tensors), keys, name),)
+        return (EmsRecord(_from_tensors(tensors, name), keys, name),)
 
 
 def _sample_checked(model, x, sigmas, extra_args=None, callback=None, disable=None, record=None, half=False, **opts):

@@ -14,7 +14,8 @@ from .. import calibration
 from ..calibration import CalibrationError
 from ..guidance.linear_ag import Calibrator, LinearAG, estimated_steps
 from .calibration_support import (Progress, empty_latent_for, list_files, load_named, method_dir,
-                                  model_fingerprint, reuse, schedule_key, settings_key, warn_if_other_run)
+                                  model_fingerprint, reuse, schedule_key, scheduler_sigmas, settings_key,
+                                  warn_if_other_run)
 from .ui_support import ui_text
 
 METHOD = "linear_ag"
@@ -113,12 +114,8 @@ class TrainFreeLinearAGCalibrate:
                   name, overwrite, unique_id=None):
         path = calibration.file_in(method_dir(METHOD), name)
         ms = model.get_model_object("model_sampling")
-        if sampler_name in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS:   # as KSampler does
-            sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, steps + 1)
-            sigmas = torch.cat([sigmas[:-2], sigmas[-1:]]).to(torch.float64)
-        else:
-            sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, steps).to(torch.float64)
-        if float(cfg) <= 1.0:
+        sigmas = scheduler_sigmas(ms, scheduler, steps, sampler_name).to(torch.float64)   # as KSampler samples
+        if float(cfg) <= 1.0 and not sampler_name.endswith("_cfg_pp"):      # CFG++ samplers keep the pass
             raise ValueError("LinearAG replaces CFG's negative-prompt pass; at CFG 1 ComfyUI skips that pass, so "
                              "there is nothing to calibrate. Set the CFG you sample with (> 1).")
         latent = empty_latent_for(model, latent_image)
@@ -128,11 +125,11 @@ class TrainFreeLinearAGCalibrate:
         cached = reuse(path, METHOD, keys, overwrite)
         if cached is not None:
             return (_record(cached, keys, path.name),)
-        calibrator, seen = Calibrator(steps, history), set()
+        calibrator, seen = Calibrator(len(sigmas) - 1, history), set()    # ddim_uniform: KSampler runs more steps
         m = model.clone()
         m.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, KEY + "_calibrate", _recorder(calibrator, seen))
         noise = comfy.sample.prepare_noise(latent, seed)
-        progress = Progress(steps)
+        progress = Progress(len(sigmas) - 1)
         comfy.sample.sample(m, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent, seed=seed,
                             callback=lambda *a: progress.tick(), disable_pbar=True)
         coef, r2 = calibrator.solve()
@@ -217,14 +214,17 @@ def _outer_sample(executor, noise, latent_image, sampler, sigmas, *args, **kwarg
     holder = _Holder(rec, proto.start, proto.end, proto.node_id)
     holder.state = LinearAG(rec.coef, estimated_steps(rec.steps, proto.start, proto.end, rec.history), rec.history)
     guider.model_options["transformer_options"][KEY] = holder
+    finished = False
     try:
-        return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        finished = True
+        return out
     finally:
         lin = holder.state
-        if not lin.total:
+        if not lin.total and finished:         # not after a cancelled or failed run
             log.info("trainfree: LinearAG inactive: this run made no negative-prompt evaluations (CFG 1)")
             ui_text("LinearAG: inactive (CFG 1 has no negative-prompt pass to replace)", holder.node_id)
-        else:
+        elif lin.total:
             log.info("trainfree: LinearAG replaced %d of %d unconditional evaluations (%.0f%%)", lin.saved,
                      lin.total, 100.0 * lin.saved / lin.total)
             ui_text(f"LinearAG: {lin.saved} of {lin.total} negative-prompt evaluations replaced "

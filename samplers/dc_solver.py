@@ -36,6 +36,8 @@ import torch
 
 from .common import SamplerInputError, alpha_s, check_inputs, check_range, half_log_snr, report, resolve_kind
 
+RATIO_BOUNDS = (0.5, 1.5)   # the golden-section search interval of each ratio; CPR predictions are clamped to it
+
 
 def _unipc_coefs(rks, h, order, variant):
     """(rho_predictor, rho_corrector, B(h)) for ``order`` with relative positions rks (newest past first)."""
@@ -182,7 +184,7 @@ def reference_points(model, x, sigmas, extra_args, kind, substeps=16, solver=Non
 
 @torch.no_grad()
 def search_ratios(model, x, sigmas, extra_args=None, kind=None, order=2, variant="bh2", iters=10,
-                  bounds=(0.5, 1.5), substeps=16, progress=None):
+                  bounds=RATIO_BOUNDS, substeps=16, progress=None):
     """Greedy per-step search of the compensation ratios against a fine reference (paper §3.3)."""
     extra_args = {} if extra_args is None else extra_args
     kind = resolve_kind(model, kind)
@@ -224,7 +226,7 @@ def cpr_features(nfe: int, cfg: float, step: int) -> torch.Tensor:
                         dtype=torch.float64)
 
 
-def cpr_ratios(coefs: torch.Tensor, nfe: int, cfg: float, bounds=(0.5, 1.5)) -> list:
+def cpr_ratios(coefs: torch.Tensor, nfe: int, cfg: float, bounds=RATIO_BOUNDS) -> list:
     """Ratios for an unseen (NFE, CFG) from the 36 CPR coefficients; rho = 1 for steps 1-2.
 
     Departure from the paper: predictions are clamped to the search interval ``bounds``. The cubic

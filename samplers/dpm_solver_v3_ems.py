@@ -22,7 +22,8 @@ calibrated solver lose to DPM-Solver++ beyond 10 NFE; shrunk, it wins at every N
 S_MAX = 0.5 (f tends to a constant at infinite noise and to 0 as the noise vanishes, so a steep
 positive slope is an estimation artifact; a random tiny Flux calibrated on 8 samples gave s = +37 at
 low noise, which the step multiplies by e^{s h} into NaN samples; on the analytic kit s stays in
-[-5, 0.4] and the cap changes nothing; ``capped`` is the share of table entries it cut),
+[-5, 0.4] and the cap changes nothing; the estimator caps before it fits b, and EMS caps tables
+loaded from older files; ``capped`` is the share of table entries cut),
 and the solver
 integrates the piecewise-linear tables with Gauss-Legendre quadrature at any lambda instead of
 snapping steps to the table grid (trapezoid sums).
@@ -234,7 +235,7 @@ def estimate(model, x0_batches, lam_grid, kind="ve", extra_args=None, pool_dims=
     l_tab = smooth(torch.stack(l_rows), window)
     l_dot = smooth(torch.from_numpy(np.gradient(l_tab.numpy(), lam_grid.numpy(), axis=0)), window)
 
-    s_rows, b_rows = [], []
+    s_rows, b_rows, over = [], [], []
     for i, lam in enumerate(lam_grid.tolist()):  # pass 2: moments of f and f'
         m = {"f": 0.0, "g": 0.0, "ff": 0.0, "fg": 0.0, "gg": 0.0}
         for x0 in x0_batches:
@@ -259,9 +260,13 @@ def estimate(model, x0_batches, lam_grid, kind="ve", extra_args=None, pool_dims=
         if shrink:
             r2 = (cov ** 2 / (var * (m["gg"] - m["g"] ** 2).clamp(min=1e-12))).clamp(max=1.0)
             s_i = s_i * r2
+        over.append(s_i > S_MAX)
+        s_i = s_i.clamp(max=S_MAX)          # the intercept b below then belongs to the capped slope
         s_rows.append(s_i)
         b_rows.append(m["g"] - s_i * m["f"])
-    return EMS(lam_grid, l_tab, smooth(torch.stack(s_rows), window), smooth(torch.stack(b_rows), window))
+    ems = EMS(lam_grid, l_tab, smooth(torch.stack(s_rows), window), smooth(torch.stack(b_rows), window))
+    ems.capped = float(torch.stack(over).double().mean())
+    return ems
 
 
 def lambda_range(sigma_max: float, sigma_min: float, kind: str) -> tuple[float, float]:

@@ -29,6 +29,19 @@ def test_refuses_other_model_naming_both(tmp_path):
         load(path, "dc_solver", KEYS)
 
 
+def test_an_optional_key_is_checked_only_when_the_file_has_it(tmp_path):
+    """Files written before a key existed (the calibration settings) still load; newer files are checked."""
+    old = save(file_in(tmp_path, "old"), {"a": torch.ones(1)}, "m", KEYS)
+    assert load(old, "m", dict(KEYS, settings="seed=1"), optional=("settings",))
+    with pytest.raises(CalibrationError, match="settings: file has None"):
+        load(old, "m", dict(KEYS, settings="seed=1"))
+    new = save(file_in(tmp_path, "new"), {"a": torch.ones(1)}, "m", dict(KEYS, settings="seed=0"))
+    with pytest.raises(CalibrationError, match="settings: file has 'seed=0', this run has 'seed=1'"):
+        load(new, "m", dict(KEYS, settings="seed=1"), optional=("settings",))
+    with pytest.raises(CalibrationError, match="model"):
+        load(old, "m", dict(KEYS, model="zzz", settings="seed=1"), optional=("settings",))
+
+
 def test_missing_and_truncated_files(tmp_path):
     with pytest.raises(CalibrationError, match="not found"):
         load(tmp_path / "nope.safetensors", "m", {})

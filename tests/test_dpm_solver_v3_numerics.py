@@ -55,3 +55,28 @@ def test_steep_positive_slopes_are_capped_and_sampling_stays_finite():
     for order in (1, 2, 3):
         out = sample_dpm_solver_v3(m, x.clone(), sig, ems=ems, order=order)
         assert torch.isfinite(out).all() and float(out.abs().max()) < 1e3
+
+
+def test_psi_matches_brute_force_on_varying_tables_both_ways():
+    """Random piecewise-linear s and b (interpolated between grid nodes, held constant outside the grid):
+    psi and nodes_with_psi, forward and backward, against a fine trapezoid sum of e^{S_s - S_r} b_r."""
+    gen = torch.Generator().manual_seed(0)
+    grid = torch.linspace(-6.0, 6.0, 25, dtype=torch.float64)
+    s = (torch.randn(25, 3, generator=gen, dtype=torch.float64) * 1.5).clamp(max=0.5)
+    b = torch.randn(25, 3, generator=gen, dtype=torch.float64)
+    ems = EMS(grid, torch.ones_like(s), s, b)
+
+    def brute(lam_s, t):
+        r = torch.linspace(lam_s, t, 200001, dtype=torch.float64)
+        _, _, bb, _, S = ems.at(r)
+        S_s = ems.at(torch.tensor([lam_s], dtype=torch.float64))[4]
+        return torch.trapezoid(torch.exp(S_s - S) * bb, r, dim=0)
+
+    for lam_s, t in ((-5.3, -1.1), (0.2, 6.9), (-7.0, -6.2), (3.3, -2.4)):
+        S_s = ems.at(torch.tensor([lam_s], dtype=torch.float64))[4][0]
+        want = brute(lam_s, t)
+        assert torch.allclose(ems.psi(lam_s, S_s, [t])[0], want, rtol=1e-7, atol=1e-9), (lam_s, t)
+        x, w, psi = ems.nodes_with_psi(lam_s, t, S_s)
+        assert abs(float(w.sum()) - (t - lam_s)) < 1e-12
+        j = len(x) // 2
+        assert torch.allclose(psi[j], brute(lam_s, float(x[j])), rtol=1e-7, atol=1e-9), (lam_s, t)

@@ -114,3 +114,59 @@ def test_cfg_one_is_refused_for_linear_ag_calibration_and_reported_when_sampling
     ag = comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeAdaptiveGuidance"]().patch(base, 0.5)[0]
     lag._sample(comfyui, ag, cfg=1.0)
     assert "Adaptive Guidance inactive" in caplog.text
+
+
+def test_files_from_before_settings_were_recorded_are_reused_and_old_steep_statistics_are_capped(
+        comfyui, models_dir, caplog):
+    import sys
+
+    caplog.set_level(logging.INFO, logger="trainfree")
+    calibration = sys.modules[comfyui.pack().__name__ + ".calibration"]
+    v3._calibrate(comfyui, "sd15", name="legacy")
+    path = models_dir / "dpm_solver_v3" / "legacy.safetensors"
+    keys = {k: v for k, v in calibration.stored_keys(path).items() if k != "settings"}
+    tensors = calibration.load(path, "dpm_solver_v3", keys)
+    tensors["s"] = tensors["s"] + 3.0                              # steep, as files from before the cap could be
+    calibration.save(path, tensors, "dpm_solver_v3", keys)
+    caplog.clear()
+    v3._calibrate(comfyui, "sd15", name="legacy", overwrite=False)
+    assert "reusing legacy.safetensors, made before calibration settings were recorded" in caplog.text
+    assert "the slope s was capped at 0.5" in _warnings(caplog)
+    loaded = comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeDPMSolverV3Load"]().load("legacy.safetensors")[0]
+    assert float(loaded.ems.s.max()) <= 0.5
+
+
+def test_sigma_check_knows_how_ksampler_and_basic_scheduler_build_sigmas(comfyui):
+    import sys
+
+    import comfy.samplers
+
+    sup = sys.modules[comfyui.pack().__name__ + ".nodes.calibration_support"]
+    ms = comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models.build("sd15").get_model_object("model_sampling")
+    for sampler, scheduler in (("uni_pc", "karras"), ("dpm_2", "simple"), ("euler", "ddim_uniform"),
+                               ("euler", "normal")):
+        assert sup._sigmas_note(ms, scheduler, sup.scheduler_sigmas(ms, scheduler, 6, sampler), sampler) is None
+    assert sup._sigmas_note(ms, "ddim_uniform", sup.basic_scheduler_sigmas(ms, "ddim_uniform", 6), "euler") is None
+    assert len(comfy.samplers.calculate_sigmas(ms, "ddim_uniform", 6)) != 7      # the case that needs trimming
+    plain = comfy.samplers.calculate_sigmas(ms, "karras", 6)                      # BasicScheduler, no drop
+    assert "penultimate" in sup._sigmas_note(ms, "karras", plain, "uni_pc")
+    assert "another scheduler" in sup._sigmas_note(ms, "karras", comfy.samplers.calculate_sigmas(ms, "normal", 6),
+                                                   "euler")
+    assert "another scheduler" in sup._sigmas_note(ms, "karras", plain[:1], "euler")   # one value: no crash
+    sup.warn_if_other_run("x", {"scheduler": "simple"}, object(), sigmas=plain[:1])
+    sup.warn_if_other_run("x", {"scheduler": "simple"}, object(), sigmas=plain)   # no model_patcher: logs, no raise
+
+
+def test_dc_search_uses_the_sigmas_basic_scheduler_gives(comfyui, models_dir):
+    model = comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models.build("sd15")
+    record = dc._search(comfyui, model, scheduler="ddim_uniform", steps="5,6", cfgs="4")
+    assert {n: len(r) for (n, _), r in record.searched.items()} == {5: 5, 6: 6}
+
+
+def test_linear_ag_calibrates_cfg_pp_samplers_at_cfg_one(comfyui, models_dir):
+    base = comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models.build("sd15")
+    tiny = comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models
+    rec = comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeLinearAGCalibrate"]().calibrate(
+        base, tiny.conditioning("sd15", 1, 4), tiny.conditioning("sd15", 2), {"samples": torch.zeros(4, 4, 8, 8)},
+        8, 1.0, "euler_cfg_pp", "normal", 1, 0, "pp", True)[0]
+    assert rec.coef[1:].isfinite().all()
