@@ -170,3 +170,34 @@ def test_linear_ag_calibrates_cfg_pp_samplers_at_cfg_one(comfyui, models_dir):
         base, tiny.conditioning("sd15", 1, 4), tiny.conditioning("sd15", 2), {"samples": torch.zeros(4, 4, 8, 8)},
         8, 1.0, "euler_cfg_pp", "normal", 1, 0, "pp", True)[0]
     assert rec.coef[1:].isfinite().all()
+
+
+def test_ddim_uniform_calibrations_fit_the_steps_ksampler_really_runs(comfyui, models_dir, caplog):
+    """KSampler's ddim_uniform runs more steps than asked (7 for 6 on these models): the calibrations are
+    made for the steps it really runs, so sampling with the same KSampler settings is accepted."""
+    import comfy.sample
+
+    tiny = comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models
+    flux = tiny.build("flux")
+    head, tail = cq.SPANS["flux"]
+    sch = comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeCacheQuantCalibrate"]().calibrate(
+        flux, tiny.conditioning("flux", 1), tiny.conditioning("flux", 2), {"samples": torch.zeros(1, 4, 8, 8)}, 0,
+        6, 3.0, "euler", "ddim_uniform", 3, head, tail, True, "ddim", True)[0]
+    runs = len(sch.full)
+    assert runs != 6
+    latent = comfy.sample.fix_empty_latent_channels(flux, torch.zeros(1, 4, 8, 8))
+    caplog.clear()
+    out = comfy.sample.sample(cq._cache(comfyui, flux, "flux", schedule=sch), torch.randn(latent.shape), 6, 3.0,
+                              "euler", "ddim_uniform", tiny.conditioning("flux", 1), tiny.conditioning("flux", 2),
+                              latent, seed=1, disable_pbar=True)
+    assert torch.isfinite(out).all() and _warnings(caplog) == ""
+    base = tiny.build("sd15")
+    rec = comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeLinearAGCalibrate"]().calibrate(
+        base, tiny.conditioning("sd15", 1, 2), tiny.conditioning("sd15", 2), {"samples": torch.zeros(2, 4, 8, 8)},
+        6, 4.0, "euler", "ddim_uniform", 1, 0, "lddim", True)[0]
+    assert rec.steps == len(rec.sigmas) - 1 != 6
+    model = lag._patch(comfyui, base, rec)
+    out = comfy.sample.sample(model, torch.randn(2, 4, 8, 8), 6, 4.0, "euler", "ddim_uniform",
+                              tiny.conditioning("sd15", 3, 2), tiny.conditioning("sd15", 4, 2), torch.zeros(2, 4, 8, 8),
+                              seed=4, disable_pbar=True)
+    assert torch.isfinite(out).all()
