@@ -45,9 +45,25 @@ class HybridGuider:
         if k >= n:
             return x
         log.info("trainfree: hybrid inference: %d of %d steps with the base model, the rest distilled", k, n)
-        # the hand-off: zero noise, the partial sample as the latent (what chained KSamplerAdvanced do)
-        return self.distilled.sample(torch.zeros_like(noise), x, sampler, sigmas[k:], denoise_mask,
-                                     offset_callback(callback, k, n), disable_pbar, seed)
+        if denoise_mask is None:   # the hand-off: zero noise, the partial sample as the latent (chained KSamplers)
+            return self.distilled.sample(torch.zeros_like(noise), x, sampler, sigmas[k:], None,
+                                         offset_callback(callback, k, n), disable_pbar, seed)
+        # inpainting: the region outside the mask must stay the source latent, which ComfyUI re-noises from the
+        # latent and the noise at every step; so hand over the source latent and the noise that turns it into x
+        return self.distilled.sample(self._implied_noise(x, latent_image, sigmas[k]), latent_image, sampler,
+                                     sigmas[k:], denoise_mask, offset_callback(callback, k, n), disable_pbar, seed)
+
+    def _implied_noise(self, x, source, sigma):
+        """The noise n with noise_scaling(sigma, n, source) = the sampler state that the partial sample x stands
+        for (what noise_scaling(sigma, 0, x) restores in the plain hand-off); the scaling is affine in n."""
+        model = self.distilled.model_patcher.model
+        ms = self.distilled.model_patcher.get_model_object("model_sampling")
+        x_in, src_in = model.process_latent_in(x), model.process_latent_in(source.to(x))
+        s = sigma.to(x_in)
+        state = ms.noise_scaling(s, torch.zeros_like(x_in), x_in, max_denoise=False)
+        zero = ms.noise_scaling(s, torch.zeros_like(x_in), src_in, max_denoise=False)
+        unit = ms.noise_scaling(s, torch.ones_like(x_in), src_in, max_denoise=False) - zero
+        return (state - zero) / unit
 
 
 class TrainFreeHybridGuider:
