@@ -99,20 +99,22 @@ def _perturbed_attention(img_range, *a, **kw):
 
 
 def _plan(arch, kind, index, model, args, img_len_box):
-    """For one block call: call number -> image-row function (or None: a pure self-attention; or False: leave
-    that attention call alone). Image rows are located by the image token count, so a sequence that other
-    patches extend with text tokens (NASA) or call on a sub-sequence is still split right."""
+    """For one block call: (call number, query tokens, key tokens) -> image-row function (or None: a pure
+    self-attention; or False: leave that attention call alone). Image rows are located by the image token
+    count, so a sequence that other patches extend with text tokens (NASA) or call on a sub-sequence is still
+    split right, and their extra sub-calls (NASA's negative-text attention) pass through."""
     if arch == "wan":                               # self-attention first, then cross-attention(s)
-        return lambda call: (lambda n: None) if call == 0 else False
+        return lambda call, nq, nk: (lambda n: None) if call == 0 else False
     if arch == "sd3":                               # joint [context; x], then (MMDiT-X) x-only self-attention
         i = args["img"].shape[1]
-        return lambda call: (lambda n: (n - i, n)) if call == 0 else (lambda n: None)
+        return lambda call, nq, nk: (lambda n: (n - i, n)) if call == 0 else (
+            (lambda n: None) if nq == nk == i else False)
     if kind == "double":
         i = args["img"].shape[1]
         flipped = getattr(model.get_model_object("diffusion_model").double_blocks[index], "flipped_img_txt", False)
-        return lambda call: (lambda n: (0, i) if flipped else (n - i, n)) if call == 0 else False
+        return lambda call, nq, nk: (lambda n: (0, i) if flipped else (n - i, n)) if call == 0 else False
     i = img_len_box.get("img")                     # single block: [txt; img] as one sequence
-    return lambda call: (lambda n: (n - i, n)) if call == 0 else False
+    return lambda call, nq, nk: (lambda n: (n - i, n)) if call == 0 else False
 
 
 def _block_patch(prev, arch, kind, index, model, img_len_box):
@@ -123,7 +125,8 @@ def _block_patch(prev, arch, kind, index, model, img_len_box):
         calls = [0]
 
         def override(func, *a, **kw):
-            rows = decide(calls[0])
+            tokens = -2 if kw.get("skip_reshape", False) else 1
+            rows = decide(calls[0], a[0].shape[tokens], a[1].shape[tokens])
             calls[0] += 1
             if rows is False:
                 return earlier(func, *a, **kw) if earlier is not None else func(*a, **kw)

@@ -163,16 +163,24 @@ def test_empty_negative_and_composition_with_pag_adaptive_guidance_and_a_cache(c
 
     tiny = _tiny(comfyui)
     nodes = comfyui.nodes.NODE_CLASS_MAPPINGS
-    for arch in ("sd15", "flux"):
+    for arch in ("sd15", "flux", "sd3"):
         base = tiny.build(arch)
         pos, noise = tiny.conditioning(arch, 1), _noise(arch)
         empty = [[torch.zeros_like(pos[0][0]), {}]]                  # a ConditioningZeroOut negative
         zeroed, plain = _sample(_nasa(comfyui, base, empty), pos, pos, noise), _sample(base, pos, pos, noise)
         if arch == "sd15":        # bias-free to_k / to_v: K- = V- = 0, so Z- = 0 and nothing changes
             torch.testing.assert_close(zeroed, plain, rtol=0, atol=1e-5 * float(plain.abs().max()))
-        else:                     # Flux's txt_in has a bias: a zero prompt is still a prompt
+        elif arch == "flux":      # Flux's txt_in has a bias: a zero prompt is still a prompt
             assert torch.isfinite(zeroed).all() and not torch.allclose(zeroed, plain)
-        layers = "middle.0" if arch == "sd15" else "double.1, single.0"
+        layers = {"sd15": "middle.0", "flux": "double.1, single.0", "sd3": "joint.0-1"}[arch]
+        for first in ("nasa", "pag"):         # SD3: PAG once took NASA's negative-text sub-calls for image ones
+            if first == "pag":
+                both = _nasa(comfyui, nodes["TrainFreePAG"]().patch(base, 2.0, layers, 0.0, 1.0)[0],
+                             tiny.conditioning(arch, 2))
+            else:
+                both = nodes["TrainFreePAG"]().patch(_nasa(comfyui, base, tiny.conditioning(arch, 2)), 2.0, layers,
+                                                     0.0, 1.0)[0]
+            assert torch.isfinite(_sample(both, pos, pos, noise, steps=3, cfg=1.0)).all()
         model = nodes["TrainFreePAG"]().patch(_nasa(comfyui, base, tiny.conditioning(arch, 2)), 2.0, layers, 0.0, 1.0)[0]
         model = nodes["TrainFreeAdaptiveGuidance"]().patch(model, 0.9999)[0]
         model = easycache.EasyCacheNode.execute(model, 0.2, 0.0, 1.0, False)[0]
