@@ -239,6 +239,12 @@ def _reference(snap: dict, name: str, like: torch.Tensor) -> torch.Tensor:
                        f"{ {k: tuple(v.shape) for k, v in snap.items()} }; this model's block layout is unsupported")
 
 
+def _name(f) -> str:
+    """A patch function by what it is, not where it lives: closures rebuilt at every step (PAG's perturbed pass)
+    keep one name, so their pass finds its cache again (an id() would change every step, or be reused by chance)."""
+    return f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', type(f).__qualname__)}"
+
+
 class SpanRun:
     """One sampling run of the residual cache over the block span ``first`` .. ``last`` (block keys).
 
@@ -263,11 +269,13 @@ class SpanRun:
         (an extra pass with other patches, like PAG's perturbed one, must not share the plain pass's residual)."""
         to = args.get("transformer_options") or {}
         shapes = tuple(tuple(args[k].shape) for k in ("img", "txt") if isinstance(args.get(k), torch.Tensor))
-        patches = tuple(sorted((str(n), str(k), id(f)) for n, d in (to.get("patches_replace") or {}).items()
+        patches = tuple(sorted((str(n), str(k), _name(f)) for n, d in (to.get("patches_replace") or {}).items()
                                if isinstance(d, dict) for k, f in d.items()))
-        patches += tuple(sorted((str(n), tuple(id(f) for f in fs)) for n, fs in (to.get("patches") or {}).items()
+        patches += tuple(sorted((str(n), tuple(_name(f) for f in fs)) for n, fs in (to.get("patches") or {}).items()
                                 if isinstance(fs, (list, tuple))))
-        return (tuple(str(u) for u in to.get("uuids", ())), tuple(to.get("cond_or_uncond", ())), shapes, patches)
+        marks = tuple(sorted((k, str(v)) for k, v in to.items() if k.endswith("_perturbed")))   # e.g. PAG's pass
+        return (tuple(str(u) for u in to.get("uuids", ())), tuple(to.get("cond_or_uncond", ())), shapes, patches,
+                marks)
 
     def _correct(self, name, r, branches):
         if name not in self.corr:

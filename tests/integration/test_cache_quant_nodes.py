@@ -291,3 +291,19 @@ def test_an_extra_pass_with_other_patches_never_shares_the_plain_residual(comfyu
     extra = plain.clone()
     extra.set_model_sampler_post_cfg_function(post_cfg)
     assert torch.equal(_sample(comfyui, extra, "flux"), ref) and len(passes) == 8
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_pags_extra_pass_is_cached_too_and_reruns_are_identical(comfyui, arch):
+    """PAG rebuilds its block patches at every step; the cache keys patches by what they are, so the perturbed
+    pass finds its own residual again (it was keyed by id(): never cached, or cached when an address was
+    reused, so identical runs differed)."""
+    base = _tiny(comfyui).build(arch)
+    pag = _node(comfyui, "TrainFreePAG").patch(base, 3.0, "", 0.0, 1.0)[0]
+    m = _cache(comfyui, pag, arch)
+    cfg = m.model_options["transformer_options"]["trainfree_dit_cache"]
+    first = _sample(comfyui, m, arch, steps=9, cfg=4.0)
+    assert "6 full and 12 cached evaluations" in cfg.last_report       # 9 CFG + 9 PAG calls, every 3rd step full
+    for _ in range(3):
+        assert torch.equal(_sample(comfyui, m, arch, steps=9, cfg=4.0), first)
+    assert not torch.equal(first, _sample(comfyui, _cache(comfyui, base, arch), arch, steps=9, cfg=4.0))
