@@ -32,6 +32,8 @@ import math
 
 import torch
 
+from ..samplers.common import STEP_SIGMA
+
 
 def group_bounds(steps: int, full_steps: int) -> tuple:
     """(shortest, longest) group the official DPS allows: ceil(N/2) and 2N (at most ``steps``), N = steps / full_steps."""
@@ -292,7 +294,9 @@ class SpanRun:
         if key == self.first:
             to = args.get("transformer_options") or {}
             if to.get("sigmas") is not None and to.get("sample_sigmas") is not None:
-                self.step = step_of(float(to["sigmas"].reshape(-1)[0]), to["sample_sigmas"])
+                at = to.get(STEP_SIGMA)                      # a sampler calling at a shifted sigma names its step
+                self.step = step_of(float(to["sigmas"].reshape(-1)[0]) if at is None else float(at),
+                                    to["sample_sigmas"])
                 if self.calibrator is not None and self.calibrator.sigmas is None:
                     self.calibrator.sigmas = to["sample_sigmas"].detach().double().cpu()
             chunk = self._chunk(args)

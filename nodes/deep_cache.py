@@ -21,6 +21,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequenti
 
 from ..caching.deep_cache import (SCHEDULES, DeepCacheRun, Entry, Recorder, Replay, Zeros, full_step_mask, now,
                                   step_of)
+from ..samplers.common import STEP_SIGMA
 from .ui_support import ui_text
 
 KEY = "trainfree_deep_cache"
@@ -180,6 +181,8 @@ class _Controller:
         if run is None or self.plan is not None:
             return executor(x, *args, **kwargs)
         sigma, sample_sigmas = options.get("sigmas"), options.get("sample_sigmas")
+        if options.get(STEP_SIGMA) is not None:          # a sampler calling at a shifted sigma names its step
+            sigma = torch.tensor([options[STEP_SIGMA]])
         step = None if sigma is None or sample_sigmas is None else step_of(float(sigma.max()), sample_sigmas)
         key = run.key(step, _signature(x, options))
         mode = run.decide(step, key)

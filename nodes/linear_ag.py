@@ -13,6 +13,7 @@ import torch
 from .. import calibration
 from ..calibration import CalibrationError
 from ..guidance.linear_ag import Calibrator, LinearAG, estimated_steps
+from ..samplers.common import STEP_SIGMA
 from .calibration_support import (Progress, empty_latent_for, list_files, load_named, method_dir,
                                   model_fingerprint, reuse, schedule_key, scheduler_sigmas, settings_key,
                                   warn_if_other_run)
@@ -46,11 +47,12 @@ def _record(tensors, keys, name):
     return LinearAGRecord(tensors["coef"], tensors["r2"], tensors["sigmas"], {k: str(v) for k, v in keys.items()}, name)
 
 
-def step_of(timestep, sigmas) -> int | None:
-    """Index of the schedule step whose sigma this evaluation is at (None: a solver's intermediate stage)."""
+def step_of(timestep, sigmas, named=None) -> int | None:
+    """Index of the schedule step whose sigma this evaluation is at (None: a solver's intermediate stage);
+    ``named``: the step sigma a sampler calling at a shifted sigma publishes (STEP_SIGMA)."""
     if sigmas is None:
         return None
-    t = float(timestep.reshape(-1)[0])
+    t = float(timestep.reshape(-1)[0]) if named is None else float(named)
     hits = (sigmas[:-1].to(torch.float64).cpu() - t).abs() <= 1e-5 * max(1.0, abs(t))
     idx = hits.nonzero().flatten()
     return int(idx[0]) if idx.numel() else None
@@ -64,7 +66,8 @@ def _eps(x, d, sigma):
 def _recorder(calibrator, seen):
     def wrapper(executor, model, conds, x_in, timestep, model_options):
         out = executor(model, conds, x_in, timestep, model_options)
-        step = step_of(timestep, model_options["transformer_options"].get("sample_sigmas"))
+        to = model_options["transformer_options"]
+        step = step_of(timestep, to.get("sample_sigmas"), to.get(STEP_SIGMA))
         if step is not None and step not in seen and len(conds) > 1 and conds[1] is not None:
             seen.add(step)
             calibrator.add(step, _eps(x_in, out[0], timestep), _eps(x_in, out[1], timestep))
@@ -177,7 +180,7 @@ def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
     if holder is None or holder.state is None or len(conds) < 2 or conds[1] is None or conds[0] is None:
         return executor(model, conds, x_in, timestep, model_options)     # cfg 1, or a sliced call of another patch
     lin, batch = holder.state, x_in.shape[0]
-    step = step_of(timestep, to.get("sample_sigmas"))
+    step = step_of(timestep, to.get("sample_sigmas"), to.get(STEP_SIGMA))
     fresh = step is not None and step not in holder.seen
     if fresh:
         holder.seen.add(step)

@@ -21,6 +21,7 @@ import comfy.ldm.modules.attention as attention
 import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
 import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
 import comfy.ldm.wan.model as wan_model
+import comfy.patcher_extension as pe
 
 from ..guidance import nasa as nasa_math
 from ..guidance.pag import sigma_gate
@@ -43,11 +44,27 @@ class _Negative:
         return self.cache[key]
 
 
-def _rows(to, batch, device, sigma_start, sigma_end):
+class _Window:
+    """start/end percent as sigmas of the model_sampling of the run (read when sampling starts, so a
+    ModelSamplingSD3 / shift node placed after NASA counts, as it does for ComfyUI's own percent windows)."""
+
+    def __init__(self, start_percent, end_percent, model_sampling):
+        self.percents = (float(start_percent), float(end_percent))
+        self.use(model_sampling)
+
+    def use(self, model_sampling):
+        self.sigma_start, self.sigma_end = (float(model_sampling.percent_to_sigma(p)) for p in self.percents)
+
+    def outer_sample(self, executor, *args, **kwargs):
+        self.use(executor.class_obj.model_patcher.get_model_object("model_sampling"))
+        return executor(*args, **kwargs)
+
+
+def _rows(to, batch, device, window):
     rows = nasa_math.cond_rows(to.get("cond_or_uncond"), batch, device)
     sig = to.get("sigmas")
     if sig is not None:
-        gate = sigma_gate(sig.reshape(-1), sigma_start, sigma_end).to(device)
+        gate = sigma_gate(sig.reshape(-1), window.sigma_start, window.sigma_end).to(device)
         rows = rows & (gate if gate.numel() == batch else gate[:1].expand(batch))
     return rows
 
@@ -74,7 +91,7 @@ def unet_cross_attention_layers(dm):
     return out
 
 
-def _unet_replace(attn2, prev, neg, alpha, sigma_start, sigma_end):
+def _unet_replace(attn2, prev, neg, alpha, window):
     def replace(q, k, v, extra_options):
         heads, prec = extra_options["n_heads"], extra_options.get("attn_precision")
 
@@ -82,7 +99,7 @@ def _unet_replace(attn2, prev, neg, alpha, sigma_start, sigma_end):
             return attention.optimized_attention(q_, k_, v_, heads, attn_precision=prec)
 
         attend_pos = (lambda q_, k_, v_: prev(q_, k_, v_, extra_options)) if prev is not None else attend
-        rows = _rows(extra_options, q.shape[0], q.device, sigma_start, sigma_end)
+        rows = _rows(extra_options, q.shape[0], q.device, window)
         if not bool(rows.any()):
             return attend_pos(q, k, v)
         ctx = _negative_rows(neg.get(q.device, q.dtype), rows, q.shape[0], len(extra_options.get("cond_or_uncond") or [0]))
@@ -99,7 +116,7 @@ def _call(earlier, func, *a, **kw):
     return earlier(func, *a, **kw) if earlier is not None else func(*a, **kw)
 
 
-def _joint_block_patch(prev, neg_len, box, alpha, sigma_start, sigma_end, extend=None):
+def _joint_block_patch(prev, neg_len, box, alpha, window, extend=None):
     """Flux double/single and SD3 joint blocks: the block's first attention call is the joint one over
     [positive text; negative text; image]; later calls (SD3.5 MMDiT-X image self-attention) pass through.
     ``extend(args)`` (SD3, first block) appends the negative tokens to the text stream."""
@@ -123,7 +140,7 @@ def _joint_block_patch(prev, neg_len, box, alpha, sigma_start, sigma_end, extend
                 q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
             want_heads_out = kw.get("skip_output_reshape", False)
             sub = dict(kw, skip_reshape=True, skip_output_reshape=True)
-            rows = _rows(to, q.shape[0], q.device, sigma_start, sigma_end)
+            rows = _rows(to, q.shape[0], q.device, window)
             out = nasa_math.joint_nasa_attention(q, k, v, box["t_pos"], neg_len, alpha, rows,
                                                  lambda q_, k_, v_: _call(earlier, func, q_, k_, v_, heads, **sub))
             if want_heads_out:
@@ -160,7 +177,7 @@ def _sd3_extend(dm, neg, box):
     return extend
 
 
-def _wan_block_patch(prev, text_call, dm, neg, alpha, sigma_start, sigma_end):
+def _wan_block_patch(prev, text_call, dm, neg, alpha, window):
     """Wan: append the embedded negative to the block's context; in the text cross-attention call split the keys
     into positive and negative parts (the module's own k / norm_k / v projected both)."""
     def patch(args, extra):
@@ -177,7 +194,7 @@ def _wan_block_patch(prev, text_call, dm, neg, alpha, sigma_start, sigma_end):
                 return _call(earlier, func, *a, **kw)
             q, k, v = a[:3]
             heads = a[3] if len(a) > 3 else kw.pop("heads")
-            rows = _rows(to, q.shape[0], q.device, sigma_start, sigma_end)
+            rows = _rows(to, q.shape[0], q.device, window)
 
             def attend(q_, k_, v_):
                 return _call(earlier, func, q_, k_, v_, heads, **kw)
@@ -236,22 +253,22 @@ class TrainFreeNASA:
                              f"text input takes {want}: encode it with this model's text encoder")
         if float(alpha) == 0.0:
             return (m,)
-        ms = model.get_model_object("model_sampling")
-        s_start, s_end = float(ms.percent_to_sigma(start_percent)), float(ms.percent_to_sigma(end_percent))
+        window = _Window(start_percent, end_percent, model.get_model_object("model_sampling"))
+        m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, "trainfree_nasa", window.outer_sample)
         neg, alpha = _Negative(neg_t), float(alpha)
         existing = m.model_options["transformer_options"].get("patches_replace", {})
         if arch == "unet":
             attn2_existing = existing.get("attn2", {})
             for key, attn2 in unet_cross_attention_layers(dm):
                 prev = attn2_existing.get(key, attn2_existing.get(key[:2]))
-                m.set_model_attn2_replace(_unet_replace(attn2, prev, neg, alpha, s_start, s_end), *key)
+                m.set_model_attn2_replace(_unet_replace(attn2, prev, neg, alpha, window), *key)
             return (m,)
         dit = existing.get("dit", {})
         if arch == "wan":
             text_call = 2 if isinstance(dm.blocks[0].cross_attn, wan_model.WanI2VCrossAttention) else 1
             for i in range(len(dm.blocks)):
                 m.set_model_patch_replace(_wan_block_patch(dit.get(("double_block", i)), text_call, dm, neg, alpha,
-                                                           s_start, s_end), "dit", "double_block", i)
+                                                           window), "dit", "double_block", i)
             return (m,)
         box = {}
         if arch == "flux":
@@ -262,8 +279,8 @@ class TrainFreeNASA:
             blocks = [("double_block", i) for i in range(len(dm.joint_blocks))]
         for kind, i in blocks:
             extend = _sd3_extend(dm, neg, box) if arch == "sd3" and i == 0 else None
-            m.set_model_patch_replace(_joint_block_patch(dit.get((kind, i)), neg_t.shape[1], box, alpha, s_start,
-                                                         s_end, extend), "dit", kind, i)
+            m.set_model_patch_replace(_joint_block_patch(dit.get((kind, i)), neg_t.shape[1], box, alpha, window,
+                                                         extend), "dit", kind, i)
         return (m,)
 
 

@@ -6,6 +6,7 @@ previews and Cancel through the per-step callback) and makes it selectable by na
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import comfy.k_diffusion.sampling as k_sampling
@@ -26,9 +27,20 @@ class SamplerNode:
     FUNCTION = "get_sampler"
 
 
+def _no_steps_is_a_no_op(function):
+    """A one-value SIGMAS (e.g. SplitSigmas at the last step) has no step to take: return the latent, as every
+    ComfyUI sampler does, instead of the solvers' 'at least 2 values' error."""
+    @functools.wraps(function)
+    def sampler(model, x, sigmas, *args, **kwargs):
+        if sigmas.numel() < 2:
+            return x
+        return function(model, x, sigmas, *args, **kwargs)
+    return sampler
+
+
 def ksampler(function, **options):
     """A SAMPLER value for SamplerCustomAdvanced / SamplerCustom."""
-    return comfy.samplers.KSAMPLER(function, extra_options=options)
+    return comfy.samplers.KSAMPLER(_no_steps_is_a_no_op(function), extra_options=options)
 
 
 def checked(**ranges):
@@ -39,6 +51,8 @@ def checked(**ranges):
 
 def _marked(function, attr):
     def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
+        if sigmas.numel() < 2:                           # no step to take (see _no_steps_is_a_no_op)
+            return x
         return function(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **options)
 
     sampler.__trainfree__ = True

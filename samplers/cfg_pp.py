@@ -187,7 +187,7 @@ def sample_dpmpp_2m_hb_cfg_pp(model, x, sigmas, extra_args=None, callback=None, 
         if sigmas[i + 1] == 0:
             return d_lam
         h = float(lam[i + 1] - lam[i])
-        if old_u is None or (steps < 15 and i == steps - 1):
+        if old_u is None:
             d = d_lam
         else:
             r = float(lam[i] - lam[i - 1]) / h

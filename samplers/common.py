@@ -101,6 +101,21 @@ def precise(t: torch.Tensor) -> torch.dtype:
     return torch.float32 if t.device.type == "mps" else torch.float64
 
 
+STEP_SIGMA = "trainfree_step_sigma"   # transformer_options key: the schedule sigma of the step being evaluated
+
+
+def at_step(extra_args: dict, sigma) -> dict:
+    """``extra_args`` telling model patches which schedule step this call belongs to, for samplers that call the
+    model at another sigma than the schedule's (time shift): caches and step-keyed patches read STEP_SIGMA
+    instead of guessing the step from the sigma of the call. Without ComfyUI's model_options: unchanged."""
+    mo = extra_args.get("model_options")
+    if not isinstance(mo, dict):
+        return extra_args
+    to = dict(mo.get("transformer_options") or {})
+    to[STEP_SIGMA] = float(sigma)
+    return dict(extra_args, model_options=dict(mo, transformer_options=to))
+
+
 def report(callback, x, i, sigma, denoised) -> None:
     """ComfyUI's per-step callback: drives the progress bar, the previews and Cancel."""
     if callback is not None:

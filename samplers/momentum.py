@@ -22,9 +22,10 @@ e = (x - alpha*D) / s, on ComfyUI's sigma grid (x_ve = x / alpha, sigma_ve = s /
 Claims (paper Theorems 1-2): HB makes any method first-order convergent; GHVB with integer
 order k converges with order k; smaller beta enlarges the stability region.
 
-Departures: the final step to sigma = 0 of DPM-Solver++(2M)+HB is x = D (as ComfyUI's dpmpp_2m),
-and with fewer than 15 steps the last step is first order (diffusers' lower_order_final, which the
-official SD code inherits). Flow (CONST) models run through the exact VE change of variables.
+Departures: the final step to sigma = 0 of DPM-Solver++(2M)+HB is x = D (as ComfyUI's dpmpp_2m; that
+first-order last step is also what diffusers' lower_order_final, inherited by the official SD code, does
+there). A schedule that ends above 0 (a SplitSigmas half, sampled on by another sampler) keeps second
+order to its end, as ComfyUI's dpmpp_2m does. Flow (CONST) models run through the exact VE change of variables.
 """
 from __future__ import annotations
 
@@ -133,8 +134,7 @@ def sample_dpmpp_2m_hb(model, x, sigmas, extra_args=None, callback=None, disable
             x = denoised
             break
         h = float(lam[i + 1] - lam[i])
-        last_low_order = steps < 15 and i == steps - 1
-        if old_denoised is None or last_low_order:
+        if old_denoised is None:
             d = denoised
         else:
             r = float(lam[i] - lam[i - 1]) / h

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import (SamplerInputError, _model_sampling, alpha_s, check_inputs, check_range,
+from .common import (SamplerInputError, _model_sampling, alpha_s, at_step, check_inputs, check_range,
                      half_log_snr, precise, report, resolve_kind)
 
 
@@ -101,7 +101,7 @@ def _evaluate(model, x, i, sig, shifter, extra_args):
     tau = shifter.choose(x, float(sig[i])) if i > 0 else torch.full((x.shape[0],), float(sig[i]), dtype=torch.float64)
     c_in = _c_in(torch.tensor(float(sig[i]), dtype=torch.float64), shifter.kind, shifter.sigma_data)
     x_tau = x * _bcast(c_in / _c_in(tau, shifter.kind, shifter.sigma_data), x)
-    return x_tau, tau, model(x_tau, tau.to(x), **extra_args)
+    return x_tau, tau, model(x_tau, tau.to(x), **at_step(extra_args, sig[i]))
 
 
 @torch.no_grad()

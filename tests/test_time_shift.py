@@ -91,6 +91,30 @@ def test_network_sees_the_same_input_at_the_shifted_time(pred):
     assert all(float(si.min()) > 0 for _, si, _ in shifted)
 
 
+@pytest.mark.parametrize("sampler", [sample_ts_ddim, sample_ts_dpmpp_2m])
+def test_each_call_names_its_schedule_step_for_caches(sampler):
+    """The shifted calls happen at another sigma than the schedule's; caches and step-keyed patches (DeepCache,
+    the DiT cache, LinearAG) would count them for the previous step, so every call carries STEP_SIGMA."""
+    from trainfree.samplers.common import STEP_SIGMA
+
+    m = AnalyticModel(iso_mixture(), "eps")
+    named = []
+
+    def recording(x, sigma, model_options=None, **kw):
+        named.append((float(sigma[0]), model_options["transformer_options"][STEP_SIGMA]))
+        assert "keep" in model_options["transformer_options"]
+        return m(x, sigma, **kw)
+
+    recording.model_sampling = m.model_sampling
+    sig = karras(6)
+    x = initial_state(noise_like((2, DIM)), sig[0], "ve") * 1.05
+    options = {"transformer_options": {"keep": 1}}
+    sampler(recording, x, sig, extra_args={"model_options": options}, window=200, cutoff=0, data_variance=0.46)
+    assert [s for _, s in named] == [float(v) for v in sig[:-1]]
+    assert any(called != s for called, s in named)                       # shifted calls were made
+    assert options == {"transformer_options": {"keep": 1}}               # the caller's options are not modified
+
+
 def test_cutoff_keeps_late_steps_nominal():
     gmm = iso_mixture()
     m = AnalyticModel(gmm, "eps")

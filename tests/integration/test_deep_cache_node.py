@@ -325,3 +325,13 @@ def test_multistage_and_multistep_samplers(comfyui, sampler):
     stats = _controller(model).last_stats
     assert torch.isfinite(out).all() and stats["cached"] > stats["full"] > 0
     assert (out - plain).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("sampler", ["trainfree_ts_ddim", "trainfree_ts_dpmpp_2m"])
+def test_time_shift_samplers_keep_the_cache_schedule(comfyui, caplog, sampler):
+    """The time-shift samplers call the UNet at a shifted sigma; the cache must still count the schedule's
+    steps (it once took step 1's shifted call for step 0: 5 of 9 shallow, the schedule one step late)."""
+    base = _tiny(comfyui).build("sd15")
+    with caplog.at_level(logging.INFO, logger="trainfree"):
+        _sample(comfyui, _dc(comfyui, base, interval=3), steps=9, sampler=sampler)
+    assert "6 of 9 UNet calls used the shallow branch" in caplog.text and "3 of 9 steps full" in caplog.text

@@ -242,3 +242,29 @@ def test_one_graph_with_nasa_pag_adaptive_guidance_and_a_cache_through_sampler_c
     ok, plain, err = comfyui.run(prompt)
     assert ok, err
     assert plain["stats"]["text"][0] != out["stats"]["text"][0]
+
+
+def test_the_window_follows_a_shift_node_placed_after_nasa(comfyui, monkeypatch):
+    """start/end percent become sigmas when sampling starts: ModelSamplingSD3 after NASA or before it gives
+    the same window (it was fixed at patch time, so the window ended a step late after a shift)."""
+    tiny = _tiny(comfyui)
+    nasa_mod = comfyui.module_of("TrainFreeNASA")
+    shift = comfyui.nodes.NODE_CLASS_MAPPINGS["ModelSamplingSD3"]()
+    base, neg = tiny.build("sd3"), tiny.conditioning("sd3", 7, 1)
+    real = nasa_mod._rows
+
+    def active(model):
+        seen = []
+
+        def spy(to, batch, device, window):
+            rows = real(to, batch, device, window)
+            seen.append((round(float(to["sigmas"].max()), 4), bool(rows.any())))
+            return rows
+        monkeypatch.setattr(nasa_mod, "_rows", spy)
+        _sample(model, tiny.conditioning("sd3", 1), neg, _noise("sd3"), steps=8)
+        monkeypatch.setattr(nasa_mod, "_rows", real)
+        return sorted({s for s, on in seen if on}, reverse=True), sorted({s for s, _ in seen}, reverse=True)
+
+    after, steps = active(shift.patch(_nasa(comfyui, base, neg, 0.5, 0.0, 0.5), 6.0)[0])
+    before, _ = active(_nasa(comfyui, shift.patch(base, 6.0)[0], neg, 0.5, 0.0, 0.5))
+    assert after == before and 0 < len(after) < len(steps)

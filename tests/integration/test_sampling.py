@@ -79,6 +79,35 @@ def test_dpmpp_2m_hb_at_beta_one_is_comfys_dpmpp_2m(comfyui, arch):
     assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
 
+@pytest.mark.parametrize("arch", ["sd15", "flux"])
+def test_split_schedules_continue_exactly_and_a_one_value_half_is_a_no_op(comfyui, arch):
+    """SplitSigmas: a pack sampler on the first half, core's on the second, equals core's dpmpp_2m over the
+    whole schedule (no first-order step at the split); and a one-value half returns the latent as core does."""
+    import comfy.sample
+    import comfy.samplers
+
+    tiny = comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models
+    model = tiny.build(arch)
+    latent = comfy.sample.fix_empty_latent_channels(model, torch.zeros(1, 4, 8, 8))
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(3))
+    sig = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", 16)
+    pos, neg = tiny.conditioning(arch, 1), tiny.conditioning(arch, 2)
+
+    def run(sampler, sigmas, start, add_noise=True):
+        return comfy.samplers.sample(model, noise if add_noise else torch.zeros_like(noise), pos, neg, 4.0,
+                                     model.load_device, sampler, sigmas, latent_image=start, seed=3)
+    hb = comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeDPMPP2MHeavyBallSampler"]().get_sampler(1.0)[0]
+    core = comfy.samplers.sampler_object("dpmpp_2m")
+    half = run(hb, sig[:9], latent)
+    if arch == "sd15":        # on flow models the pack's 2M steps in the exact VE variables, core's does not
+        torch.testing.assert_close(half, run(core, sig[:9], latent), rtol=1e-4, atol=1e-4 * float(half.abs().max()))
+    same = run(core, sig[-1:], half, add_noise=False)              # core: the latent back (latent format round trip)
+    torch.testing.assert_close(same, half, rtol=1e-5, atol=1e-5)
+    for name in ("trainfree_ghvb", "trainfree_dpmpp_2m_cfg_pp"):
+        assert torch.equal(run(comfy.samplers.sampler_object(name), sig[-1:], half, add_noise=False), same)
+    assert torch.equal(run(hb, sig[-1:], half, add_noise=False), same)
+
+
 @pytest.mark.parametrize("node", sorted(SAMPLER_NODES))
 def test_reruns_are_bit_identical_and_batch_rows_independent(comfyui, node):
     cls = comfyui.nodes.NODE_CLASS_MAPPINGS[node]
