@@ -40,6 +40,13 @@ MAX_PIECE = 0.5   # widest lambda interval one 6-point Gauss-Legendre rule integ
 S_MAX = 0.5       # largest growth rate of f per unit lambda the solver accepts (see the module docstring)
 
 
+def _rule(edges: torch.Tensor):
+    """Composite 6-point Gauss-Legendre nodes and weights on consecutive pieces ``edges``."""
+    left, width = edges[:-1], edges[1:] - edges[:-1]
+    return ((left[:, None] + width[:, None] * (_GL_X[None] + 1) / 2).flatten(),
+            (width[:, None] * _GL_W[None] / 2).flatten())
+
+
 class EMS:
     """Tables l, s, b on an ascending lambda grid; shape (N, *stat_shape), float64 on the CPU."""
 
@@ -120,20 +127,17 @@ class EMS:
     def psi(self, lam_s: float, S_s: torch.Tensor, targets) -> torch.Tensor:
         """Psi(t) = int_{lam_s}^{t} e^{-(S_r - S_s)} b_r dr at each target t (M, *stat_shape).
 
-        Integrated piece by piece relative to S_s (6-point Gauss-Legendre on smooth pieces, a second
-        rule from each piece's left edge to the node), never as a difference of integrals from the grid
-        start: with steep statistics S reaches hundreds over the grid and such differences lose every
-        digit (then e^{S_s} multiplies the rounding error into inf / NaN)."""
+        Integrated from lam_s relative to S_s (6-point Gauss-Legendre on smooth pieces), never as a
+        difference of integrals from the grid start: with steep statistics S reaches hundreds over the
+        grid and such differences lose every digit (then e^{S_s} multiplies the rounding error into
+        inf / NaN)."""
         targets = torch.as_tensor(targets, dtype=torch.float64).flatten()
         view = (-1,) + (1,) * len(self.shape)
         out = torch.zeros((targets.numel(),) + self.shape, dtype=torch.float64)
         for j, t in enumerate(targets.tolist()):
             if t == lam_s:
                 continue
-            edges = self._edges(min(lam_s, t), max(lam_s, t))
-            left, width = edges[:-1], edges[1:] - edges[:-1]
-            x = (left[:, None] + width[:, None] * (_GL_X[None] + 1) / 2).flatten()
-            w = (width[:, None] * _GL_W[None] / 2).flatten()
+            x, w = _rule(self._edges(min(lam_s, t), max(lam_s, t)))
             _, _, b, _, S = self.at(x)
             out[j] = (w.view(view) * torch.exp(S_s - S) * b).sum(0) * (1.0 if t > lam_s else -1.0)
         return out
@@ -143,17 +147,15 @@ class EMS:
         ``psi``); forward (lam_s < lam_t, every sampling step) vectorised: whole pieces summed, plus each
         node's part of its own piece."""
         edges = self._edges(min(lam_s, lam_t), max(lam_s, lam_t))
-        left, width = edges[:-1], edges[1:] - edges[:-1]
         k = _GL_X.numel()
-        x = (left[:, None] + width[:, None] * (_GL_X[None] + 1) / 2).flatten()
-        w = (width[:, None] * _GL_W[None] / 2).flatten()
+        x, w = _rule(edges)
         if lam_t < lam_s:
             return x, -w, self.psi(lam_s, S_s, x)
         view = (-1,) + (1,) * len(self.shape)
         _, _, b, _, S = self.at(x)
         whole = (w.view(view) * torch.exp(S_s - S) * b).view((-1, k) + self.shape).sum(1)
         before = torch.cat([torch.zeros_like(whole[:1]), torch.cumsum(whole, 0)[:-1]])   # pieces left of each
-        start = left.repeat_interleave(k)
+        start = edges[:-1].repeat_interleave(k)
         sub = (start[:, None] + (x - start)[:, None] * (_GL_X[None] + 1) / 2).flatten()
         sw = ((x - start)[:, None] * _GL_W[None] / 2).flatten()
         _, _, bb, _, SS = self.at(sub)
