@@ -10,21 +10,51 @@ import torch
 from .. import calibration
 from ..samplers.autodiffusion import search_schedule
 from ..samplers.momentum import sample_dpmpp_2m_hb
-from .calibration_support import (Progress, empty_latent_for, method_dir, model_fingerprint, reuse, schedule_key,
-                                  settings_key, with_guided_model)
+from .calibration_support import (Progress, empty_latent_for, interruptible, method_dir, model_fingerprint, reuse,
+                                  schedule_key, settings_key, with_guided_model)
 
 METHOD = "schedule_search"
 PAPER = "Li et al., AutoDiffusion: Training-Free Optimization of Time Steps and Architectures (ICCV 2023)"
 log = logging.getLogger("trainfree")
 
 
+_PACK = __name__.rsplit(".nodes.", 1)[0]      # ComfyUI names the pack's module after its folder path
+
+
+def _describe(v) -> str:
+    """A sampler option by content, stable across runs and restarts (never a memory address)."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(map(_describe, v)) + "]"
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}={_describe(x)}" for k, x in sorted(v.items(), key=lambda kv: str(kv[0]))) + "}"
+    if isinstance(v, torch.Tensor):
+        return f"tensor:{calibration.fingerprint([('t', v)])}"
+    keys, name = getattr(v, "keys", None), getattr(v, "name", None)
+    if isinstance(keys, dict) and isinstance(name, str):                 # a calibration record: its file and keys
+        return f"{type(v).__name__}({name};{_describe(keys)})"
+    return getattr(v, "__qualname__", type(v).__qualname__)
+
+
 def _sampler_key(sampler) -> str:
     fn = getattr(sampler, "sampler_function", None)
     if fn is None:
         raise ValueError(f"the schedule search needs a k-diffusion style SAMPLER (KSAMPLER); got {type(sampler).__name__}")
-    name = getattr(fn, "__qualname__", repr(fn))
-    opts = repr(sorted((k, repr(v)) for k, v in getattr(sampler, "extra_options", {}).items()))
-    return f"{getattr(fn, '__module__', '')}.{name}:{hashlib.sha256(opts.encode()).hexdigest()[:8]}"
+    name = getattr(fn, "__qualname__", type(fn).__qualname__)
+    module = getattr(fn, "__module__", "") or ""
+    if module.startswith(_PACK):
+        module = "trainfree" + module[len(_PACK):]
+    opts = _describe(dict(getattr(sampler, "extra_options", {})))
+    return f"{module}.{name}:{hashlib.sha256(opts.encode()).hexdigest()[:8]}"
+
+
+def _stochastic(sampler) -> bool:
+    """Ancestral / SDE samplers: each run draws new noise, so a schedule fits one noise path only."""
+    fn = getattr(sampler, "sampler_function", None)
+    label = f"{getattr(fn, '__name__', '')}".lower()
+    return any(w in label for w in ("ancestral", "sde", "lcm")) or float(
+        sampler.extra_options.get("eta", 0.0) or 0.0) > 0
 
 
 class TrainFreeScheduleSearch:
@@ -53,7 +83,8 @@ class TrainFreeScheduleSearch:
             "initial_scheduler": (comfy.samplers.SCHEDULER_NAMES, {"default": "karras",
                                                                    "tooltip": "Schedule the search starts from."}),
             "budget": ("INT", {"default": 60, "min": 1, "max": 2000,
-                               "tooltip": "Sampler runs the search may spend (each costs steps model calls)."}),
+                               "tooltip": "Sampler runs the search may spend (each costs steps x the sampler's "
+                                          "model calls per step: 1 for euler / dpmpp_2m, 2 for heun / dpm_2)."}),
             "reference_steps": ("INT", {"default": 60, "min": 10, "max": 1000,
                                         "tooltip": "DPM-Solver++ steps of the reference solution."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Noise seed of the samples."}),
@@ -78,6 +109,11 @@ class TrainFreeScheduleSearch:
             raise ValueError(f"scheduler {initial_scheduler!r} gives no decreasing schedule ending at 0 for {steps} "
                              "steps; pick another initial scheduler")
         progress = Progress(budget + 1)
+        if _stochastic(sampler):
+            log.warning("trainfree: schedule search with a stochastic sampler (%s): its noise is fixed by the seed "
+                        "during the search, so the schedule fits that noise path and may not carry over to other "
+                        "seeds; an ODE sampler (euler, dpmpp_2m, uni_pc ...) gives a schedule for every seed",
+                        getattr(sampler.sampler_function, "__name__", "?"))
 
         def work(model_k, x, extra_args):
             noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x)
@@ -86,14 +122,14 @@ class TrainFreeScheduleSearch:
                                                       reference_steps).to(x.device)
             if float(ref_sig[0]) != float(initial[0]):
                 ref_sig = torch.cat([initial[:1].to(ref_sig), ref_sig[ref_sig < float(initial[0])]])
-            reference = sample_dpmpp_2m_hb(model_k, start.clone(), ref_sig, extra_args, beta=1.0)
+            reference = sample_dpmpp_2m_hb(interruptible(model_k), start.clone(), ref_sig, extra_args, beta=1.0)
             progress.tick()
 
-            def run(model_, x_, sigmas, extra_args=None, disable=None, **kw):
-                return sampler.sampler_function(model_, x_, sigmas.to(x.device), extra_args=extra_args,
+            def run(model_, x_, sigmas, extra_args=None, disable=None, **kw):   # sigmas as ComfyUI gives them
+                return sampler.sampler_function(model_, x_, sigmas.to(x.device, torch.float32), extra_args=extra_args,
                                                 callback=None, disable=True, **sampler.extra_options)
 
-            return search_schedule(model_k, start, initial.to(torch.float64), run, reference, extra_args,
+            return search_schedule(interruptible(model_k), start, initial.to(torch.float64), run, reference, extra_args,
                                    budget=budget, sigma_min=float(ms.sigma_min), progress=lambda *_: progress.tick())
 
         sigmas, best, first = with_guided_model(model, positive, negative, cfg, latent, seed, work)

@@ -110,6 +110,24 @@ def with_guided_model(model, positive, negative, cfg, latent, seed, work):
     return out["result"]
 
 
+class _Interruptible:
+    """A sampler's model that honours Cancel before every call (long calibration solves report no steps)."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def __call__(self, *args, **kwargs):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        return self._model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def interruptible(model):
+    return _Interruptible(model)
+
+
 class Progress:
     """ComfyUI's progress bar for a calibration; checks Cancel at every tick."""
 

@@ -10,8 +10,8 @@ import torch
 from .. import calibration
 from ..samplers.dc_solver import RATIO_BOUNDS, cpr_fit, cpr_ratios, sample_dc_solver, search_ratios
 from .calibration_support import (Progress, basic_scheduler_sigmas, check_matches, empty_latent_for, guider_cfg,
-                                  list_files, load_named, method_dir, model_fingerprint, reuse, schedule_key,
-                                  settings_key, warn_if_other_run, with_guided_model)
+                                  interruptible, list_files, load_named, method_dir, model_fingerprint, reuse,
+                                  schedule_key, settings_key, warn_if_other_run, with_guided_model)
 from .sampler_support import CATEGORY, SamplerNode, ksampler
 
 METHOD = "dc_solver"
@@ -37,7 +37,7 @@ class DcRecord:
             if n == nfe and abs(c - cfg) < 1e-6:
                 return r
         nfes, cfgs = [n for n, _ in self.searched], [c for _, c in self.searched]
-        if not (min(nfes) <= nfe <= max(nfes) and min(cfgs) - 1e-6 <= cfg <= max(cfgs) + 1e-6):
+        if nfe >= 3 and not (min(nfes) <= nfe <= max(nfes) and min(cfgs) - 1e-6 <= cfg <= max(cfgs) + 1e-6):
             log.warning("trainfree: DC-Solver ratios in %s were searched for steps %s and CFG %s; %d steps at CFG %g "
                         "is extrapolated by the regression (ratios clamped to [%g, %g]). Add this step count / CFG "
                         "to the search for searched ratios.", self.name, _span(nfes, "%d"), _span(cfgs, "%g"), nfe, cfg,
@@ -125,7 +125,8 @@ class TrainFreeDCSolverSearch:
                 for n in nfes:
                     sig = basic_scheduler_sigmas(ms, scheduler, n).to(x.device)     # as BasicScheduler gives
                     start = ms.noise_scaling(sig[0], noise, torch.zeros_like(x), max_denoise=True)
-                    out[n] = search_ratios(model_k, start, sig, extra_args, iters=iterations, progress=progress.tick)
+                    out[n] = search_ratios(interruptible(model_k), start, sig, extra_args, iters=iterations,
+                                           progress=progress.tick)
                 return out
             for n, r in with_guided_model(model, positive, negative, cfg, latent, seed, work).items():
                 searched[(n, cfg)] = r

@@ -11,7 +11,7 @@ from .. import calibration
 from ..calibration import fingerprint
 from ..samplers.common import kind_of_sampling
 from ..samplers.dpm_solver_v3 import sample_dpm_solver_v3
-from ..samplers.dpm_solver_v3_ems import EMS, S_MAX, estimate, lambda_range
+from ..samplers.dpm_solver_v3_ems import EMS, S_MAX, S_MIN, estimate, lambda_range
 from ..samplers.momentum import sample_dpmpp_2m_hb
 from .calibration_support import (Progress, check_matches, empty_latent_for, guider_cfg, list_files, load_named,
                                   method_dir, model_fingerprint, reuse, schedule_key, settings_key, warn_if_other,
@@ -82,7 +82,7 @@ class TrainFreeDPMSolverV3Calibrate:
                                                    "batch (memory)."}),
             "cfg": ("FLOAT", {"default": 7.5, "min": 1.0, "max": 30.0, "step": 0.1,
                               "tooltip": "CFG scale you will sample with (the paper computes SD statistics per scale)."}),
-            "samples": ("INT", {"default": 64, "min": 1, "max": 8192,
+            "samples": ("INT", {"default": 64, "min": 8, "max": 8192,
                                 "tooltip": "Monte-Carlo samples per grid point (paper: 1024; more is smoother)."}),
             "grid_points": ("INT", {"default": 32, "min": 8, "max": 1200,
                                     "tooltip": "Points of the log-SNR grid (paper: 120-1200). Cost: 5 x samples x "
@@ -124,9 +124,9 @@ class TrainFreeDPMSolverV3Calibrate:
 
 def _warn_capped(share, name):
     if share:
-        log.warning("trainfree: DPM-Solver-v3 statistics %s: the slope s was capped at %g in %.0f%% of the table "
-                    "(a steep estimate, usually too few samples or grid points); more samples give statistics "
-                    "that need no cap", name, S_MAX, 100 * share)
+        log.warning("trainfree: DPM-Solver-v3 statistics %s: the slope s was bounded to [%g, %g] in %.0f%% of the "
+                    "table (a steep estimate, usually too few samples or grid points); more samples give statistics "
+                    "that need no bound", name, S_MIN, S_MAX, 100 * share)
 
 
 def _from_tensors(t, name):

@@ -118,6 +118,9 @@ class TrainFreeLinearAGCalibrate:
         path = calibration.file_in(method_dir(METHOD), name)
         ms = model.get_model_object("model_sampling")
         sigmas = scheduler_sigmas(ms, scheduler, steps, sampler_name).to(torch.float64)   # as KSampler samples
+        if len(sigmas) - 1 <= int(history):
+            raise ValueError(f"LinearAG: {len(sigmas) - 1} steps leave no step with {history} earlier ones to fit; "
+                             "use more steps or a smaller history")
         if float(cfg) <= 1.0 and not sampler_name.endswith("_cfg_pp"):      # CFG++ samplers keep the pass
             raise ValueError("LinearAG replaces CFG's negative-prompt pass; at CFG 1 ComfyUI skips that pass, so "
                              "there is nothing to calibrate. Set the CFG you sample with (> 1).")

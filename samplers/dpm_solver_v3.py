@@ -103,6 +103,7 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
     extra_args = {} if extra_args is None else extra_args
     kind = resolve_kind(model, kind)
     check_inputs(x, sigmas, kind)
+    calibrated = ems is not None
     ems = EMS.degenerate(shape=(1,) * (x.ndim - 1)) if ems is None else ems
     if len(ems.shape) > x.ndim - 1 or any(e not in (1, d) for e, d in zip(ems.shape[::-1], x.shape[::-1])):
         raise SamplerInputError(f"EMS of shape {ems.shape} do not fit latents of shape {tuple(x.shape[1:])}: "
@@ -143,4 +144,8 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
         xv = stepper.step(x_base, lam_i, float(lam[i + 1]), cache, p_order, pseudo)
         prev = (x_base, lam_i, p_order)
         xs = (xv * float(a[i + 1])).to(work)
+        if calibrated and not bool(torch.isfinite(xs).all()):
+            raise SamplerInputError(f"DPM-Solver-v3: the sample became inf / NaN at step {i + 1} of {steps}: the "
+                                    "statistics do not fit these sigmas (calibrated on too few samples or grid "
+                                    "points?); calibrate with more samples, or set the corrector off")
     return xs.to(x.dtype)

@@ -18,12 +18,12 @@ Departures from the official code: Jacobian-vector products are central finite d
 (works through any ComfyUI model and attention kernel; step 1e-3 relative), statistics may be
 pooled over spatial positions (per channel, so one file serves every resolution), s is shrunk by
 the R^2 of its regression (measured: at CFG 7.5 the raw estimates, |s| up to 9, made the
-calibrated solver lose to DPM-Solver++ beyond 10 NFE; shrunk, it wins at every NFE), s is capped at
-S_MAX = 0.5 (f tends to a constant at infinite noise and to 0 as the noise vanishes, so a steep
-positive slope is an estimation artifact; a random tiny Flux calibrated on 8 samples gave s = +37 at
-low noise, which the step multiplies by e^{s h} into NaN samples; on the analytic kit s stays in
-[-5, 0.4] and the cap changes nothing; the estimator caps before it fits b, and EMS caps tables
-loaded from older files; ``capped`` is the share of table entries cut),
+calibrated solver lose to DPM-Solver++ beyond 10 NFE; shrunk, it wins at every NFE), s is kept in
+[S_MIN, S_MAX] = [-8, 0.5] (f tends to a constant at infinite noise and to 0 as the noise vanishes, so
+a steep slope is an estimation artifact; a random tiny Flux calibrated on 8 samples gave s = +37 at
+low noise, on 4 samples s = -27, which the steps multiply by e^{|s| h} into NaN samples; on the
+analytic kit s stays in [-5, 0.4] and the bounds change nothing; the estimator bounds s before it
+fits b, and EMS bounds tables loaded from older files; ``capped`` is the share of entries cut),
 and the solver
 integrates the piecewise-linear tables with Gauss-Legendre quadrature at any lambda instead of
 snapping steps to the table grid (trapezoid sums).
@@ -38,6 +38,7 @@ from .common import SamplerInputError, alpha_s, precise
 _GL_X, _GL_W = (torch.tensor(a, dtype=torch.float64) for a in np.polynomial.legendre.leggauss(6))
 MAX_PIECE = 0.5   # widest lambda interval one 6-point Gauss-Legendre rule integrates
 S_MAX = 0.5       # largest growth rate of f per unit lambda the solver accepts (see the module docstring)
+S_MIN = -8.0      # steepest decay accepted (the analytic kit's tables reach -5)
 
 
 def _rule(edges: torch.Tensor):
@@ -61,8 +62,8 @@ class EMS:
                                     f"{self.s.shape}, {self.b.shape}")
         if not all(torch.isfinite(t).all() for t in (self.l, self.s, self.b)):
             raise SamplerInputError("EMS tables contain NaN or infinity")
-        self.capped = float((self.s > S_MAX).double().mean())
-        self.s = self.s.clamp(max=S_MAX)
+        self.capped = float(((self.s > S_MAX) | (self.s < S_MIN)).double().mean())
+        self.s = self.s.clamp(S_MIN, S_MAX)
         steep = float(self.s.abs().max())       # pieces short enough that e^{-S} varies by at most e^2 on one
         self.piece = MAX_PIECE if steep <= 2.0 / MAX_PIECE else 2.0 / steep
         self.shape = tuple(self.l.shape[1:])
@@ -262,8 +263,8 @@ def estimate(model, x0_batches, lam_grid, kind="ve", extra_args=None, pool_dims=
         if shrink:
             r2 = (cov ** 2 / (var * (m["gg"] - m["g"] ** 2).clamp(min=1e-12))).clamp(max=1.0)
             s_i = s_i * r2
-        over.append(s_i > S_MAX)
-        s_i = s_i.clamp(max=S_MAX)          # the intercept b below then belongs to the capped slope
+        over.append((s_i > S_MAX) | (s_i < S_MIN))
+        s_i = s_i.clamp(S_MIN, S_MAX)       # the intercept b below then belongs to the capped slope
         s_rows.append(s_i)
         b_rows.append(m["g"] - s_i * m["f"])
     ems = EMS(lam_grid, l_tab, smooth(torch.stack(s_rows), window), smooth(torch.stack(b_rows), window))

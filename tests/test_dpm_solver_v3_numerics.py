@@ -1,13 +1,15 @@
 """DPM-Solver-v3 with steep statistics: the step's integrals stay accurate and the samples finite."""
 import math
 
+import pytest
 import torch
 
 from kit.gmm import default_mixture
 from kit.models import AnalyticModel, initial_state, noise_like
-from kit.schedules import flow_linear
+from kit.schedules import flow_linear, karras
 from trainfree.samplers.dpm_solver_v3 import sample_dpm_solver_v3
-from trainfree.samplers.dpm_solver_v3_ems import EMS, S_MAX
+from trainfree.samplers import SamplerInputError
+from trainfree.samplers.dpm_solver_v3_ems import EMS, S_MAX, S_MIN
 
 
 def _constant(s, b, lam=(-10.0, 10.0), n=41):
@@ -37,10 +39,10 @@ def test_psi_is_exact_for_the_slopes_calibration_gives():
         _check_psi(s, 0.7, ((5.0, 5.3), (5.0, 8.0), (-9.0, -8.2), (2.0, 1.5), (-3.0, 4.0)), 1e-10)
 
 
-def test_psi_keeps_its_digits_where_s_spans_hundreds_over_the_grid():
-    """s = -30 on [-10, 10]: S spans 600, so integrals from the grid start reach e^600; Psi is integrated
+def test_psi_keeps_its_digits_at_the_steepest_accepted_slope():
+    """s = S_MIN = -8 on [-10, 10]: S spans 160, so integrals from the grid start reach e^160; Psi is integrated
     relative to S_s, on pieces short enough for the steep exponential, and stays exact."""
-    _check_psi(-30.0, 0.7, ((5.0, 5.3), (5.0, 6.0), (-9.0, -8.2), (2.0, 1.5)), 1e-10)
+    _check_psi(S_MIN, 0.7, ((5.0, 5.3), (5.0, 6.0), (-9.0, -8.2), (2.0, 1.5)), 1e-10)
 
 
 def test_steep_positive_slopes_are_capped_and_sampling_stays_finite():
@@ -49,6 +51,7 @@ def test_steep_positive_slopes_are_capped_and_sampling_stays_finite():
     bounded (measured: at most 13x DPM-Solver++'s largest value with s = 0.5 at every noise level)."""
     ems = _constant(37.0, 0.0)
     assert float(ems.s.max()) == S_MAX and ems.capped == 1.0 and _constant(-3.0, 0.0).capped == 0.0
+    assert float(_constant(-27.0, 0.0).s.min()) == S_MIN and _constant(-27.0, 0.0).capped == 1.0
     m = AnalyticModel(default_mixture(), "flow", cls=torch.arange(16) % 3, cfg=7.5)
     sig = flow_linear(6)
     x = initial_state(noise_like((16, 8), seed=3), sig[0], "flow")
@@ -80,3 +83,23 @@ def test_psi_matches_brute_force_on_varying_tables_both_ways():
         assert abs(float(w.sum()) - (t - lam_s)) < 1e-12
         j = len(x) // 2
         assert torch.allclose(psi[j], brute(lam_s, float(x[j])), rtol=1e-7, atol=1e-9), (lam_s, t)
+
+
+def test_a_non_finite_sample_is_a_clear_error_with_statistics():
+    """With statistics that do not fit, the state can overflow; the sampler says so instead of returning NaN
+    (a black image). Without statistics it behaves as ComfyUI's samplers (no check)."""
+    m = AnalyticModel(default_mixture(), "eps")
+    calls = [0]
+
+    def failing(x, sigma, **kw):
+        calls[0] += 1
+        out = m(x, sigma, **kw)
+        return out * float("nan") if calls[0] == 3 else out
+
+    failing.model_sampling = m.model_sampling
+    sig = karras(6)
+    x = initial_state(noise_like((2, 8)), sig[0], "ve")
+    with pytest.raises(SamplerInputError, match="became inf / NaN at step 3 of 6"):
+        sample_dpm_solver_v3(failing, x.clone(), sig, ems=EMS.degenerate(shape=(1,)))
+    calls[0] = 0
+    assert not torch.isfinite(sample_dpm_solver_v3(failing, x.clone(), sig)).all()

@@ -131,7 +131,7 @@ def test_files_from_before_settings_were_recorded_are_reused_and_old_steep_stati
     caplog.clear()
     v3._calibrate(comfyui, "sd15", name="legacy", overwrite=False)
     assert "reusing legacy.safetensors, made before calibration settings were recorded" in caplog.text
-    assert "the slope s was capped at 0.5" in _warnings(caplog)
+    assert "the slope s was bounded to [-8, 0.5]" in _warnings(caplog)
     loaded = comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeDPMSolverV3Load"]().load("legacy.safetensors")[0]
     assert float(loaded.ems.s.max()) <= 0.5
 
@@ -201,3 +201,55 @@ def test_ddim_uniform_calibrations_fit_the_steps_ksampler_really_runs(comfyui, m
                               tiny.conditioning("sd15", 3, 2), tiny.conditioning("sd15", 4, 2), torch.zeros(2, 4, 8, 8),
                               seed=4, disable_pbar=True)
     assert torch.isfinite(out).all()
+
+
+def test_schedule_search_runs_uni_pc_and_keys_samplers_by_content(comfyui, models_dir, caplog):
+    """uni_pc / sa_solver got the search's float64 sigmas and failed deep in torch; a sampler carrying
+    calibration data was keyed by a memory address, so its cached schedule was never found again."""
+    import comfy.samplers
+
+    model = comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models.build("sd15")
+    for name in ("uni_pc", "uni_pc_bh2", "sa_solver"):
+        sig = ss._search(comfyui, model, comfy.samplers.sampler_object(name), budget=3, name="u_" + name)
+        assert sig.dtype == torch.float32 and bool((sig[:-1] > sig[1:]).all())
+    key = comfyui.module_of("TrainFreeScheduleSearch")._sampler_key
+    _, record = v3._calibrate(comfyui, "sd15", name="keyed")
+    node = comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeDPMSolverV3Sampler"]()
+    loaded = comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeDPMSolverV3Load"]().load("keyed.safetensors")[0]
+    a = key(node.get_sampler(2, False, "full", True, ems=record)[0])
+    b = key(node.get_sampler(2, False, "full", True, ems=loaded)[0])
+    assert a == b and "0x" not in a and a.startswith("trainfree.nodes.dpm_solver_v3.")
+    assert a != key(node.get_sampler(3, False, "full", True, ems=loaded)[0])
+    caplog.clear()
+    ss._search(comfyui, model, comfy.samplers.sampler_object("euler_ancestral"), budget=2, name="anc")
+    assert "stochastic sampler (sample_euler_ancestral)" in _warnings(caplog)
+
+
+def test_searches_stop_at_cancel_before_their_long_reference_solves(comfyui, models_dir):
+    import comfy.model_management as mm
+    import comfy.patcher_extension as pe
+
+    model = comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models.build("sd15").clone()
+    calls = []
+    model.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "count", lambda ex, *a, **k: (calls.append(1), ex(*a, **k))[1])
+    for search in (lambda: dc._search(comfyui, model, name="cancel"),
+                   lambda: ss._search(comfyui, model, comfy_sampler("euler"), name="cancel")):
+        calls.clear()
+        mm.interrupt_current_processing(True)
+        with pytest.raises(mm.InterruptProcessingException):
+            search()
+        mm.interrupt_current_processing(False)
+        assert len(calls) <= 1, len(calls)
+    assert not list(models_dir.rglob("cancel*"))
+
+
+def comfy_sampler(name):
+    import comfy.samplers
+
+    return comfy.samplers.sampler_object(name)
+
+
+def test_linear_ag_says_when_the_steps_leave_nothing_to_fit(comfyui, models_dir):
+    base = comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models.build("sd15")
+    with pytest.raises(ValueError, match="2 steps leave no step with 2 earlier ones"):
+        lag._calibrate(comfyui, base, steps=2, history=2, name="short")
