@@ -247,6 +247,19 @@ def _name(f) -> str:
     return f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', type(f).__qualname__)}"
 
 
+def _added(added: dict, out: dict, args: dict) -> dict:
+    """``added`` plus what the model put on the stream between a span block's output ``out`` and the next span
+    block's input ``args`` (Flux adds ControlNet residuals there), in the next block's form ([txt; img] once the
+    span crosses into Flux's single-stream blocks). The cached residual leaves these out, so a cached step gets
+    the current step's additions, not the ones of its full step."""
+    now = {}
+    for k in ("img", "txt"):
+        a = args.get(k)
+        if isinstance(a, torch.Tensor):
+            now[k] = _reference(added, k, a) + (a - _reference(out, k, a))
+    return now
+
+
 class SpanRun:
     """One sampling run of the residual cache over the block span ``first`` .. ``last`` (block keys).
 
@@ -303,16 +316,22 @@ class SpanRun:
             cached = not self.is_full(self.step) and chunk in self.entries
             snap = {k: args[k].clone() for k in ("img", "txt") if isinstance(args.get(k), torch.Tensor)}
             branches = row_branches(to.get("cond_or_uncond", ()), args["img"].shape[0])
-            self.current = (chunk, cached, snap, branches)
+            self.current = (chunk, cached, snap, branches, {"added": {k: torch.zeros_like(v) for k, v in snap.items()}})
             self.cached_now = self.cached_now or cached
         if self.current is None:                      # span entered mid-way: never cache
             return call(args)
-        chunk, cached, snap, branches = self.current
+        chunk, cached, snap, branches, between = self.current
         if not cached:
+            if "out" in between:                      # what the model added since the previous span block
+                between["added"] = _added(between["added"], between["out"], args)
             out = call(args)
+            if key != self.last:                      # a copy: Flux adds ControlNet residuals to it in place
+                between["out"] = {k: v.clone() for k, v in out.items() if isinstance(v, torch.Tensor)}
             self.blocks_run += 1
             if key == self.last:
-                res = {k: (v - _reference(snap, k, v) if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
+                added = between["added"]
+                res = {k: (v - _reference(snap, k, v) - _reference(added, k, v) if isinstance(v, torch.Tensor) else v)
+                       for k, v in out.items()}
                 self.entries[chunk] = res
                 self.current = None
                 self.held_bytes = max(self.held_bytes, sum(t.numel() * t.element_size() for r in self.entries.values()
@@ -324,8 +343,9 @@ class SpanRun:
         self.blocks_skipped += 1
         if key != self.last:                          # skipped block: pass its inputs through
             return {k: args[k] for k in ("img", "txt") if k in args}
-        self.current = None
-        return {k: (_reference(snap, k, r) + self._correct(k, r, branches) if isinstance(r, torch.Tensor) else r)
+        self.current = None                           # the last block's input: the span input plus what the model
+        here = {k: args[k] for k in ("img", "txt") if isinstance(args.get(k), torch.Tensor)}   # added since (fresh)
+        return {k: (_reference(here, k, r) + self._correct(k, r, branches) if isinstance(r, torch.Tensor) else r)
                 for k, r in self.entries[chunk].items()}
 
     def clear(self):

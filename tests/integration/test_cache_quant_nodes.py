@@ -307,3 +307,43 @@ def test_pags_extra_pass_is_cached_too_and_reruns_are_identical(comfyui, arch):
     for _ in range(3):
         assert torch.equal(_sample(comfyui, m, arch, steps=9, cfg=4.0), first)
     assert not torch.equal(first, _sample(comfyui, _cache(comfyui, base, arch), arch, steps=9, cfg=4.0))
+
+
+def _tiny_flux_controlnet(comfyui, seed=7):
+    import comfy.controlnet
+    import comfy.ldm.flux.controlnet as flux_cn
+    import comfy.ops
+
+    tiny = _tiny(comfyui)
+    cfg = {k: v for k, v in tiny._config("flux").unet_config.items() if k != "image_model"}
+    net = flux_cn.ControlNetFlux(operations=comfy.ops.disable_weight_init, dtype=torch.float32,
+                                 device=torch.device("cpu"), **cfg)
+    tiny._reinit(net, seed)
+    return comfy.controlnet.ControlNet(net, load_device=torch.device("cpu"), extra_conds=["y", "guidance"])
+
+
+def test_a_flux_controlnet_keeps_its_window_on_cached_steps(comfyui):
+    """Flux adds ControlNet residuals between the blocks, in place: the cached residual leaves them out and a
+    cached step adds the current ones. Before, a ControlNet ending at 10% acted 2.9x too strongly (its step-0
+    additions rode along in the reused residual) and one active only on cached steps was dropped."""
+    import comfy.sample
+
+    tiny, cn = _tiny(comfyui), _tiny_flux_controlnet(comfyui)
+    flux = tiny.build("flux")
+    cached = _cache(comfyui, flux, "flux")
+    apply = comfyui.nodes.NODE_CLASS_MAPPINGS["ControlNetApplyAdvanced"]()
+    hint = torch.rand((2, 64, 64, 3), generator=torch.Generator().manual_seed(3))
+    noise = torch.randn((2, 16, 8, 8), generator=torch.Generator().manual_seed(4))
+
+    def run(model, window=None):
+        pos, neg = tiny.conditioning("flux", 1, 2), tiny.conditioning("flux", 2, 2)
+        if window:
+            pos, neg = apply.apply_controlnet(pos, neg, cn, hint, 1.0, *window)
+        return comfy.sample.sample(model, noise, 6, 1.0, "euler", "simple", pos, neg, torch.zeros_like(noise),
+                                   seed=4, disable_pbar=True)
+
+    plain_none, cached_none = run(flux), run(cached)
+    for window in ((0.0, 0.1), (0.1, 0.3), (0.5, 1.0), (0.0, 1.0)):
+        effect = float((run(flux, window) - plain_none).abs().max())
+        with_cache = float((run(cached, window) - cached_none).abs().max())
+        assert effect > 0.05 and 0.8 < with_cache / effect < 1.25, (window, effect, with_cache)
