@@ -273,6 +273,7 @@ class SpanRun:
         self.entries, self.current, self.step = {}, None, 0
         self.blocks_run = self.blocks_skipped = self.held_bytes = 0
         self.cached_now = False
+        self.controlled = True  # a ControlNet may add between blocks (the caller clears it when none is attached)
         self.times = []        # (cached?, seconds) per timed evaluation, filled by the caller
         self._ab = {}
 
@@ -325,7 +326,7 @@ class SpanRun:
             if "out" in between:                      # what the model added since the previous span block
                 between["added"] = _added(between["added"], between["out"], args)
             out = call(args)
-            if key != self.last:                      # a copy: Flux adds ControlNet residuals to it in place
+            if key != self.last and self.controlled:  # a copy: Flux adds ControlNet residuals to it in place
                 between["out"] = {k: v.clone() for k, v in out.items() if isinstance(v, torch.Tensor)}
             self.blocks_run += 1
             if key == self.last:

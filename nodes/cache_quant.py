@@ -137,6 +137,7 @@ def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
     if run is None:
         return executor(model, conds, x_in, timestep, model_options)
     run.cached_now = False
+    run.controlled = any(isinstance(c, dict) and c.get("control") is not None for cs in conds if cs for c in cs)
     t0 = time.perf_counter()
     out = executor(model, conds, x_in, timestep, model_options)
     _sync(x_in)

@@ -50,11 +50,7 @@ def checked(**ranges):
 
 
 def _marked(function, attr):
-    def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
-        if sigmas.numel() < 2:                           # no step to take (see _no_steps_is_a_no_op)
-            return x
-        return function(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **options)
-
+    sampler = _no_steps_is_a_no_op(function)
     sampler.__trainfree__ = True
     sampler.__name__ = sampler.__qualname__ = attr      # its own name (Schedule Search keys its cache by it)
     return sampler
