@@ -10,8 +10,8 @@ import torch
 from .. import calibration
 from ..samplers.autodiffusion import search_schedule
 from ..samplers.momentum import sample_dpmpp_2m_hb
-from .calibration_support import (Progress, empty_latent_for, interruptible, method_dir, model_fingerprint, reuse,
-                                  schedule_key, settings_key, with_guided_model)
+from .calibration_support import (Progress, empty_latent_for, interruptible, method_dir, model_keys, reuse,
+                                  settings_key, with_guided_model)
 
 METHOD = "schedule_search"
 PAPER = "Li et al., AutoDiffusion: Training-Free Optimization of Time Steps and Architectures (ICCV 2023)"
@@ -98,7 +98,7 @@ class TrainFreeScheduleSearch:
         path = calibration.file_in(method_dir(METHOD), name)
         ms = model.get_model_object("model_sampling")
         latent = empty_latent_for(model, latent_image)
-        keys = {"model": model_fingerprint(model), "schedule": schedule_key(ms), "sampler": _sampler_key(sampler),
+        keys = {**model_keys(model), "sampler": _sampler_key(sampler),
                 "steps": steps, "cfg": f"{cfg:g}", "start": initial_scheduler, "latent": "x".join(map(str, latent.shape)),
                 "settings": settings_key(budget=budget, reference_steps=reference_steps, seed=seed)}
         cached = reuse(path, METHOD, keys, overwrite)

@@ -21,8 +21,8 @@ import torch
 
 from .. import calibration
 from ..caching.cache_quant import Calibrator, SpanRun, group_bounds, uniform_schedule
-from .calibration_support import (Progress, empty_latent_for, list_files, load_named, method_dir, model_fingerprint,
-                                  reuse, scheduler_sigmas, warn_if_other_run)
+from .calibration_support import (Progress, empty_latent_for, list_files, load_named, method_dir, mismatch,
+                                  model_fingerprint, model_keys, reuse, scheduler_sigmas, warn_if_other_run)
 from .ui_support import ui_text
 
 KEY = "trainfree_dit_cache"
@@ -166,6 +166,7 @@ def _outer_sample(executor, *args, **kwargs):
                          "cache; two caches cannot be stacked. Use one of them.")
     run = cfg.new_run(len(args[3]) - 1)                      # refuses a schedule for another step count
     if cfg.schedule is not None:
+        _refuse_other_model(cfg.schedule, guider.model_patcher)   # the model sampled: a LoRA added after counts
         warn_if_other_run(cfg.schedule.name, cfg.schedule.keys, guider, args[2], args[3])
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
     guider.model_options["transformer_options"][RUN] = run
@@ -180,6 +181,13 @@ def _outer_sample(executor, *args, **kwargs):
             ui_text(cfg.last_report, cfg.node_id)
         cfg.last_held = run.held_bytes
         run.clear()                                          # nothing stays held, even after an interruption
+
+
+def _refuse_other_model(schedule, model_patcher):
+    detail = mismatch(schedule.keys, model_patcher)
+    if detail:
+        raise calibration.CalibrationError(f"DiT block cache: {schedule.name} was calibrated for another model "
+                                           f"({detail}); calibrate this model with the CacheQuant Calibrate node")
 
 
 def apply_cache(model, cfg: _Config):
@@ -250,7 +258,7 @@ class TrainFreeCacheQuantCalibrate:
         ms = model.get_model_object("model_sampling")          # KSampler's own step count (ddim_uniform: more)
         run_steps = len(scheduler_sigmas(ms, scheduler, steps, sampler_name)) - 1
         full_steps = math.ceil(run_steps / interval)
-        keys = {"model": model_fingerprint(model), "steps": steps, "arch": arch, "span": f"{head_blocks}:{tail_blocks}",
+        keys = {"model": model_fingerprint(model), "prediction": model_keys(model)["prediction"], "steps": steps, "arch": arch, "span": f"{head_blocks}:{tail_blocks}",
                 "interval": interval, "correction": bool(correction), "weighted": bool(step_weighting), "sampler": sampler_name, "scheduler": scheduler,
                 "cfg": f"{cfg:g}", "latent": "x".join(map(str, latent.shape)), "seed": seed}
         found = reuse(path, METHOD, keys, overwrite)
@@ -314,11 +322,7 @@ class TrainFreeDiTCache:
 
     def patch(self, model, interval, head_blocks, tail_blocks, schedule=None, unique_id=None):
         if schedule is not None:
-            mine = model_fingerprint(model)
-            if schedule.keys.get("model") != mine:
-                raise calibration.CalibrationError(
-                    f"DiT block cache: {schedule.name} was calibrated for model {schedule.keys.get('model')!r}, this "
-                    f"model is {mine!r}; calibrate this model with the CacheQuant Calibrate node")
+            _refuse_other_model(schedule, model)
             head_blocks, tail_blocks = (int(v) for v in schedule.keys["span"].split(":"))
         arch, span = dit_span(model, head_blocks, tail_blocks)
         check_alone(model.model_options)

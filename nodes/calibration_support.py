@@ -74,7 +74,7 @@ def _original_weights(model_patcher) -> list:
 
 
 def model_fingerprint(model_patcher) -> str:
-    """Hash of the diffusion model's weights, its weight patches (LoRA ...) and its sampling type."""
+    """Hash of the diffusion model's weights, its weight patches (LoRA ...) and its model class."""
     key = (id(model_patcher.model), getattr(model_patcher, "patches_uuid", None))
     if key not in _PRINTS:
         named = _original_weights(model_patcher)
@@ -145,13 +145,35 @@ def empty_latent_for(model, latent_image):
     return comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
 
 
+def prediction_key(model_sampling) -> str:
+    """What the network predicts (EPS, V_PREDICTION, CONST, X0 ...): ComfyUI's ModelSamplingDiscrete node mixes
+    these into one class whose first bases do not show it, and the weights alone do not tell it either."""
+    kinds = [c.__name__ for c in type(model_sampling).__mro__
+             if c.__module__ == "comfy.model_sampling" and not c.__name__.startswith("ModelSampling")]
+    return "+".join(kinds) or type(model_sampling).__name__
+
+
+def model_keys(model_patcher) -> dict:
+    """The keys every calibration records about its model: weights (with LoRAs), schedule, prediction type."""
+    ms = model_patcher.get_model_object("model_sampling")
+    return {"model": model_fingerprint(model_patcher), "schedule": schedule_key(ms), "prediction": prediction_key(ms)}
+
+
+OPTIONAL = ("settings", "prediction")   # keys files from before 2026-12 do not record; checked when they do
+
+
+def mismatch(keys: dict, model_patcher) -> str:
+    """'' when a calibration's keys fit this model, else what differs (named for the message). Only what the
+    calibration recorded is compared (older files lack the prediction type; CacheQuant's the schedule)."""
+    have = model_keys(model_patcher)
+    wrong = {k: (keys[k], v) for k, v in have.items() if k in keys and str(keys[k]) != v}
+    return "; ".join(f"{k}: calibrated for {a!r}, this model {b!r}" for k, (a, b) in wrong.items())
+
+
 def check_matches(name: str, keys: dict, model_k, calibrate_node: str) -> None:
     """Refuse a calibration made for another model or schedule than the one sampling now."""
-    have = {"model": model_fingerprint(model_k.inner_model.model_patcher),
-            "schedule": schedule_key(model_k.inner_model.inner_model.model_sampling)}
-    wrong = {k: (keys.get(k), v) for k, v in have.items() if keys.get(k) != v}
-    if wrong:
-        detail = "; ".join(f"{k}: calibrated for {a!r}, this model {b!r}" for k, (a, b) in wrong.items())
+    detail = mismatch(keys, model_k.inner_model.model_patcher)
+    if detail:
         raise CalibrationError(f"{name} was computed for another model or schedule ({detail}); "
                                f"calibrate this model with the {calibrate_node} node")
 
@@ -161,7 +183,7 @@ def reuse(path, method: str, keys: dict, overwrite: bool):
     if overwrite or not path.exists():
         return None
     try:
-        tensors = calibration.load(path, method, keys, optional=("settings",))
+        tensors = calibration.load(path, method, keys, optional=OPTIONAL)
     except CalibrationError as e:
         raise CalibrationError(f"{e}. Choose another name, or set overwrite to replace it.") from e
     if "settings" in keys and "settings" not in calibration.stored_keys(path):

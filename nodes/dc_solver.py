@@ -10,8 +10,8 @@ import torch
 from .. import calibration
 from ..samplers.dc_solver import RATIO_BOUNDS, cpr_fit, cpr_ratios, sample_dc_solver, search_ratios
 from .calibration_support import (Progress, basic_scheduler_sigmas, check_matches, empty_latent_for, guider_cfg,
-                                  interruptible, list_files, load_named, method_dir, model_fingerprint, reuse,
-                                  schedule_key, settings_key, warn_if_other_run, with_guided_model)
+                                  interruptible, list_files, load_named, method_dir, model_keys, reuse, settings_key,
+                                  warn_if_other_run, with_guided_model)
 from .sampler_support import CATEGORY, SamplerNode, ksampler
 
 METHOD = "dc_solver"
@@ -107,7 +107,7 @@ class TrainFreeDCSolverSearch:
         nfes = _numbers(steps, int, 3, 100, "steps")
         scales = _numbers(cfgs, float, 1.0, 30.0, "cfgs")
         ms = model.get_model_object("model_sampling")
-        keys = {"model": model_fingerprint(model), "schedule": schedule_key(ms), "scheduler": scheduler,
+        keys = {**model_keys(model), "scheduler": scheduler,
                 "grid": f"steps={','.join(map(str, nfes))};cfg={','.join(f'{c:g}' for c in scales)}"}
         latent = empty_latent_for(model, latent_image)
         keys["settings"] = settings_key(iterations=iterations, seed=seed,

@@ -14,8 +14,7 @@ from ..samplers.dpm_solver_v3 import sample_dpm_solver_v3
 from ..samplers.dpm_solver_v3_ems import EMS, S_MAX, S_MIN, estimate, lambda_range
 from ..samplers.momentum import sample_dpmpp_2m_hb
 from .calibration_support import (Progress, check_matches, empty_latent_for, guider_cfg, list_files, load_named,
-                                  method_dir, model_fingerprint, reuse, schedule_key, settings_key, warn_if_other,
-                                  with_guided_model)
+                                  method_dir, model_keys, reuse, settings_key, warn_if_other, with_guided_model)
 from .sampler_support import CATEGORY, SamplerNode, ksampler
 
 METHOD = "dpm_solver_v3"
@@ -32,8 +31,7 @@ class EmsRecord:
 
 
 def _keys(model, shape, cfg, per_pixel, settings=""):
-    ms = model.get_model_object("model_sampling")
-    return {"model": model_fingerprint(model), "schedule": schedule_key(ms), "cfg": f"{cfg:g}",
+    return {**model_keys(model), "cfg": f"{cfg:g}",
             "stats": "pixel:" + "x".join(map(str, shape)) if per_pixel else f"channel:{shape[0]}",
             "settings": settings}
 
@@ -90,7 +88,9 @@ class TrainFreeDPMSolverV3Calibrate:
             "data_steps": ("INT", {"default": 30, "min": 5, "max": 200,
                                    "tooltip": "DPM-Solver++ steps used to draw the model's own clean samples."}),
             "statistics": (["per channel (any resolution)", "per pixel (this resolution)"],
-                           {"tooltip": "Per-channel statistics serve every resolution and need fewer samples."}),
+                           {"tooltip": "Per-channel statistics serve every resolution (and video frame count) and "
+                                       "need fewer samples; per-pixel ones fit this latent size and frame "
+                                       "count only."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Calibration noise seed."}),
             "name": ("STRING", {"default": "my_model_cfg7.5",
                                 "tooltip": "File name (letters, digits, . _ -) under models/trainfree/dpm_solver_v3."}),

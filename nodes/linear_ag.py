@@ -14,9 +14,8 @@ from .. import calibration
 from ..calibration import CalibrationError
 from ..guidance.linear_ag import Calibrator, LinearAG, estimated_steps
 from ..samplers.common import STEP_SIGMA
-from .calibration_support import (Progress, empty_latent_for, list_files, load_named, method_dir,
-                                  model_fingerprint, reuse, schedule_key, scheduler_sigmas, settings_key,
-                                  warn_if_other_run)
+from .calibration_support import (Progress, empty_latent_for, list_files, load_named, method_dir, mismatch,
+                                  model_keys, reuse, scheduler_sigmas, settings_key, warn_if_other_run)
 from .ui_support import ui_text
 
 METHOD = "linear_ag"
@@ -125,7 +124,7 @@ class TrainFreeLinearAGCalibrate:
             raise ValueError("LinearAG replaces CFG's negative-prompt pass; at CFG 1 ComfyUI skips that pass, so "
                              "there is nothing to calibrate. Set the CFG you sample with (> 1).")
         latent = empty_latent_for(model, latent_image)
-        keys = {"model": model_fingerprint(model), "schedule": schedule_key(ms), "scheduler": scheduler,
+        keys = {**model_keys(model), "scheduler": scheduler,
                 "steps": int(steps), "history": int(history), "cfg": f"{float(cfg):g}", "sampler": sampler_name,
                 "settings": settings_key(seed=seed, latent="x".join(map(str, latent.shape)))}
         cached = reuse(path, METHOD, keys, overwrite)
@@ -201,11 +200,19 @@ def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
     return out
 
 
+def _refuse_other_model(rec, model_patcher):
+    detail = mismatch(rec.keys, model_patcher)
+    if detail:
+        raise CalibrationError(f"LinearAG coefficients {rec.name} belong to another model ({detail}); "
+                               "calibrate this model with the LinearAG Calibrate node")
+
+
 def _outer_sample(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
     guider = executor.class_obj
     original = guider.model_options
     proto = original["transformer_options"][KEY]
     rec = proto.record
+    _refuse_other_model(rec, guider.model_patcher)       # the model sampled: a LoRA added after the node counts
     same = sigmas.shape[-1] == rec.sigmas.shape[-1] and torch.allclose(
         sigmas.detach().to("cpu", torch.float64), rec.sigmas.to(torch.float64), rtol=1e-4, atol=1e-6)
     if not same:
@@ -263,12 +270,7 @@ class TrainFreeLinearAG:
     def patch(self, model, coefficients, start_percent, end_percent, unique_id=None):
         if start_percent > end_percent:
             raise ValueError(f"LinearAG: start_percent {start_percent} is after end_percent {end_percent}")
-        have = {"model": model_fingerprint(model), "schedule": schedule_key(model.get_model_object("model_sampling"))}
-        wrong = {k: (coefficients.keys.get(k), v) for k, v in have.items() if coefficients.keys.get(k) != v}
-        if wrong:
-            detail = "; ".join(f"{k}: calibrated for {a!r}, this model {b!r}" for k, (a, b) in wrong.items())
-            raise CalibrationError(f"LinearAG coefficients {coefficients.name} belong to another model ({detail}); "
-                                   "calibrate this model with the LinearAG Calibrate node")
+        _refuse_other_model(coefficients, model)
         m = model.clone()
         m.model_options["transformer_options"][KEY] = _Holder(coefficients, float(start_percent), float(end_percent),
                                                                   unique_id)

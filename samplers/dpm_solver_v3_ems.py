@@ -215,11 +215,11 @@ def estimate(model, x0_batches, lam_grid, kind="ve", extra_args=None, pool_dims=
     gen = torch.Generator(device=x0_batches[0].device).manual_seed(seed)
     total, done = 2 * lam_grid.numel() * len(x0_batches), 0
 
-    acc = precise(x0_batches[0])
+    work = precise(x0_batches[0])      # the accumulation dtype, on the model's device
 
     def reduce(t):  # mean over the batch and the pooled dims, keepdim on pooled ones; tables live on the CPU
         dims = (0,) + tuple(pool_dims)
-        return t.to(acc).mean(dim=dims, keepdim=True).squeeze(0).cpu().double()
+        return t.to(work).mean(dim=dims, keepdim=True).squeeze(0).cpu().double()
 
     l_rows = []
     for lam in lam_grid.tolist():  # pass 1: l = 1 - E[v (dD/dx) v]
@@ -243,11 +243,11 @@ def estimate(model, x0_batches, lam_grid, kind="ve", extra_args=None, pool_dims=
         m = {"f": 0.0, "g": 0.0, "ff": 0.0, "fg": 0.0, "gg": 0.0}
         for x0 in x0_batches:
             _, _, x_ve = forward_process(x0, lam, kind, gen)
-            d = _denoise_ve(model, x_ve, lam, kind, extra_args).to(acc)
-            x_ve = x_ve.to(acc)
+            d = _denoise_ve(model, x_ve, lam, kind, extra_args).to(work)
+            x_ve = x_ve.to(work)
             move = (d - x_ve).to(x0.dtype)
             d1 = (_denoise_ve(model, x_ve.to(x0.dtype) + fd * move, lam + fd, kind, extra_args)
-                  - _denoise_ve(model, x_ve.to(x0.dtype) - fd * move, lam - fd, kind, extra_args)).to(acc) / (2 * fd)
+                  - _denoise_ve(model, x_ve.to(x0.dtype) - fd * move, lam - fd, kind, extra_args)).to(work) / (2 * fd)
             l_i, ld_i = l_tab[i].to(x_ve), l_dot[i].to(x_ve)
             f = (1 - l_i) * x_ve - d
             fp = -ld_i * x_ve + (1 - l_i) * (d - x_ve) - d1

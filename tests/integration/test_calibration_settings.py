@@ -253,3 +253,36 @@ def test_linear_ag_says_when_the_steps_leave_nothing_to_fit(comfyui, models_dir)
     base = comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models.build("sd15")
     with pytest.raises(ValueError, match="2 steps leave no step with 2 earlier ones"):
         lag._calibrate(comfyui, base, steps=2, history=2, name="short")
+
+
+def test_calibrations_record_the_prediction_type_and_check_the_model_sampled(comfyui, models_dir):
+    """eps and v-prediction share weights and ComfyUI's ModelSamplingDiscrete class: the prediction type is a key
+    of its own. LinearAG and the DiT cache compared the model only when the node was applied, so a LoRA wired
+    after them went unchecked; they now check the model being sampled."""
+    tiny = comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models
+    nodes = comfyui.nodes.NODE_CLASS_MAPPINGS
+    model, record = v3._calibrate(comfyui, "sd15", name="eps")
+    assert record.keys["prediction"] == "EPS"
+    vpred = nodes["ModelSamplingDiscrete"]().patch(model, "v_prediction", False)[0]
+    with pytest.raises(ValueError, match="prediction: calibrated for 'EPS', this model 'V_PREDICTION"):
+        v3._sample(comfyui, vpred, record)
+    with pytest.raises(ValueError, match=f"prediction: .*{OTHER}"):     # not reused for the v-prediction model
+        nodes["TrainFreeDPMSolverV3Calibrate"]().calibrate(
+            vpred, tiny.conditioning("sd15", 1), tiny.conditioning("sd15", 2), {"samples": torch.zeros(8, 4, 8, 8)},
+            4.0, 16, 16, 8, "per channel (any resolution)", 0, "eps", False)
+
+    def lora(m):
+        out = m.clone()
+        key = next(k for k in m.model_state_dict() if k.endswith(("attn2.to_q.weight", "attn.qkv.weight",
+                                                                    "img_attn.qkv.weight")))
+        out.add_patches({key: (torch.full_like(m.model_state_dict()[key], 0.05),)}, 1.0)
+        return out
+
+    rec = lag._calibrate(comfyui, model, name="lag_lora")
+    with pytest.raises(ValueError, match="belong to another model .*model: calibrated for"):
+        lag._sample(comfyui, lora(lag._patch(comfyui, model, rec)))
+    flux = tiny.build("flux")
+    sch = cq._calibrate(comfyui, flux, "flux", steps=8, name="cq_lora")
+    assert sch.keys["prediction"] == "CONST"
+    with pytest.raises(ValueError, match="calibrated for another model .*model: calibrated for"):
+        cq._sample(comfyui, lora(cq._cache(comfyui, flux, "flux", schedule=sch)), "flux")
