@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from ..samplers.common import STEP_SIGMA
+from ..samplers.common import STEP_SIGMA, precise
 
 
 def group_bounds(steps: int, full_steps: int) -> tuple:
@@ -101,8 +101,8 @@ class Moments:
         self.s = None           # [5, C]: sum x, sum y, sum xx, sum xy, sum yy
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x, y = x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()
-        s = torch.stack([x.sum(0), y.sum(0), (x * x).sum(0), (x * y).sum(0), (y * y).sum(0)]).cpu()
+        x, y = x.reshape(-1, x.shape[-1]).to(precise(x)), y.reshape(-1, y.shape[-1]).to(precise(y))   # not on MPS
+        s = torch.stack([x.sum(0), y.sum(0), (x * x).sum(0), (x * y).sum(0), (y * y).sum(0)]).to("cpu", torch.float64)
         self.s = s if self.s is None else self.s + s
         self.n += x.shape[0]
 
@@ -312,7 +312,7 @@ class SpanRun:
                 self.step = step_of(float(to["sigmas"].reshape(-1)[0]) if at is None else float(at),
                                     to["sample_sigmas"])
                 if self.calibrator is not None and self.calibrator.sigmas is None:
-                    self.calibrator.sigmas = to["sample_sigmas"].detach().double().cpu()
+                    self.calibrator.sigmas = to["sample_sigmas"].detach().to("cpu", torch.float64)
             chunk = self._chunk(args)
             cached = not self.is_full(self.step) and chunk in self.entries
             snap = {k: args[k].clone() for k in ("img", "txt") if isinstance(args.get(k), torch.Tensor)}

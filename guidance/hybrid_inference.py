@@ -36,11 +36,11 @@ def refine(sigmas: torch.Tensor, substeps: int) -> torch.Tensor:
         return sigmas
     parts = [sigmas[:1]]
     for a, b in zip(sigmas[:-1], sigmas[1:]):
-        t = torch.linspace(0.0, 1.0, substeps + 1, dtype=torch.float64, device=sigmas.device)[1:]
-        a64, b64 = a.to(torch.float64), b.to(torch.float64)
+        t = torch.linspace(0.0, 1.0, substeps + 1, dtype=torch.float64)[1:]     # on the CPU (MPS has no float64)
+        a64, b64 = a.to("cpu", torch.float64), b.to("cpu", torch.float64)
         seg = a64 * (b64 / a64) ** t if float(b) > 0 and float(a) > 0 else a64 + (b64 - a64) * t
         seg[-1] = b64                                            # the hand-off sigma exactly
-        parts.append(seg.to(sigmas.dtype))
+        parts.append(seg.to(sigmas.device, sigmas.dtype))
     return torch.cat(parts)
 
 

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import torch
 
+from ..samplers.common import precise
+
 
 def num_features(history: int) -> int:
     return 1 + 2 * int(history)
@@ -43,7 +45,7 @@ def estimated_steps(steps: int, start_percent: float = 0.0, end_percent: float =
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0], -1).to(torch.float64)
+    return t.reshape(t.shape[0], -1).to(precise(t))      # float64, except on MPS (none there)
 
 
 def _features(eps_c, past) -> torch.Tensor:
@@ -76,8 +78,8 @@ class Calibrator:
         eps_c, eps_u = eps_c.detach(), eps_u.detach()
         past = [self._past.get(step - j) for j in range(1, self.history + 1)]
         if all(p is not None for p in past):
-            a = _features(eps_c, past).reshape(-1, self.xtx.shape[-1]).cpu()
-            y = _flat(eps_u).reshape(-1).cpu()
+            a = _features(eps_c, past).reshape(-1, self.xtx.shape[-1]).to("cpu", torch.float64)
+            y = _flat(eps_u).reshape(-1).to("cpu", torch.float64)
             self.xtx[step] += a.T @ a
             self.xty[step] += a.T @ y
             self.yty[step] += y @ y
@@ -126,7 +128,7 @@ class LinearAG:
     def estimate(self, step: int, eps_c: torch.Tensor) -> torch.Tensor:
         past = [self._past[step - j] for j in range(1, self.history + 1)]
         a = _features(eps_c, past)
-        out = a @ self.coef[step].to(a.device)
+        out = a @ self.coef[step].to(a.device, a.dtype)
         return out.reshape(eps_c.shape).to(eps_c.dtype)
 
     def record(self, step: int, eps_c: torch.Tensor, eps_u: torch.Tensor) -> None:

@@ -52,7 +52,7 @@ def step_of(timestep, sigmas, named=None) -> int | None:
     if sigmas is None:
         return None
     t = float(timestep.reshape(-1)[0]) if named is None else float(named)
-    hits = (sigmas[:-1].to(torch.float64).cpu() - t).abs() <= 1e-5 * max(1.0, abs(t))
+    hits = (sigmas[:-1].detach().to("cpu", torch.float64) - t).abs() <= 1e-5 * max(1.0, abs(t))
     idx = hits.nonzero().flatten()
     return int(idx[0]) if idx.numel() else None
 

@@ -167,7 +167,8 @@ class EMS:
 def forward_process(x0: torch.Tensor, lam: float, kind: str, generator=None):
     """(x in sampler space, ComfyUI sigma, x_ve) of a forward-process sample at half-log-SNR lam."""
     sigma_ve = float(np.exp(-lam))
-    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype,
+                        device=generator.device if generator is not None else x0.device).to(x0.device)
     x_ve = x0 + sigma_ve * noise
     return ve_to_sampler(x_ve, sigma_ve, kind) + (x_ve,)
 
@@ -212,7 +213,7 @@ def estimate(model, x0_batches, lam_grid, kind="ve", extra_args=None, pool_dims=
     """
     extra_args = {} if extra_args is None else extra_args
     lam_grid = torch.as_tensor(lam_grid, dtype=torch.float64)
-    gen = torch.Generator(device=x0_batches[0].device).manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)     # on the CPU: the same statistics on every backend
     total, done = 2 * lam_grid.numel() * len(x0_batches), 0
 
     work = precise(x0_batches[0])      # the accumulation dtype, on the model's device
@@ -226,7 +227,7 @@ def estimate(model, x0_batches, lam_grid, kind="ve", extra_args=None, pool_dims=
         acc = 0.0
         for x0 in x0_batches:
             _, _, x_ve = forward_process(x0, lam, kind, gen)
-            v = (torch.randint(0, 2, x0.shape, generator=gen, device=x0.device) * 2 - 1).to(x0.dtype)
+            v = (torch.randint(0, 2, x0.shape, generator=gen) * 2 - 1).to(x0.device, x0.dtype)
             step = fd * float(np.exp(-lam))
             jvp = (_denoise_ve(model, x_ve + step * v, lam, kind, extra_args)
                    - _denoise_ve(model, x_ve - step * v, lam, kind, extra_args)) / (2 * step)
