@@ -35,6 +35,11 @@ import torch
 from ..samplers.common import STEP_SIGMA, precise
 
 
+
+def _floats(sigmas) -> list:
+    """The schedule as Python floats, read from the device in one transfer (not one per element)."""
+    return [float(s) for s in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
+
 def group_bounds(steps: int, full_steps: int) -> tuple:
     """(shortest, longest) group the official DPS allows: ceil(N/2) and 2N (at most ``steps``), N = steps / full_steps."""
     if not 1 <= full_steps <= steps:
@@ -219,7 +224,7 @@ def row_branches(cond_or_uncond, batch):
 def step_of(sigma: float, sample_sigmas) -> int:
     """Index of the sampling step an evaluation at ``sigma`` belongs to (sub-step evaluations of higher-order
     samplers count for the step they start from)."""
-    ss = [float(s) for s in sample_sigmas]
+    ss = _floats(sample_sigmas)
     if len(ss) < 2:
         return 0
     tol = 1e-5 * max(abs(sigma), 1e-3)

@@ -38,6 +38,11 @@ CENTER_FRACTION = 15 / 50      # official: center 15 at 50 steps
 START_POW = 1.4                # official SD1.5 script
 
 
+
+def _floats(sigmas) -> list:
+    """The schedule as Python floats, read from the device in one transfer (not one per element)."""
+    return [float(s) for s in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
+
 def uniform_steps(steps: int, interval: int) -> list[int]:
     """Full steps of the uniform 1:N schedule: every N-th step from the first."""
     _check(steps, interval)
@@ -70,7 +75,7 @@ def full_step_mask(sample_sigmas, interval: int, schedule: str, sigma_start: flo
     Also returns a note when the quadratic schedule fell back to uniform."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    sig = [float(s) for s in sample_sigmas]
+    sig = _floats(sample_sigmas)
     steps = max(len(sig) - 1, 0)
     inside = [sigma_end < sig[i] <= sigma_start for i in range(steps)]
     window = [i for i in range(steps) if inside[i]]
@@ -91,7 +96,7 @@ def full_step_mask(sample_sigmas, interval: int, schedule: str, sigma_start: flo
 def step_of(sigma: float, sample_sigmas) -> int | None:
     """The step a model call at ``sigma`` belongs to: the last i with sample_sigmas[i] >= sigma
     (an intermediate evaluation of a multistage sampler belongs to the step it starts from)."""
-    sig = [float(s) for s in sample_sigmas]
+    sig = _floats(sample_sigmas)
     best = None
     for i in range(len(sig) - 1):
         if sig[i] >= sigma * (1 - 1e-5) - 1e-12:
