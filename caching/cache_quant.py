@@ -35,10 +35,10 @@ import torch
 from ..samplers.common import STEP_SIGMA, precise
 
 
-
 def _floats(sigmas) -> list:
     """The schedule as Python floats, read from the device in one transfer (not one per element)."""
     return [float(s) for s in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
+
 
 def group_bounds(steps: int, full_steps: int) -> tuple:
     """(shortest, longest) group the official DPS allows: ceil(N/2) and 2N (at most ``steps``), N = steps / full_steps."""

@@ -38,10 +38,10 @@ CENTER_FRACTION = 15 / 50      # official: center 15 at 50 steps
 START_POW = 1.4                # official SD1.5 script
 
 
-
 def _floats(sigmas) -> list:
     """The schedule as Python floats, read from the device in one transfer (not one per element)."""
     return [float(s) for s in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
+
 
 def uniform_steps(steps: int, interval: int) -> list[int]:
     """Full steps of the uniform 1:N schedule: every N-th step from the first."""
