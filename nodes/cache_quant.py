@@ -21,8 +21,8 @@ import torch
 
 from .. import calibration
 from ..caching.cache_quant import Calibrator, SpanRun, group_bounds, uniform_schedule
-from .calibration_support import (Progress, empty_latent_for, list_files, load_named, method_dir, mismatch,
-                                  model_fingerprint, model_keys, reuse, scheduler_sigmas, warn_if_other_run)
+from .calibration_support import (Progress, empty_latent_for, list_files, load_named, method_dir, model_fingerprint,
+                                  prediction_key, refuse_mismatch, reuse, scheduler_sigmas, warn_if_other_run)
 from .ui_support import ui_text
 
 KEY = "trainfree_dit_cache"
@@ -184,10 +184,8 @@ def _outer_sample(executor, *args, **kwargs):
 
 
 def _refuse_other_model(schedule, model_patcher):
-    detail = mismatch(schedule.keys, model_patcher)
-    if detail:
-        raise calibration.CalibrationError(f"DiT block cache: {schedule.name} was calibrated for another model "
-                                           f"({detail}); calibrate this model with the CacheQuant Calibrate node")
+    refuse_mismatch(f"DiT block cache: {schedule.name} was calibrated for another model", schedule.keys,
+                    model_patcher, "CacheQuant Calibrate")
 
 
 def apply_cache(model, cfg: _Config):
@@ -258,8 +256,9 @@ class TrainFreeCacheQuantCalibrate:
         ms = model.get_model_object("model_sampling")          # KSampler's own step count (ddim_uniform: more)
         run_steps = len(scheduler_sigmas(ms, scheduler, steps, sampler_name)) - 1
         full_steps = math.ceil(run_steps / interval)
-        keys = {"model": model_fingerprint(model), "prediction": model_keys(model)["prediction"], "steps": steps, "arch": arch, "span": f"{head_blocks}:{tail_blocks}",
-                "interval": interval, "correction": bool(correction), "weighted": bool(step_weighting), "sampler": sampler_name, "scheduler": scheduler,
+        keys = {"model": model_fingerprint(model), "prediction": prediction_key(ms), "steps": steps, "arch": arch,
+                "span": f"{head_blocks}:{tail_blocks}", "interval": interval, "correction": bool(correction),
+                "weighted": bool(step_weighting), "sampler": sampler_name, "scheduler": scheduler,
                 "cfg": f"{cfg:g}", "latent": "x".join(map(str, latent.shape)), "seed": seed}
         found = reuse(path, METHOD, keys, overwrite)
         if found is not None:

@@ -170,12 +170,17 @@ def mismatch(keys: dict, model_patcher) -> str:
     return "; ".join(f"{k}: calibrated for {a!r}, this model {b!r}" for k, (a, b) in wrong.items())
 
 
+def refuse_mismatch(what: str, keys: dict, model_patcher, calibrate_node: str) -> None:
+    """Raise ``what (details); calibrate this model with ...`` when a calibration does not fit this model."""
+    detail = mismatch(keys, model_patcher)
+    if detail:
+        raise CalibrationError(f"{what} ({detail}); calibrate this model with the {calibrate_node} node")
+
+
 def check_matches(name: str, keys: dict, model_k, calibrate_node: str) -> None:
     """Refuse a calibration made for another model or schedule than the one sampling now."""
-    detail = mismatch(keys, model_k.inner_model.model_patcher)
-    if detail:
-        raise CalibrationError(f"{name} was computed for another model or schedule ({detail}); "
-                               f"calibrate this model with the {calibrate_node} node")
+    refuse_mismatch(f"{name} was computed for another model or schedule", keys, model_k.inner_model.model_patcher,
+                    calibrate_node)
 
 
 def reuse(path, method: str, keys: dict, overwrite: bool):

@@ -13,8 +13,8 @@ from ..samplers.common import kind_of_sampling
 from ..samplers.dpm_solver_v3 import sample_dpm_solver_v3
 from ..samplers.dpm_solver_v3_ems import EMS, S_MAX, S_MIN, estimate, lambda_range
 from ..samplers.momentum import sample_dpmpp_2m_hb
-from .calibration_support import (Progress, check_matches, empty_latent_for, guider_cfg, list_files, load_named,
-                                  method_dir, model_keys, reuse, settings_key, warn_if_other, with_guided_model)
+from .calibration_support import (Progress, check_matches, empty_latent_for, list_files, load_named, method_dir,
+                                  model_keys, reuse, settings_key, warn_if_other_run, with_guided_model)
 from .sampler_support import CATEGORY, SamplerNode, ksampler
 
 METHOD = "dpm_solver_v3"
@@ -155,8 +155,7 @@ def _sample_checked(model, x, sigmas, extra_args=None, callback=None, disable=No
     ms = model.inner_model.inner_model.model_sampling
     if record is not None:
         check_matches(record.name, record.keys, model, "DPM-Solver-v3 Calibrate")
-        cfg = guider_cfg(model.inner_model)
-        warn_if_other(record.name, record.keys, "cfg", None if cfg is None else f"{cfg:g}", "CFG")
+        warn_if_other_run(record.name, {"cfg": record.keys["cfg"]} if "cfg" in record.keys else {}, model.inner_model)
     if half:   # the corrector only in the low-noise half of the model's time range (paper: t <= 0.5)
         s = float(ms.percent_to_sigma(0.5))
         opts["corrector_sigma_max"] = s / (1 - s) if kind_of_sampling(ms) == "flow" else s

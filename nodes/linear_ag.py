@@ -14,8 +14,9 @@ from .. import calibration
 from ..calibration import CalibrationError
 from ..guidance.linear_ag import Calibrator, LinearAG, estimated_steps
 from ..samplers.common import STEP_SIGMA
-from .calibration_support import (Progress, empty_latent_for, list_files, load_named, method_dir, mismatch,
-                                  model_keys, reuse, scheduler_sigmas, settings_key, warn_if_other_run)
+from .calibration_support import (Progress, empty_latent_for, list_files, load_named, method_dir,
+                                  model_keys, refuse_mismatch, reuse, scheduler_sigmas, settings_key,
+                                  warn_if_other_run)
 from .ui_support import ui_text
 
 METHOD = "linear_ag"
@@ -201,10 +202,8 @@ def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
 
 
 def _refuse_other_model(rec, model_patcher):
-    detail = mismatch(rec.keys, model_patcher)
-    if detail:
-        raise CalibrationError(f"LinearAG coefficients {rec.name} belong to another model ({detail}); "
-                               "calibrate this model with the LinearAG Calibrate node")
+    refuse_mismatch(f"LinearAG coefficients {rec.name} belong to another model", rec.keys, model_patcher,
+                    "LinearAG Calibrate")
 
 
 def _outer_sample(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
