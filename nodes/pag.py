@@ -98,7 +98,7 @@ def _perturbed_attention(img_range, *a, **kw):
     return out.transpose(1, 2).reshape(b, n, h * d)
 
 
-def _plan(arch, kind, index, model, args, img_len_box):
+def _plan(arch, kind, index, flipped, args, img_len_box):
     """For one block call: (call number, query tokens, key tokens) -> image-row function (or None: a pure
     self-attention; or False: leave that attention call alone). Image rows are located by the image token
     count, so a sequence that other patches extend with text tokens (NASA) or call on a sub-sequence is still
@@ -111,17 +111,16 @@ def _plan(arch, kind, index, model, args, img_len_box):
             (lambda n: None) if nq == nk == i else False)
     if kind == "double":
         i = args["img"].shape[1]
-        flipped = getattr(model.get_model_object("diffusion_model").double_blocks[index], "flipped_img_txt", False)
         return lambda call, nq, nk: (lambda n: (0, i) if flipped else (n - i, n)) if call == 0 else False
     i = img_len_box.get("img")                     # single block: [txt; img] as one sequence
     return lambda call, nq, nk: (lambda n: (n - i, n)) if call == 0 else False
 
 
-def _block_patch(prev, arch, kind, index, model, img_len_box):
+def _block_patch(prev, arch, kind, index, flipped, img_len_box):
     def patch(args, extra):
         to = dict(args["transformer_options"])
         earlier = to.get("optimized_attention_override")
-        decide = _plan(arch, kind, index, model, args, img_len_box)
+        decide = _plan(arch, kind, index, flipped, args, img_len_box)
         calls = [0]
 
         def override(func, *a, **kw):
@@ -145,8 +144,16 @@ def perturbed_conds(conds):
             for c in conds]
 
 
-def perturbed_options(model_options, arch, layers, model):
-    """A copy of model_options whose forward perturbs ``layers``; the original is not modified."""
+def flipped_blocks(model) -> frozenset:
+    """Indices of the Flux double blocks that put the image tokens first (``flipped_img_txt``)."""
+    dm = model.get_model_object("diffusion_model")
+    return frozenset(i for i, b in enumerate(getattr(dm, "double_blocks", ())) if getattr(b, "flipped_img_txt", False))
+
+
+def perturbed_options(model_options, arch, layers, flipped=frozenset()):
+    """A copy of model_options whose forward perturbs ``layers``; the original is not modified. ``flipped``: the
+    model's ``flipped_blocks`` (read once when patching: the post-CFG function must not hold its own ModelPatcher,
+    a reference cycle that would keep the whole model alive after ComfyUI drops it)."""
     opts = model_options.copy()
     if arch == "unet":
         for kind, idx, t in layers:
@@ -168,7 +175,7 @@ def perturbed_options(model_options, arch, layers, model):
         patches["post_input"] = list(patches.get("post_input", [])) + [record]
     for kind, idx, _ in layers:
         key = (DIT_KEY[kind], idx)
-        dit[key] = _block_patch(dit.get(key), arch, kind, idx, model, box)
+        dit[key] = _block_patch(dit.get(key), arch, kind, idx, kind == "double" and idx in flipped, box)
     return opts
 
 
@@ -221,6 +228,7 @@ class TrainFreePAG:
         if arch == "unet":   # exact (block, id, transformer) keys: they win over an earlier replace keyed so
             spec = [a for a in available if any(a[:2] == ly[:2] and ly[2] in (None, a[2]) for ly in spec)]
         scale = float(scale)
+        flipped = flipped_blocks(model) if arch == "flux" else frozenset()
         m = model.clone()
 
         def post_cfg_function(args):
@@ -233,7 +241,7 @@ class TrainFreePAG:
                                        float(ms.percent_to_sigma(end_percent)))
             if not bool(gate.any()):
                 return denoised
-            opts = perturbed_options(args["model_options"], arch, spec, m)
+            opts = perturbed_options(args["model_options"], arch, spec, flipped)
             (perturbed,) = comfy.samplers.calc_cond_batch(inner, [perturbed_conds(args["cond"])], args["input"], sigma,
                                                           opts)
             return pag_math.combine(denoised, args["cond_denoised"], perturbed, scale,

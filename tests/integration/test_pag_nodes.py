@@ -98,7 +98,7 @@ def test_wan_perturbed_pass_is_self_attention_replaced_by_v(comfyui):
     x = torch.randn(1, 16, 2, 8, 8, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor([0.7])
     ctx = tiny.conditioning("wan", 1)[0][0]
-    opts = mod.perturbed_options(base.model_options, "wan", [("block", 0, None)], base)
+    opts = mod.perturbed_options(base.model_options, "wan", [("block", 0, None)])
 
     def run(to):
         return base.model.apply_model(x, sigma, c_crossattn=ctx, transformer_options=dict(to))

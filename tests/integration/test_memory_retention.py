@@ -1,0 +1,114 @@
+"""Memory held after a run: per-run state, device copies, and whether ComfyUI can free the model.
+
+ComfyUI frees a model by reference counting when a later prompt drops the outputs that hold it (its
+executor's cache, ``clean_unused``); a reference cycle through a patch keeps the whole model (and its
+LoadedModel entry, so its VRAM too) until a full garbage collection. Core's own nodes free at once,
+and so must the pack's: these tests run with the collector off to see what reference counting frees.
+"""
+import gc
+import weakref
+
+import pytest
+import torch
+
+from prompts import ksampler, patched_ksampler
+
+OTHER_CKPT_SEED = 777           # a checkpoint no other test prompt uses: a model of its own
+
+
+def retained_bytes(model_patcher, inputs=()):
+    """Bytes of the tensors reachable from ``model_patcher``'s options, wrappers and object patches (where the
+    pack's patches and their state live), not entering torch modules (model weights) and not counting ``inputs``
+    (node inputs a patch keeps on purpose, e.g. a conditioning)."""
+    keep = {t.untyped_storage().data_ptr() for t in inputs}
+    roots = [model_patcher.model_options, model_patcher.wrappers, model_patcher.object_patches]
+    seen, found, stack = set(), {}, list(roots)
+    while stack:
+        o = stack.pop()
+        if id(o) in seen or isinstance(o, (torch.nn.Module, type)) or (isinstance(o, dict) and "__builtins__" in o):
+            continue
+        seen.add(id(o))
+        if isinstance(o, torch.Tensor):
+            s = o.untyped_storage()
+            if s.data_ptr() not in keep:
+                found[s.data_ptr()] = s.nbytes()
+            continue
+        stack.extend(gc.get_referents(o))
+    return sum(found.values())
+
+
+def _fresh_model_freed_without_gc(comfyui, prompt):
+    """Run ``prompt`` (its checkpoint seeded OTHER_CKPT_SEED), then another prompt, with the collector off;
+    True when the first prompt's model died by reference counting alone."""
+    import comfy.model_management as mm
+
+    prompt["ckpt"]["inputs"]["seed"] = OTHER_CKPT_SEED
+    other = ksampler("euler", steps=1)
+    comfyui.executor.reset()
+    gc.collect()
+    gc.disable()
+    try:
+        ok, _, err = comfyui.run(prompt)
+        assert ok, err
+        ref = weakref.ref(comfyui.executor.caches.outputs.get("ckpt")[0][0].model)
+        ok, _, err = comfyui.run(other)      # drops the first prompt's outputs, as ComfyUI does between prompts
+        assert ok, err
+        mm.unload_all_models()
+        return ref() is None
+    finally:
+        gc.enable()
+        gc.collect()
+
+
+PATCHES = {
+    "core FreeU (control)": ("sd15", [("FreeU", {"b1": 1.1, "b2": 1.2, "s1": 0.9, "s2": 0.2})]),
+    "core PAG (control)": ("sd15", [("PerturbedAttentionGuidance", {"scale": 2.0})]),
+    "PAG unet": ("sd15", [("TrainFreePAG", {"scale": 2.0, "layers": "", "start_percent": 0.0, "end_percent": 1.0})]),
+    "PAG flux": ("flux", [("TrainFreePAG", {"scale": 2.0, "layers": "double.0, single.1", "start_percent": 0.0,
+                                            "end_percent": 1.0})]),
+    "NASA": ("sd15", [("TrainFreeNASA", {"negative": ["neg", 0], "alpha": 0.1, "start_percent": 0.0,
+                                        "end_percent": 1.0})]),
+    "DeepCache": ("sd15", [("TrainFreeDeepCache", {"cache_interval": 3, "cache_depth": 1, "schedule": "uniform",
+                                                   "start_percent": 0.0, "end_percent": 1.0})]),
+    "DiT cache": ("flux", [("TrainFreeDiTCache", {"interval": 3, "head_blocks": 1, "tail_blocks": 1})]),
+    "Adaptive Guidance": ("sd15", [("TrainFreeAdaptiveGuidance", {"threshold": 0.9})]),
+}
+
+
+@pytest.mark.parametrize("name", list(PATCHES))
+def test_model_is_freed_by_reference_counting_once_a_later_prompt_drops_it(comfyui, name):
+    arch, chain = PATCHES[name]
+    assert _fresh_model_freed_without_gc(comfyui, patched_ksampler(chain, arch=arch, steps=4))
+
+
+def test_the_control_frees_its_model_too(comfyui):
+    """The plain graph, no patch: what ComfyUI itself does in this setup."""
+    assert _fresh_model_freed_without_gc(comfyui, ksampler("euler", steps=4))
+
+
+def _tiny(comfyui):
+    return comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models
+
+
+@pytest.mark.parametrize("name", [n for n in PATCHES if "control" not in n and n != "NASA"])
+def test_patches_hold_no_tensors_after_a_run(comfyui, name):
+    """After a finished run the pack's patches on the sampled model hold no per-run tensor (caches, features,
+    recorded predictions), and rerunning gives the same latent."""
+    arch, chain = PATCHES[name]
+    tiny = _tiny(comfyui)
+    m = tiny.build(arch)
+    for node, inputs in chain:
+        m = getattr(comfyui.nodes.NODE_CLASS_MAPPINGS[node](), comfyui.nodes.NODE_CLASS_MAPPINGS[node].FUNCTION)(
+            m, **inputs)[0]
+    cond, neg = tiny.conditioning(arch, seed=1), tiny.conditioning(arch, seed=2)
+    import comfy.sample
+
+    def run():
+        latent = comfy.sample.fix_empty_latent_channels(m, torch.zeros(2, 4, 8, 8))
+        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(3))
+        return comfy.sample.sample(m, noise, 6, 4.0, "euler", "normal", cond, neg, latent, seed=3, disable_pbar=True)
+
+    first = run()
+    assert retained_bytes(m) == 0
+    assert torch.equal(run(), first)
+    assert retained_bytes(m) == 0
