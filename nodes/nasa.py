@@ -32,7 +32,8 @@ log = logging.getLogger("trainfree")
 
 
 class _Negative:
-    """The negative prompt tensor, cast once per device/dtype."""
+    """The negative prompt tensor, cast once per device/dtype for a run; ``release`` drops that copy (on a GPU it
+    sits in VRAM, where ComfyUI's unloading of the model never reaches it)."""
 
     def __init__(self, tensor):
         self.tensor, self.cache = tensor, {}
@@ -43,13 +44,18 @@ class _Negative:
             self.cache = {key: self.tensor.to(device=device, dtype=dtype)}
         return self.cache[key]
 
+    def release(self):
+        self.cache = {}
+
 
 class _Window:
     """start/end percent as sigmas of the model_sampling of the run (read when sampling starts, so a
-    ModelSamplingSD3 / shift node placed after NASA counts, as it does for ComfyUI's own percent windows)."""
+    ModelSamplingSD3 / shift node placed after NASA counts, as it does for ComfyUI's own percent windows).
+    Its OUTER_SAMPLE wrapper also releases the negative's device copy when the run ends (or fails)."""
 
-    def __init__(self, start_percent, end_percent, model_sampling):
+    def __init__(self, start_percent, end_percent, model_sampling, negative=None):
         self.percents = (float(start_percent), float(end_percent))
+        self.negative = negative
         self.use(model_sampling)
 
     def use(self, model_sampling):
@@ -57,7 +63,11 @@ class _Window:
 
     def outer_sample(self, executor, *args, **kwargs):
         self.use(executor.class_obj.model_patcher.get_model_object("model_sampling"))
-        return executor(*args, **kwargs)
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            if self.negative is not None:
+                self.negative.release()
 
 
 def _rows(to, batch, device, window):
@@ -253,9 +263,9 @@ class TrainFreeNASA:
                              f"text input takes {want}: encode it with this model's text encoder")
         if float(alpha) == 0.0:
             return (m,)
-        window = _Window(start_percent, end_percent, model.get_model_object("model_sampling"))
-        m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, "trainfree_nasa", window.outer_sample)
         neg, alpha = _Negative(neg_t), float(alpha)
+        window = _Window(start_percent, end_percent, model.get_model_object("model_sampling"), neg)
+        m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, "trainfree_nasa", window.outer_sample)
         existing = m.model_options["transformer_options"].get("patches_replace", {})
         if arch == "unet":
             attn2_existing = existing.get("attn2", {})

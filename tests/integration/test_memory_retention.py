@@ -5,6 +5,7 @@ executor's cache, ``clean_unused``); a reference cycle through a patch keeps the
 LoadedModel entry, so its VRAM too) until a full garbage collection. Core's own nodes free at once,
 and so must the pack's: these tests run with the collector off to see what reference counting frees.
 """
+import contextlib
 import gc
 import weakref
 
@@ -90,10 +91,58 @@ def _tiny(comfyui):
     return comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models
 
 
+@contextlib.contextmanager
+def failing(model, at=3):
+    """The ``at``-th diffusion-model call raises at its last layer, after every block (and every patch) ran:
+    an error mid-sampling, inside the forward."""
+    calls = [0]
+
+    def fail(module, args):
+        calls[0] += 1
+        if calls[0] == at:
+            raise RuntimeError("injected failure mid-sampling")
+
+    last = list(model.get_model_object("diffusion_model").children())[-1]
+    handle = last.register_forward_pre_hook(fail)
+    try:
+        with pytest.raises(RuntimeError, match="injected failure"):
+            yield
+    finally:
+        handle.remove()
+
+
+def _sample(model, arch, cond, neg, steps=4, size=8, seed=0):
+    import comfy.sample
+
+    latent = comfy.sample.fix_empty_latent_channels(model, torch.zeros(1, 4, size, size))
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
+    return comfy.sample.sample(model, noise, steps, 1.0, "euler", "normal", cond, neg, latent, seed=seed,
+                               disable_pbar=True)
+
+
+@pytest.mark.parametrize("arch", ["sd15", "flux", "sd3", "wan"])
+def test_nasa_keeps_no_device_copy_of_the_negative_after_the_run(comfyui, arch):
+    """The negative is cast to the model's device and dtype for a run; that copy (VRAM on a GPU, where ComfyUI's
+    own unloading never reaches it) is dropped when the run ends, or fails. A float64 negative makes the cast a real copy on
+    the CPU too. The result is the same for every run."""
+    tiny = _tiny(comfyui)
+    base = tiny.build(arch)
+    neg = [[tiny.conditioning(arch, seed=2)[0][0].double(), {}]]
+    m = comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeNASA"]().patch(base, neg, 0.3)[0]
+    first = _sample(m, arch, tiny.conditioning(arch, seed=1), tiny.conditioning(arch, seed=2))
+    assert retained_bytes(m, inputs=[neg[0][0]]) == 0
+    again = _sample(m, arch, tiny.conditioning(arch, seed=1), tiny.conditioning(arch, seed=2))
+    assert torch.equal(first, again)
+    assert retained_bytes(m, inputs=[neg[0][0]]) == 0
+    with failing(m):
+        _sample(m, arch, tiny.conditioning(arch, seed=1), tiny.conditioning(arch, seed=2))
+    assert retained_bytes(m, inputs=[neg[0][0]]) == 0
+
+
 @pytest.mark.parametrize("name", [n for n in PATCHES if "control" not in n and n != "NASA"])
 def test_patches_hold_no_tensors_after_a_run(comfyui, name):
-    """After a finished run the pack's patches on the sampled model hold no per-run tensor (caches, features,
-    recorded predictions), and rerunning gives the same latent."""
+    """After a finished run, and after one that failed mid-sampling, the pack's patches on the sampled model hold
+    no per-run tensor (caches, features, recorded predictions), and rerunning gives the same latent."""
     arch, chain = PATCHES[name]
     tiny = _tiny(comfyui)
     m = tiny.build(arch)
@@ -109,6 +158,9 @@ def test_patches_hold_no_tensors_after_a_run(comfyui, name):
         return comfy.sample.sample(m, noise, 6, 4.0, "euler", "normal", cond, neg, latent, seed=3, disable_pbar=True)
 
     first = run()
+    assert retained_bytes(m) == 0
+    with failing(m):
+        run()
     assert retained_bytes(m) == 0
     assert torch.equal(run(), first)
     assert retained_bytes(m) == 0
