@@ -17,7 +17,8 @@ from ..calibration import CalibrationError, fingerprint
 
 FOLDER = "trainfree"
 log = logging.getLogger("trainfree")
-_PRINTS: dict = {}
+FINGERPRINT_CACHE = 64        # fingerprints remembered (~0.3 KiB each with the key), the oldest dropped first
+_PRINTS: dict = {}            # (id(model), patches uuid) -> fingerprint; strings only, never a model reference
 
 
 def register_folder() -> None:
@@ -83,6 +84,8 @@ def model_fingerprint(model_patcher) -> str:
             for j, p in enumerate(model_patcher.patches[k]):
                 desc.append(f"{k}:{p[0]}:{p[2]}")
                 named += list(_tensors_in(p[1], f"patch.{k}.{j}"))
+        while len(_PRINTS) >= FINGERPRINT_CACHE:
+            del _PRINTS[next(iter(_PRINTS))]
         _PRINTS[key] = fingerprint(named, extra="|".join(desc))
     return _PRINTS[key]
 

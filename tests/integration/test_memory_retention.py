@@ -7,6 +7,7 @@ and so must the pack's: these tests run with the collector off to see what refer
 """
 import contextlib
 import gc
+import uuid
 import weakref
 
 import pytest
@@ -164,3 +165,17 @@ def test_patches_hold_no_tensors_after_a_run(comfyui, name):
     assert retained_bytes(m) == 0
     assert torch.equal(run(), first)
     assert retained_bytes(m) == 0
+
+
+def test_model_fingerprints_are_a_bounded_cache(comfyui):
+    """One fingerprint per (model, weight patches) is remembered: at most 64 strings, however many models and
+    LoRA combinations a long session sees; an evicted one is computed again, the same."""
+    support = comfyui.module_of("TrainFreeDiTCache").__dict__["model_fingerprint"].__globals__
+    base = _tiny(comfyui).build("sd15")
+    want = support["model_fingerprint"](base)
+    for _ in range(100):
+        m = base.clone()
+        m.patches_uuid = uuid.uuid4()         # what adding a LoRA does: another key
+        assert support["model_fingerprint"](m) == want
+    assert len(support["_PRINTS"]) <= 64
+    assert support["model_fingerprint"](base) == want
