@@ -179,3 +179,35 @@ def test_model_fingerprints_are_a_bounded_cache(comfyui):
         assert support["model_fingerprint"](m) == want
     assert len(support["_PRINTS"]) <= 64
     assert support["model_fingerprint"](base) == want
+
+
+def _live_tensor_bytes():
+    gc.collect()
+    found = {}
+    for o in gc.get_objects():
+        if issubclass(type(o), torch.Tensor) and o.device.type != "meta":    # type(): no proxy __class__ lookups
+            s = o.untyped_storage()
+            found[s.data_ptr()] = s.nbytes()
+    return sum(found.values())
+
+
+STACKS = {
+    "sd15": [("TrainFreeAdaptiveGuidance", {"threshold": 0.9}), PATCHES["PAG unet"][1][0],
+             PATCHES["NASA"][1][0], PATCHES["DeepCache"][1][0]],
+    "flux": [("TrainFreeAdaptiveGuidance", {"threshold": 0.9}), PATCHES["PAG flux"][1][0],
+             PATCHES["NASA"][1][0], PATCHES["DiT cache"][1][0]],
+}
+
+
+@pytest.mark.parametrize("arch", list(STACKS))
+def test_repeated_runs_do_not_grow_memory(comfyui, arch):
+    """Five queued runs of a stacked graph, other seeds and resolutions each time: the memory alive after a run
+    (the executor's cached outputs included) is the same as after the last run of that resolution."""
+    comfyui.executor.reset()
+    sizes = []
+    for i in range(5):
+        p = patched_ksampler(STACKS[arch], arch=arch, steps=5, seed=i, size=64 if i % 2 == 0 else 80, batch=2)
+        ok, _, err = comfyui.run(p)
+        assert ok, err
+        sizes.append(_live_tensor_bytes())
+    assert sizes[2] == sizes[0] and sizes[4] == sizes[2] and sizes[3] == sizes[1], sizes
