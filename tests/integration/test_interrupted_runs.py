@@ -216,3 +216,16 @@ def test_a_calibration_stopped_half_way_leaves_nothing_and_the_next_one_is_compl
         assert _latents(comfyui, api) == want
     assert again["ticks"] == ticks["ticks"]       # calibrated anew, in full
     assert _files(models_dir) == want_files
+
+
+def test_cancel_messages_name_the_finished_calibration_for_the_frontend(comfyui, models_dir, executors):
+    """web/trainfree.js refreshes the loaders' file lists after a cancelled run iff the writer is in `executed`."""
+    api = _api(comfyui, "linear_ag_calibrate_and_sample", "sd15")
+    (writer,) = [k for k, n in api.items() if n["class_type"] in WRITERS]
+    for node, listed in ((writer, False), (SAMPLER, True)):   # cancelled during the calibration, or after it
+        executors()
+        with cancel_at(node, 3):
+            _fails(comfyui, api, "cancel")
+        (message,) = [d for e, d in comfyui.executor.status_messages if e == "execution_interrupted"]
+        assert message["node_id"] == node and (writer in message["executed"]) is listed
+        assert bool(list(models_dir.rglob("*.safetensors"))) is listed
