@@ -11,6 +11,8 @@ must leave nothing in models/trainfree, and the next calibration computes (not r
 import copy
 import hashlib
 import json
+import os
+import time
 
 import pytest
 
@@ -171,15 +173,19 @@ def test_every_node_is_stopped_half_way_here(comfyui):
 
 
 def _files(folder):
-    """(relative path, tensors and metadata digest) of every file under ``folder`` (hidden ones included)."""
+    """(relative path, tensors and metadata digest) of every file under ``folder``, hidden ones included (those
+    not a calibration: digest None)."""
     from safetensors import safe_open
 
     out = []
     for p in sorted(x for x in folder.rglob("*") if x.is_file()):
-        with safe_open(str(p), framework="pt") as f:
-            meta = sorted((f.metadata() or {}).items())
-            data = [(k, f.get_tensor(k).contiguous().reshape(-1).view(-1).numpy().tobytes()) for k in sorted(f.keys())]
-        out.append((str(p.relative_to(folder)), hashlib.sha256(repr((meta, data)).encode()).hexdigest()))
+        digest = None
+        if p.suffix == ".safetensors" and not p.name.startswith("."):
+            with safe_open(str(p), framework="pt") as f:
+                meta = sorted((f.metadata() or {}).items())
+                data = [(k, f.get_tensor(k).contiguous().numpy().tobytes()) for k in sorted(f.keys())]
+            digest = hashlib.sha256(repr((meta, data)).encode()).hexdigest()
+        out.append((p.relative_to(folder).as_posix(), digest))
     return out
 
 
@@ -212,10 +218,15 @@ def test_a_calibration_stopped_half_way_leaves_nothing_and_the_next_one_is_compl
         with fail_at_linear(writer, calls["calls"] // 2 + 1):
             _fails(comfyui, api, kind)
     assert [p for p in models_dir.rglob("*") if p.is_file()] == []
+    folder = models_dir / want_files[0][0].split("/")[0]     # a writer killed mid-save left its temporary file
+    folder.mkdir(exist_ok=True)
+    killed = folder / f".{want_files[0][0].split('/')[1]}.999999.tmp"
+    killed.write_bytes(b"half a file")
+    os.utime(killed, (time.time() - 3600,) * 2)
     with cancel_at(writer, None) as again:
         assert _latents(comfyui, api) == want
     assert again["ticks"] == ticks["ticks"]       # calibrated anew, in full
-    assert _files(models_dir) == want_files
+    assert _files(models_dir) == want_files       # complete, and the temporary file of the killed writer is gone
 
 
 def test_cancel_messages_name_the_finished_calibration_for_the_frontend(comfyui, models_dir, executors):
