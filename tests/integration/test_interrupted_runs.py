@@ -240,3 +240,21 @@ def test_cancel_messages_name_the_finished_calibration_for_the_frontend(comfyui,
         (message,) = [d for e, d in comfyui.executor.status_messages if e == "execution_interrupted"]
         assert message["node_id"] == node and (writer in message["executed"]) is listed
         assert bool(list(models_dir.rglob("*.safetensors"))) is listed
+
+
+@pytest.mark.parametrize("stem", ["linear_ag_load_and_sample", "cache_quant_load_and_sample"])
+def test_a_run_refused_inside_sampling_leaves_nothing_behind(comfyui, models_dir, executors, stem):
+    """The calibrated patches refuse another step count once sampling has started (other wrappers already set up)."""
+    arch = ARCH.get(stem, "sd15")
+    api = _example(comfyui, stem, arch)
+    wrong = copy.deepcopy(api)
+    wrong[SAMPLER]["inputs"]["steps"] -= 1
+    executors()
+    want = _latents(comfyui, api)
+    executors()
+    assert _latents(comfyui, _variant(api))
+    models = _models(comfyui, api)
+    ok, _, err = comfyui.run(copy.deepcopy(wrong))
+    assert not ok and "CalibrationError" in err[0][1]["exception_type"]
+    assert _latents(comfyui, api) == want
+    assert _models(comfyui, api) == models
