@@ -60,7 +60,8 @@ def _api(comfyui, stem, arch):
 
 
 def _example(comfyui, stem, arch):
-    """The example as the test queues it; a Load example first gets the file its calibration example writes."""
+    """The example as the test queues it; a Load example first gets the file its calibration example writes
+    (on the executor in use: give it a fresh one, or the calibration may be served from its cache)."""
     api = _api(comfyui, stem, arch)
     for loader, maker in LOADERS.items():
         if any(n["class_type"] == loader for n in api.values()):
@@ -93,6 +94,13 @@ def _latents(comfyui, prompt):
     return found
 
 
+def _shape(options):
+    """Keys and list lengths of nested model options (a patch or post-CFG function added twice shows)."""
+    if isinstance(options, dict):
+        return sorted((str(k), _shape(v)) for k, v in options.items())
+    return len(options) if isinstance(options, (list, tuple)) else None
+
+
 def _models(comfyui, api):
     """Every cached MODEL output of ``api``: its wrappers (with counts), options and object patches."""
     import comfy.model_patcher
@@ -104,10 +112,9 @@ def _models(comfyui, api):
         for i, values in enumerate(outputs):
             for j, m in enumerate(values or []):
                 if isinstance(m, comfy.model_patcher.ModelPatcher):
-                    to = m.model_options["transformer_options"]
                     seen[(node_id, i, j)] = (
                         sorted((str(t), str(k), len(w)) for t, per in m.wrappers.items() for k, w in per.items()),
-                        sorted(map(str, to)), sorted(map(str, m.model_options)), sorted(m.object_patches))
+                        _shape(m.model_options), sorted(m.object_patches))
     assert seen
     return seen
 
@@ -125,6 +132,7 @@ def _fails(comfyui, prompt, kind):
 def test_reruns_after_a_cancelled_or_failed_run_are_bit_identical_to_fresh_runs(comfyui, models_dir, executors,
                                                                                 stem):
     arch = ARCH.get(stem, "sd15")
+    executors()
     api = _example(comfyui, stem, arch)
     other, plain = _variant(api), _plain(arch)
     executors()
@@ -246,6 +254,7 @@ def test_cancel_messages_name_the_finished_calibration_for_the_frontend(comfyui,
 def test_a_run_refused_inside_sampling_leaves_nothing_behind(comfyui, models_dir, executors, stem):
     """The calibrated patches refuse another step count once sampling has started (other wrappers already set up)."""
     arch = ARCH.get(stem, "sd15")
+    executors()
     api = _example(comfyui, stem, arch)
     wrong = copy.deepcopy(api)
     wrong[SAMPLER]["inputs"]["steps"] -= 1
