@@ -57,7 +57,7 @@ def fingerprint(named_tensors, extra: str = "", samples_per_tensor: int = 4096) 
 
 
 def save(path, tensors: dict, method: str, keys: dict) -> Path:
-    """Write ``tensors`` with ``keys`` atomically (temporary file, then rename)."""
+    """Write ``tensors`` with ``keys`` atomically (temporary file, flushed to the disk, then renamed)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -68,8 +68,7 @@ def save(path, tensors: dict, method: str, keys: dict) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        with open(tmp, "rb+") as f:          # on the disk before the name points at it (power cut, OS crash)
-            os.fsync(f.fileno())
+        _flush(tmp)                          # on the disk before the name points at it (power cut, OS crash)
         os.replace(tmp, path)
         _sync_folder(path.parent)
     finally:
@@ -87,6 +86,15 @@ def _remove_stale_temps(folder: Path) -> None:
             if _TEMP.match(p.name) and p.stat().st_mtime < cutoff:
                 p.unlink()
         except OSError:                      # removed meanwhile, or not ours to remove
+            pass
+
+
+def _flush(path: Path) -> None:
+    """Write ``path``'s data to the disk; where the file system cannot (some network mounts), as before."""
+    with open(path, "rb+") as f:
+        try:
+            os.fsync(f.fileno())
+        except OSError:
             pass
 
 

@@ -129,6 +129,15 @@ def test_saved_bytes_reach_the_disk_before_the_file_is_renamed_into_place(tmp_pa
     assert size > 4000 and ("fsync", inode, size) in events[:moved]
 
 
+def test_a_file_system_without_fsync_still_gets_the_file(tmp_path, monkeypatch):
+    def unsupported(fd):
+        raise OSError(22, "Invalid argument")        # some network / FUSE mounts
+
+    monkeypatch.setattr(os, "fsync", unsupported)
+    path = save(file_in(tmp_path, "mounted"), {"a": torch.ones(3)}, "m", {})
+    assert torch.equal(load(path, "m", {})["a"], torch.ones(3)) and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
 @pytest.mark.parametrize("name", ["../evil", "a/b", "/etc/passwd", "..", ".hidden", "x" * 200, "a\\b", ""])
 def test_names_cannot_leave_the_folder(tmp_path, name):
     with pytest.raises(CalibrationError, match="invalid calibration name"):
