@@ -3,14 +3,17 @@
 Pure torch + safetensors, no ComfyUI import. A file holds named tensors and string metadata:
 ``trainfree.method``, ``trainfree.format`` and the *keys* it was computed for (model fingerprint,
 schedule, latent shape, ...). Loading states the keys the caller has and refuses a file computed
-for anything else, naming both. Writes go to a temporary name first and are renamed into place,
-so an interrupted calibration never leaves a half-written file behind.
+for anything else, naming both. Writes go to a temporary name first, are flushed to the disk and
+renamed into place, so an interrupted calibration (Cancel, an error, a killed process, a power cut)
+never leaves a half-written file behind; temporary files of writers killed mid-save are removed by
+the next save into that folder.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -18,6 +21,8 @@ import torch
 FORMAT = "1"
 SUFFIX = ".safetensors"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_TEMP = re.compile(r"^\..+" + re.escape(SUFFIX) + r"\.\d+\.tmp$")     # what save() writes first
+STALE_TEMP_SECONDS = 600     # a writer renames its temporary file within seconds of creating it
 
 
 class CalibrationError(ValueError):
@@ -52,21 +57,59 @@ def fingerprint(named_tensors, extra: str = "", samples_per_tensor: int = 4096) 
 
 
 def save(path, tensors: dict, method: str, keys: dict) -> Path:
-    """Write ``tensors`` with ``keys`` atomically (temporary file, then rename)."""
+    """Write ``tensors`` with ``keys`` atomically (temporary file, flushed to the disk, then renamed)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"trainfree.method": method, "trainfree.format": FORMAT}
     meta.update({f"key.{k}": str(v) for k, v in keys.items()})
+    _remove_stale_temps(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        _flush(tmp)                          # on the disk before the name points at it (power cut, OS crash)
         os.replace(tmp, path)
+        _sync_folder(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _remove_stale_temps(folder: Path) -> None:
+    """Delete the temporary files of writers killed mid-save (no ``finally`` runs then): untouched for
+    STALE_TEMP_SECONDS, they belong to no live writer. Never fails a save."""
+    cutoff = time.time() - STALE_TEMP_SECONDS
+    for p in folder.glob(".*.tmp"):
+        try:
+            if _TEMP.match(p.name) and p.stat().st_mtime < cutoff:
+                p.unlink()
+        except OSError:                      # removed meanwhile, or not ours to remove
+            pass
+
+
+def _flush(path: Path) -> None:
+    """Write ``path``'s data to the disk; where the file system cannot (some network mounts), as before."""
+    with open(path, "rb+") as f:
+        try:
+            os.fsync(f.fileno())
+        except OSError:
+            pass
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; elsewhere folders cannot be opened for it)."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def load(path, method: str, keys: dict, optional=()) -> dict:

@@ -1,5 +1,10 @@
 """Calibration files: safetensors only, keyed, atomic, refused for another model, confined to their folder."""
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,6 +71,71 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save(file_in(tmp_path, "half"), {"a": torch.ones(2)}, "m", {})
     assert list(tmp_path.iterdir()) == []
+
+
+ROOT = Path(__file__).resolve().parents[1]
+_KILLED_WRITER = """
+import os, signal, sys, types
+pkg = types.ModuleType("trainfree"); pkg.__path__ = [sys.argv[1]]; sys.modules["trainfree"] = pkg
+import safetensors.torch as st, torch
+from trainfree.calibration import file_in, save
+
+def half_then_killed(tensors, filename, metadata=None):
+    open(filename, "wb").write(b"half a file")
+    os.kill(os.getpid(), signal.SIGKILL)          # the OOM killer, a closed console: no finally runs
+
+st.save_file = half_then_killed
+save(file_in(sys.argv[2], sys.argv[3]), {"a": torch.ones(2)}, "m", {})
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals to kill the writer")
+def test_temporary_files_of_writers_killed_mid_save_do_not_accumulate(tmp_path):
+    for name in ("killed", "other"):
+        done = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(ROOT), str(tmp_path), name], timeout=300)
+        assert done.returncode == -signal.SIGKILL
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert len(left) == 2 and all(n.startswith((".killed.safetensors.", ".other.safetensors.")) and
+                                  n.endswith(".tmp") for n in left)
+    old = time.time() - 3600
+    for n in left:
+        os.utime(tmp_path / n, (old, old))
+    live = tmp_path / ".busy.safetensors.4242.tmp"       # another process writing right now: left alone
+    live.write_bytes(b"being written")
+    unrelated = tmp_path / ".notes.tmp"                   # not a name this module writes
+    os.utime(unrelated.write_bytes(b"x") and unrelated, (old, old))
+    save(file_in(tmp_path, "killed"), {"a": torch.ones(2)}, "m", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".busy.safetensors.4242.tmp", ".notes.tmp",
+                                                          "killed.safetensors"]
+    assert torch.equal(load(tmp_path / "killed.safetensors", "m", {})["a"], torch.ones(2))
+
+
+def test_saved_bytes_reach_the_disk_before_the_file_is_renamed_into_place(tmp_path, monkeypatch):
+    events, fsync, replace = [], os.fsync, os.replace
+
+    def synced(fd):
+        events.append(("fsync", os.fstat(fd).st_ino, os.fstat(fd).st_size))
+        return fsync(fd)
+
+    def renamed(src, dst):
+        events.append(("replace", os.stat(src).st_ino, os.stat(src).st_size))
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", synced)
+    monkeypatch.setattr(os, "replace", renamed)
+    save(file_in(tmp_path, "durable"), {"a": torch.ones(1000)}, "m", {})
+    (moved,) = [i for i, e in enumerate(events) if e[0] == "replace"]
+    _, inode, size = events[moved]
+    assert size > 4000 and ("fsync", inode, size) in events[:moved]
+
+
+def test_a_file_system_without_fsync_still_gets_the_file(tmp_path, monkeypatch):
+    def unsupported(fd):
+        raise OSError(22, "Invalid argument")        # some network / FUSE mounts
+
+    monkeypatch.setattr(os, "fsync", unsupported)
+    path = save(file_in(tmp_path, "mounted"), {"a": torch.ones(3)}, "m", {})
+    assert torch.equal(load(path, "m", {})["a"], torch.ones(3)) and [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 @pytest.mark.parametrize("name", ["../evil", "a/b", "/etc/passwd", "..", ".hidden", "x" * 200, "a\\b", ""])

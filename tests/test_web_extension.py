@@ -59,6 +59,7 @@ def node_js():
 
 
 def test_dropdowns_refresh_once_after_a_run_that_wrote_a_calibration(node_js, tmp_path):
+    """Also when the run was cancelled or failed after the calibration node finished: its file exists."""
     (tmp_path / "package.json").write_text('{"type": "module"}')
     (tmp_path / "scripts").mkdir()
     shutil.copy(ROOT / "tests" / "web" / "app_stub.mjs", tmp_path / "scripts" / "app.js")
@@ -71,4 +72,5 @@ def test_dropdowns_refresh_once_after_a_run_that_wrote_a_calibration(node_js, tm
     result = json.loads(done.stdout)
     assert result["registered"] == ["trainfree.refreshCalibrationFiles"]
     assert set(result["writers"]) == _js_writers()
-    assert result["refreshes"] == {"calibration": 1, "cached": 0, "failed": 0, "after_failure": 0, "subgraph": 0}
+    assert result["refreshes"] == {"calibration": 1, "cached": 0, "failed": 0, "cancelled_after_write": 1,
+                                   "error_after_write": 1, "cancelled_writer": 0, "after_failure": 0, "subgraph": 0}

@@ -16,6 +16,15 @@ const runs = {
            ["executing", null], ["execution_success", {}]],
   // the calibration node started but the run failed: no refresh
   failed: [["execution_start", {}], ["executing", "3"], ["execution_error", {}]],
+  // the calibration node finished (its file is written), then sampling was cancelled: refresh
+  cancelled_after_write: [["execution_start", {}], ["executing", "3"], ["executing", "1"],
+                          ["execution_interrupted", { node_id: "1", executed: ["3"] }], ["executing", null]],
+  // ... or sampling failed (out of memory): refresh
+  error_after_write: [["execution_start", {}], ["executing", "3"], ["executing", "1"],
+                      ["execution_error", { node_id: "1", executed: ["2", "3"] }], ["executing", null]],
+  // the calibration itself was cancelled (nothing written): no refresh
+  cancelled_writer: [["execution_start", {}], ["executing", "3"],
+                     ["execution_interrupted", { node_id: "3", executed: [] }], ["executing", null]],
   // the next run after a failure, without a writer: still no refresh
   after_failure: [["execution_start", {}], ["executing", "1"], ["execution_success", {}]],
   // a node in a subgraph (id "7:3") or an unknown id never breaks the listener

@@ -67,7 +67,9 @@ class TrainFreeTestLatentStats:
     def stats(self, samples):
         x = samples["samples"]
         text = f"shape={tuple(x.shape)} finite={bool(torch.isfinite(x).all())} std={float(x.float().std()):.6g}"
-        return {"ui": {"text": [text], "sum": [float(x.double().sum())]}}
+        raw = x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        digest = hashlib.sha256(raw).hexdigest()                  # for bit-identity checks
+        return {"ui": {"text": [text], "sum": [float(x.double().sum())], "sha256": [digest]}}
 
 
 NODE_CLASS_MAPPINGS = {
