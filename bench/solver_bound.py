@@ -16,6 +16,10 @@ are fitted *jointly, end to end* by Adam on ``--train`` noises against exact ODE
 the Schedule Search node moves only the sigmas, derivative-free). The iterate kept is the one with
 the lowest error on 1024 validation noises; the error is then measured on the benchmark's 8192
 held-out noises (``--heldout``), next to ComfyUI's built-ins on the same noises and schedule (Karras / linear t).
+
+``--dc-joint`` instead searches what the pack's own methods can move, DC-Solver's compensation ratios and
+the interior sigmas, jointly and end to end but without gradients (coordinate pattern search, 600 runs,
+``fit_dc``): what a calibration node could get from them together.
 """
 from __future__ import annotations
 
@@ -110,14 +114,75 @@ def fit(kind, cfg, steps, train=2048, iters=300, lr=0.02, heldout=8192, schedule
     return solver, rel(te), te
 
 
+def fit_dc(kind, cfg, steps, train=1024, budget=600, heldout=8192, bounds=(0.0, 2.0), log=print):
+    """DC-Solver's compensation ratios and the n - 1 interior sigmas searched *jointly, end to end*, without
+    gradients (the most a calibration node could do with the issue's methods): coordinate pattern search on
+    ``train`` noises against exact ODE solutions, ``budget`` runs, ratios in ``bounds`` (the node searches each
+    ratio alone in [0.5, 1.5]). Returns (sigmas, ratios, relative RMSE on the held-out noises, held-out problem)."""
+    from trainfree.samplers.dc_solver import sample_dc_solver
+
+    from .__main__ import _schedule
+
+    sched = _schedule(kind, steps).double()
+    sig0 = float(sched[0])
+    (model, x, ref), te = (_problem(kind, cfg, n, seed, sig0) for n, seed in ((train, 7), (heldout, 42)))
+    lam_cap = float(_lam(torch.tensor([0.0292 if kind == "ve" else 1e-3], dtype=torch.float64), kind))  # as bench
+    n_lam = steps - 1               # ratios act from the third step to the one before the last (which returns D)
+
+    def ratios(p):
+        return [1.0, 1.0][:steps] + p[n_lam:].tolist() + [1.0] * (steps > 2)
+
+    def run(p, problem):
+        sig = torch.cat([sched[:1], _sigma(p[:n_lam], kind), sched[-1:]])
+        return sample_dc_solver(problem[0].exact, problem[1].clone(), sig, ratios=ratios(p), kind=kind)
+
+    def loss(p):
+        lam, r = p[:n_lam], p[n_lam:]
+        if (lam[1:] <= lam[:-1] + 0.05).any() or float(lam[-1]) > lam_cap + 1e-9 or (r < bounds[0]).any() \
+                or (r > bounds[1]).any():
+            return math.inf
+        v = float((run(p, (model, x)) - ref).pow(2).mean())
+        return v if math.isfinite(v) else math.inf
+
+    n_r = max(0, steps - 3)
+    p = torch.cat([_lam(sched[1:-1], kind), torch.ones(n_r, dtype=torch.float64)])
+    best, spent = loss(p), 1
+    start = best
+    step = torch.cat([torch.full((n_lam,), 0.3, dtype=torch.float64), torch.full((n_r,), 0.2, dtype=torch.float64)])
+    while spent < budget and float(step.max()) > 1e-3:
+        improved = False
+        for c in range(p.numel()):
+            for sign in (1.0, -1.0):
+                moved = False
+                while spent < budget:           # keep going the way that helps
+                    q = p.clone()
+                    q[c] += sign * step[c]
+                    v, spent = loss(q), spent + 1
+                    if not v < best:
+                        break
+                    best, p, moved = v, q, True
+                if moved:
+                    improved = True
+                    break
+        if not improved:
+            step = step / 2
+    scale = float(te[2].pow(2).mean().sqrt())
+    err = float((run(p, te) - te[2]).pow(2).mean().sqrt()) / scale
+    log(f"  {kind} CFG {cfg} NFE {steps}: {spent} runs, training RMSE {math.sqrt(start):.4e} -> {math.sqrt(best):.4e}, "
+        f"ratios {[round(r, 2) for r in ratios(p)]}")
+    return torch.cat([sched[:1], _sigma(p[:n_lam], kind), sched[-1:]]), ratios(p), err, te
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", default="ve:1:5,ve:3:5,ve:7.5:5,flow:1:5,flow:3:5,flow:7.5:5",
                         help="kind:cfg:NFE, comma-separated")
-    parser.add_argument("--train", type=int, default=2048)
+    parser.add_argument("--train", type=int, default=None, help="training noises (default 2048; --dc-joint: 1024)")
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--schedule-only", action="store_true",
                         help="fit only the sigmas (DDIM weights kept): Euler/DDIM on a gradient-fitted schedule")
+    parser.add_argument("--dc-joint", action="store_true",
+                        help="search DC-Solver's ratios and the sigmas jointly, end to end, without gradients")
     parser.add_argument("--heldout", type=int, default=8192, help="noises the error is measured on (seed 42)")
     args = parser.parse_args()
     has_comfy = setup(require_comfy=False)
@@ -128,8 +193,12 @@ def main():
     for cell in args.cells.split(","):
         kind, cfg, steps = cell.split(":")
         cfg, steps = float(cfg), int(steps)
-        solver, err, (model, x, ref) = fit(kind, cfg, steps, args.train, args.iters, heldout=args.heldout,
-                                             schedule_only=args.schedule_only)
+        if args.dc_joint:
+            sigmas, _, err, (model, x, ref) = fit_dc(kind, cfg, steps, args.train or 1024, heldout=args.heldout)
+        else:
+            solver, err, (model, x, ref) = fit(kind, cfg, steps, args.train or 2048, args.iters, heldout=args.heldout,
+                                                 schedule_only=args.schedule_only)
+            sigmas = solver.sigmas().detach()
         scale = float(ref.pow(2).mean().sqrt())
         best_name, best = None, math.inf
         if builtins:
@@ -144,10 +213,11 @@ def main():
                     e = float((out.double() - ref).pow(2).mean().sqrt()) / scale
                     if round(nfe) == steps and e < best:
                         best_name, best = name, e
-        sig = ", ".join(f"{float(s):.3g}" for s in solver.sigmas().detach()[:-1])
+        sig = ", ".join(f"{float(s):.3g}" for s in sigmas[:-1])
         rows.append((cell, err, best_name, best, sig))
         print(f"  fitted: {err:.3e}, best built-in {best_name} {best:.3e}; sigmas {sig}", flush=True)
-    what = "Euler/DDIM on fitted sigmas" if args.schedule_only else "jointly fitted integrator"
+    what = ("DC-Solver, ratios and sigmas searched jointly" if args.dc_joint else
+            "Euler/DDIM on fitted sigmas" if args.schedule_only else "jointly fitted integrator")
     print(f"\n| cell (kind:CFG:NFE) | {what} | best built-in | ratio |\n|---|---|---|---|")
     for cell, err, name, best, _ in rows:
         ratio = f"{err / best:.2f}" if math.isfinite(best) else "—"

@@ -35,3 +35,21 @@ def test_fit_lowers_the_held_out_error():
     assert err < 0.8 * start
     sig = solver.sigmas().detach()
     assert bool((sig[1:] < sig[:-1]).all()) and sig[0] == 1.0 and sig[-1] == 0.0
+
+
+def test_dc_joint_search_keeps_its_budget_and_lowers_the_training_error():
+    """fit_dc: DC-Solver's ratios and the sigmas searched end to end, within the run budget and the ratio bounds."""
+    from trainfree.bench.solver_bound import fit_dc
+    from trainfree.samplers.dc_solver import sample_dc_solver
+
+    logged = []
+    sigmas, ratios, err, (model, x, ref) = fit_dc("ve", 3.0, 5, train=64, budget=40, heldout=128, bounds=(0.5, 1.5),
+                                                  log=logged.append)
+    runs, rest = logged[0].split(": ")[1].split(" runs, training RMSE ")
+    start, best = (float(v) for v in rest.split(",")[0].split(" -> "))
+    assert int(runs) == 40 and best < 0.9 * start
+    assert len(ratios) == 5 and ratios[:2] == [1.0, 1.0] and ratios[-1] == 1.0
+    assert all(0.5 <= r <= 1.5 for r in ratios)
+    assert bool((sigmas[1:] < sigmas[:-1]).all()) and sigmas[-1] == 0.0
+    out = sample_dc_solver(model.exact, x.clone(), sigmas, ratios=ratios, kind="ve")   # err is that run's error
+    assert abs(float((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()) - err) < 1e-12
