@@ -21,8 +21,9 @@ import torch
 
 from .. import calibration
 from ..caching.cache_quant import Calibrator, SpanRun, group_bounds, uniform_schedule
-from .calibration_support import (Progress, empty_latent_for, list_files, load_named, method_dir, model_fingerprint,
-                                  prediction_key, refuse_mismatch, reuse, scheduler_sigmas, warn_if_other_run)
+from .calibration_support import (Progress, empty_latent_for, list_files, load_named, loaded_state, method_dir,
+                                  model_fingerprint, prediction_key, refuse_mismatch, reuse, scheduler_sigmas,
+                                  warn_if_other_run, written_state, wrote)
 from .ui_support import ui_text
 
 KEY = "trainfree_dit_cache"
@@ -247,6 +248,10 @@ class TrainFreeCacheQuantCalibrate:
             "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Calibrate again even if a matching file exists."}),
         }}
 
+    @classmethod
+    def IS_CHANGED(cls, name=None, **_):
+        return written_state(METHOD, name)        # runs again when its file was deleted or replaced
+
     def calibrate(self, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, interval,
                   head_blocks, tail_blocks, correction, name, overwrite, step_weighting=True):
         path = calibration.file_in(method_dir(METHOD), name)
@@ -261,6 +266,7 @@ class TrainFreeCacheQuantCalibrate:
                 "weighted": bool(step_weighting), "sampler": sampler_name, "scheduler": scheduler,
                 "cfg": f"{cfg:g}", "latent": "x".join(map(str, latent.shape)), "seed": seed}
         found = reuse(path, METHOD, keys, overwrite)
+        wrote(path)
         if found is not None:
             return (CacheSchedule.from_tensors(found, keys, path.name),)
         calibrator = Calibrator(run_steps, group_bounds(run_steps, full_steps)[1])
@@ -272,6 +278,7 @@ class TrainFreeCacheQuantCalibrate:
         out = calibrator.solve(full_steps, bool(correction), bool(step_weighting))
         calibrator.history.clear()
         calibration.save(path, out, METHOD, keys)
+        wrote(path)
         record = CacheSchedule.from_tensors(out, keys, path.name)
         log.info("trainfree: %s saved to %s", record.describe(), path)
         return (record,)
@@ -289,6 +296,10 @@ class TrainFreeCacheQuantLoad:
     def INPUT_TYPES(cls):
         return {"required": {"schedule_name": (list_files(METHOD), {"tooltip": "A file in "
                                                                                "models/trainfree/cache_quant."})}}
+
+    @classmethod
+    def IS_CHANGED(cls, schedule_name=None, **_):
+        return loaded_state(METHOD, schedule_name)       # a recalibrated or replaced file is read again
 
     def load(self, schedule_name):
         tensors, keys, name = load_named(METHOD, schedule_name)
