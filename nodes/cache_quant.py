@@ -117,9 +117,16 @@ class _Replace:
     """One span block's replacement: hands the block to the run's cache (or runs it when no run is active)."""
 
     def __init__(self, key, prev):
-        self.key, self.prev = key, prev
+        self.key, self.prev, self.extend = key, prev, None
+        if callable(getattr(prev, "extend_input", None)) and callable(getattr(prev, "after_extend", None)):
+            # a patch that widens the block's input (NASA on SD3 appends its negative tokens to the text stream in
+            # the first joint block): widen it here, before the span takes its input, so the span's input and
+            # output streams match and a cached step passes the widened stream on
+            self.extend, self.prev = prev.extend_input, prev.after_extend
 
     def __call__(self, args, extra):
+        if self.extend is not None:
+            args = self.extend(args)
         prev = self.prev
         call = (lambda a: prev(a, extra)) if prev is not None else extra["original_block"]
         run = (args.get("transformer_options") or {}).get(RUN)
