@@ -360,6 +360,9 @@ def test_sd3_nasa_then_the_cache_from_the_first_block(comfyui, caplog, tail):
     assert not torch.equal(ref, _sample(comfyui, base, "sd3"))        # NASA acts
     cache = _node(comfyui, "TrainFreeDiTCache")
     assert torch.equal(_sample(comfyui, cache.patch(nasa, 1, 0, tail)[0], "sd3"), ref)
+    nasa_after = comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeNASA"]().patch(cache.patch(base, 1, 0, tail)[0],
+                                                                             tiny.conditioning("sd3", 3), 0.5)[0]
+    assert torch.equal(_sample(comfyui, nasa_after, "sd3"), ref)       # the other order
     with caplog.at_level(logging.INFO, logger="trainfree"):
         out = _sample(comfyui, cache.patch(nasa, 3, 0, tail)[0], "sd3")
     assert "5 cached evaluations" in caplog.text
