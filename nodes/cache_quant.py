@@ -178,13 +178,16 @@ def _outer_sample(executor, *args, **kwargs):
         warn_if_other_run(cfg.schedule.name, cfg.schedule.keys, guider, args[2], args[3])
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
     guider.model_options["transformer_options"][RUN] = run
+    done = False
     try:
-        return executor(*args, **kwargs)
+        out = executor(*args, **kwargs)
+        done = True
+        return out
     finally:
         guider.model_options = original
         if cfg.calibrator is None:
             what = cfg.schedule.describe() if cfg.schedule else f"uniform, every {cfg.interval} steps"
-            cfg.last_report = report(run, what)
+            cfg.last_report = report(run, what) + ("" if done else " [run interrupted; cache freed]")
             log.info("trainfree: %s", cfg.last_report)
             ui_text(cfg.last_report, cfg.node_id)
         cfg.last_held = run.held_bytes

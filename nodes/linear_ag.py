@@ -247,10 +247,11 @@ def _outer_sample(executor, noise, latent_image, sampler, sigmas, *args, **kwarg
             log.info("trainfree: LinearAG inactive: this run made no negative-prompt evaluations (CFG 1)")
             ui_text("LinearAG: inactive (CFG 1 has no negative-prompt pass to replace)", holder.node_id)
         elif lin.total:
-            log.info("trainfree: LinearAG replaced %d of %d unconditional evaluations (%.0f%%)", lin.saved,
-                     lin.total, 100.0 * lin.saved / lin.total)
+            cut = "" if finished else " [run interrupted]"
+            log.info("trainfree: LinearAG replaced %d of %d unconditional evaluations (%.0f%%)%s", lin.saved,
+                     lin.total, 100.0 * lin.saved / lin.total, cut)
             ui_text(f"LinearAG: {lin.saved} of {lin.total} negative-prompt evaluations replaced "
-                    f"({100.0 * lin.saved / lin.total:.0f}%)", holder.node_id)
+                    f"({100.0 * lin.saved / lin.total:.0f}%){cut}", holder.node_id)
         guider.model_options = original
 
 
