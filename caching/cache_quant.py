@@ -238,6 +238,10 @@ def _reference(snap: dict, name: str, like: torch.Tensor) -> torch.Tensor:
     t = snap.get(name)
     if t is not None and t.shape == like.shape:
         return t
+    if name == "txt" and t is not None and t.ndim == like.ndim > 1 and like.shape[1] > t.shape[1]:
+        raise RuntimeError("block cache: a patch inside the span's first block adds text tokens to the stream (such "
+                           "as a guidance patch applied before the cache); set head_blocks to 1 or more so that "
+                           "block runs at every step")
     if name == "img" and snap.get("txt") is not None and snap.get("img") is not None:
         t = torch.cat((snap["txt"], snap["img"]), 1)
         if t.shape == like.shape:

@@ -105,10 +105,11 @@ def _outer_sample(executor, *args, **kwargs):
     finally:
         state = holder.state
         if state is not None and state.total:
-            log.info("trainfree: Adaptive Guidance skipped %d of %d unconditional evaluations (%.0f%%)",
-                     state.saved, state.total, 100.0 * state.saved / state.total)
+            cut = "" if finished else " [run interrupted]"
+            log.info("trainfree: Adaptive Guidance skipped %d of %d unconditional evaluations (%.0f%%)%s",
+                     state.saved, state.total, 100.0 * state.saved / state.total, cut)
             ui_text(f"Adaptive Guidance: skipped {state.saved} of {state.total} negative-prompt evaluations "
-                    f"({100.0 * state.saved / state.total:.0f}%)", holder.node_id)
+                    f"({100.0 * state.saved / state.total:.0f}%){cut}", holder.node_id)
         elif finished:                       # not after a cancelled or failed run
             log.info("trainfree: Adaptive Guidance inactive: this run made no negative-prompt evaluations (CFG 1)")
             ui_text("Adaptive Guidance: inactive (CFG 1 has no negative-prompt pass to skip)", holder.node_id)

@@ -11,7 +11,7 @@ from .. import calibration
 from ..samplers.autodiffusion import search_schedule
 from ..samplers.momentum import sample_dpmpp_2m_hb
 from .calibration_support import (Progress, empty_latent_for, interruptible, method_dir, model_keys, reuse,
-                                  settings_key, with_guided_model)
+                                  settings_key, with_guided_model, written_state, wrote)
 
 METHOD = "schedule_search"
 PAPER = "Li et al., AutoDiffusion: Training-Free Optimization of Time Steps and Architectures (ICCV 2023)"
@@ -93,6 +93,10 @@ class TrainFreeScheduleSearch:
             "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Search again even if a matching file exists."}),
         }}
 
+    @classmethod
+    def IS_CHANGED(cls, name=None, **_):
+        return written_state(METHOD, name)        # runs again when its file was deleted or replaced
+
     def search(self, model, positive, negative, latent_image, sampler, steps, cfg, initial_scheduler, budget,
                reference_steps, seed, name, overwrite):
         path = calibration.file_in(method_dir(METHOD), name)
@@ -102,6 +106,7 @@ class TrainFreeScheduleSearch:
                 "steps": steps, "cfg": f"{cfg:g}", "start": initial_scheduler, "latent": "x".join(map(str, latent.shape)),
                 "settings": settings_key(budget=budget, reference_steps=reference_steps, seed=seed)}
         cached = reuse(path, METHOD, keys, overwrite)
+        wrote(path)
         if cached is not None:
             return (cached["sigmas"].float(),)
         initial = comfy.samplers.calculate_sigmas(ms, initial_scheduler, steps).cpu()
@@ -134,6 +139,7 @@ class TrainFreeScheduleSearch:
 
         sigmas, best, first = with_guided_model(model, positive, negative, cfg, latent, seed, work)
         calibration.save(path, {"sigmas": sigmas.double()}, METHOD, keys)
+        wrote(path)
         log.info("trainfree: schedule search %s: error %.4g -> %.4g (%s)", name, first ** 0.5, best ** 0.5, path)
         return (sigmas.float(),)
 

@@ -21,8 +21,9 @@ import torch
 
 from .. import calibration
 from ..caching.cache_quant import Calibrator, SpanRun, group_bounds, uniform_schedule
-from .calibration_support import (Progress, empty_latent_for, list_files, load_named, method_dir, model_fingerprint,
-                                  prediction_key, refuse_mismatch, reuse, scheduler_sigmas, warn_if_other_run)
+from .calibration_support import (Progress, empty_latent_for, list_files, load_named, loaded_state, method_dir,
+                                  model_fingerprint, prediction_key, refuse_mismatch, reuse, scheduler_sigmas,
+                                  warn_if_other_run, written_state, wrote)
 from .ui_support import ui_text
 
 KEY = "trainfree_dit_cache"
@@ -116,9 +117,16 @@ class _Replace:
     """One span block's replacement: hands the block to the run's cache (or runs it when no run is active)."""
 
     def __init__(self, key, prev):
-        self.key, self.prev = key, prev
+        self.key, self.prev, self.extend = key, prev, None
+        if callable(getattr(prev, "extend_input", None)) and callable(getattr(prev, "after_extend", None)):
+            # a patch that widens the block's input (NASA on SD3 appends its negative tokens to the text stream in
+            # the first joint block): widen it here, before the span takes its input, so the span's input and
+            # output streams match and a cached step passes the widened stream on
+            self.extend, self.prev = prev.extend_input, prev.after_extend
 
     def __call__(self, args, extra):
+        if self.extend is not None:
+            args = self.extend(args)
         prev = self.prev
         call = (lambda a: prev(a, extra)) if prev is not None else extra["original_block"]
         run = (args.get("transformer_options") or {}).get(RUN)
@@ -170,13 +178,16 @@ def _outer_sample(executor, *args, **kwargs):
         warn_if_other_run(cfg.schedule.name, cfg.schedule.keys, guider, args[2], args[3])
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
     guider.model_options["transformer_options"][RUN] = run
+    done = False
     try:
-        return executor(*args, **kwargs)
+        out = executor(*args, **kwargs)
+        done = True
+        return out
     finally:
         guider.model_options = original
         if cfg.calibrator is None:
             what = cfg.schedule.describe() if cfg.schedule else f"uniform, every {cfg.interval} steps"
-            cfg.last_report = report(run, what)
+            cfg.last_report = report(run, what) + ("" if done else " [run interrupted; cache freed]")
             log.info("trainfree: %s", cfg.last_report)
             ui_text(cfg.last_report, cfg.node_id)
         cfg.last_held = run.held_bytes
@@ -247,6 +258,10 @@ class TrainFreeCacheQuantCalibrate:
             "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Calibrate again even if a matching file exists."}),
         }}
 
+    @classmethod
+    def IS_CHANGED(cls, name=None, **_):
+        return written_state(METHOD, name)        # runs again when its file was deleted or replaced
+
     def calibrate(self, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, interval,
                   head_blocks, tail_blocks, correction, name, overwrite, step_weighting=True):
         path = calibration.file_in(method_dir(METHOD), name)
@@ -261,6 +276,7 @@ class TrainFreeCacheQuantCalibrate:
                 "weighted": bool(step_weighting), "sampler": sampler_name, "scheduler": scheduler,
                 "cfg": f"{cfg:g}", "latent": "x".join(map(str, latent.shape)), "seed": seed}
         found = reuse(path, METHOD, keys, overwrite)
+        wrote(path)
         if found is not None:
             return (CacheSchedule.from_tensors(found, keys, path.name),)
         calibrator = Calibrator(run_steps, group_bounds(run_steps, full_steps)[1])
@@ -272,6 +288,7 @@ class TrainFreeCacheQuantCalibrate:
         out = calibrator.solve(full_steps, bool(correction), bool(step_weighting))
         calibrator.history.clear()
         calibration.save(path, out, METHOD, keys)
+        wrote(path)
         record = CacheSchedule.from_tensors(out, keys, path.name)
         log.info("trainfree: %s saved to %s", record.describe(), path)
         return (record,)
@@ -289,6 +306,10 @@ class TrainFreeCacheQuantLoad:
     def INPUT_TYPES(cls):
         return {"required": {"schedule_name": (list_files(METHOD), {"tooltip": "A file in "
                                                                                "models/trainfree/cache_quant."})}}
+
+    @classmethod
+    def IS_CHANGED(cls, schedule_name=None, **_):
+        return loaded_state(METHOD, schedule_name)       # a recalibrated or replaced file is read again
 
     def load(self, schedule_name):
         tensors, keys, name = load_named(METHOD, schedule_name)

@@ -221,6 +221,49 @@ def warn_if_other(name: str, keys: dict, key: str, have, what: str) -> None:
                     "(calibrate for this %s too)", name, what, keys[key], have, what)
 
 
+def file_state(path) -> str:
+    """A cheap token that changes when the file at ``path`` is written, replaced or removed ("missing": none)."""
+    try:
+        st = os.stat(path)
+    except (OSError, TypeError, ValueError):
+        return "missing"
+    return f"{path}:{st.st_mtime_ns}:{st.st_size}:{st.st_ino}"
+
+
+def loaded_state(method: str, name) -> str:
+    """IS_CHANGED of a Load node: the state of the file it reads, so a recalibrated or replaced file is read again.
+    Never raises: a missing or invalid name reaches the node itself, which says what is wrong."""
+    try:
+        return file_state(find_file(method, calibration.file_in(method_dir(method), name).name))
+    except Exception:   # ComfyUI would only log it and rerun the node every time
+        return "missing"
+
+
+_WRITTEN: dict = {}     # calibration file -> (its state when last seen or written by a writer node, generation)
+
+
+def written_state(method: str, name) -> str:
+    """IS_CHANGED of a node that writes (and reuses) a calibration file: a generation that changes only when the
+    file was deleted or replaced since a writer node last ran or looked, so an unchanged file keeps the node's
+    cached output, a deleted one is computed again and a replaced one read again. Never raises."""
+    try:
+        path = str(calibration.file_in(method_dir(method), name))
+    except Exception:   # an invalid name: the node itself says so
+        return "invalid"
+    now = file_state(path)
+    seen, generation = _WRITTEN.get(path, (now, 0))
+    if seen != now:
+        generation += 1
+    _WRITTEN[path] = (now, generation)
+    return f"{path}#{generation}"
+
+
+def wrote(path) -> None:
+    """Record the file state a writer node leaves behind: its own write (or reuse) does not make it run again."""
+    key = str(path)
+    _WRITTEN[key] = (file_state(key), _WRITTEN.get(key, (None, 0))[1])
+
+
 def load_named(method: str, name: str):
     """(tensors, keys, file name) of a saved calibration picked by name in a Load node."""
     path = find_file(method, calibration.file_in(method_dir(method), name).name)

@@ -10,8 +10,8 @@ import torch
 from .. import calibration
 from ..samplers.dc_solver import RATIO_BOUNDS, cpr_fit, cpr_ratios, sample_dc_solver, search_ratios
 from .calibration_support import (Progress, basic_scheduler_sigmas, check_matches, empty_latent_for, guider_cfg,
-                                  interruptible, list_files, load_named, method_dir, model_keys, reuse, settings_key,
-                                  warn_if_other_run, with_guided_model)
+                                  interruptible, list_files, load_named, loaded_state, method_dir, model_keys, reuse,
+                                  settings_key, warn_if_other_run, with_guided_model, written_state, wrote)
 from .sampler_support import CATEGORY, SamplerNode, ksampler
 
 METHOD = "dc_solver"
@@ -101,6 +101,10 @@ class TrainFreeDCSolverSearch:
             "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Search again even if a matching file exists."}),
         }}
 
+    @classmethod
+    def IS_CHANGED(cls, name=None, **_):
+        return written_state(METHOD, name)        # runs again when its file was deleted or replaced
+
     def search(self, model, positive, negative, latent_image, scheduler, steps, cfgs, iterations, seed, name,
                overwrite):
         path = calibration.file_in(method_dir(METHOD), name)
@@ -113,6 +117,7 @@ class TrainFreeDCSolverSearch:
         keys["settings"] = settings_key(iterations=iterations, seed=seed,
                                         latent="x".join(map(str, latent.shape)))
         cached = reuse(path, METHOD, keys, overwrite)
+        wrote(path)
         if cached is not None:
             return (DcRecord(*_from_tensors(cached), keys, path.name),)
         progress = Progress(len(scales) * sum(nfes))
@@ -132,6 +137,7 @@ class TrainFreeDCSolverSearch:
                 searched[(n, cfg)] = r
         cpr = cpr_fit(searched)
         calibration.save(path, _to_tensors(searched, cpr), METHOD, keys)
+        wrote(path)
         log.info("trainfree: DC-Solver ratios saved to %s", path)
         return (DcRecord(searched, cpr, keys, path.name),)
 
@@ -146,6 +152,10 @@ class TrainFreeDCSolverLoad:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"ratios_name": (list_files(METHOD), {"tooltip": "A file in models/trainfree/dc_solver."})}}
+
+    @classmethod
+    def IS_CHANGED(cls, ratios_name=None, **_):
+        return loaded_state(METHOD, ratios_name)       # a recalibrated or replaced file is read again
 
     def load(self, ratios_name):
         tensors, keys, name = load_named(METHOD, ratios_name)

@@ -13,8 +13,9 @@ from ..samplers.common import kind_of_sampling
 from ..samplers.dpm_solver_v3 import sample_dpm_solver_v3
 from ..samplers.dpm_solver_v3_ems import EMS, S_MAX, S_MIN, estimate, lambda_range
 from ..samplers.momentum import sample_dpmpp_2m_hb
-from .calibration_support import (Progress, check_matches, empty_latent_for, list_files, load_named, method_dir,
-                                  model_keys, reuse, settings_key, warn_if_other_run, with_guided_model)
+from .calibration_support import (Progress, check_matches, empty_latent_for, list_files, load_named, loaded_state,
+                                  method_dir, model_keys, reuse, settings_key, warn_if_other_run, with_guided_model,
+                                  written_state, wrote)
 from .sampler_support import CATEGORY, SamplerNode, ksampler
 
 METHOD = "dpm_solver_v3"
@@ -100,6 +101,10 @@ class TrainFreeDPMSolverV3Calibrate:
                                                     "instead of the model's own samples."}),
         }}
 
+    @classmethod
+    def IS_CHANGED(cls, name=None, **_):
+        return written_state(METHOD, name)        # runs again when its file was deleted or replaced
+
     def calibrate(self, model, positive, negative, latent_image, cfg, samples, grid_points, data_steps, statistics,
                   seed, name, overwrite, clean_latents=None):
         path = calibration.file_in(method_dir(METHOD), name)
@@ -109,6 +114,7 @@ class TrainFreeDPMSolverV3Calibrate:
         keys = _keys(model, tuple(latent.shape[1:]), cfg, per_pixel, settings_key(
             samples=samples, grid_points=grid_points, data_steps=data_steps, seed=seed, data=data))
         cached = reuse(path, METHOD, keys, overwrite)
+        wrote(path)
         if cached is not None:
             return (EmsRecord(_from_tensors(cached, path.name), keys, path.name),)
         clean = None
@@ -117,6 +123,7 @@ class TrainFreeDPMSolverV3Calibrate:
         work = _calibration(samples, grid_points, data_steps, per_pixel, seed, clean)
         ems = with_guided_model(model, positive, negative, cfg, latent, seed, work)
         calibration.save(path, ems.tensors(), METHOD, keys)
+        wrote(path)
         log.info("trainfree: DPM-Solver-v3 statistics saved to %s", path)
         _warn_capped(ems.capped, path.name)
         return (EmsRecord(ems, keys, path.name),)
@@ -145,6 +152,10 @@ class TrainFreeDPMSolverV3Load:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"ems_name": (list_files(METHOD), {"tooltip": "A file in models/trainfree/dpm_solver_v3."})}}
+
+    @classmethod
+    def IS_CHANGED(cls, ems_name=None, **_):
+        return loaded_state(METHOD, ems_name)       # a recalibrated or replaced file is read again
 
     def load(self, ems_name):
         tensors, keys, name = load_named(METHOD, ems_name)

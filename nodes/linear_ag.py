@@ -14,9 +14,9 @@ from .. import calibration
 from ..calibration import CalibrationError
 from ..guidance.linear_ag import Calibrator, LinearAG, estimated_steps
 from ..samplers.common import STEP_SIGMA
-from .calibration_support import (Progress, empty_latent_for, list_files, load_named, method_dir,
-                                  model_keys, refuse_mismatch, reuse, scheduler_sigmas, settings_key,
-                                  warn_if_other_run)
+from .calibration_support import (Progress, empty_latent_for, list_files, load_named, loaded_state, method_dir,
+                                  model_keys, refuse_mismatch, reuse, scheduler_sigmas, settings_key, warn_if_other_run,
+                                  written_state, wrote)
 from .ui_support import ui_text
 
 METHOD = "linear_ag"
@@ -113,6 +113,10 @@ class TrainFreeLinearAGCalibrate:
                                                                    "exists."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
+    @classmethod
+    def IS_CHANGED(cls, name=None, **_):
+        return written_state(METHOD, name)        # runs again when its file was deleted or replaced
+
     def calibrate(self, model, positive, negative, latent_image, steps, cfg, sampler_name, scheduler, history, seed,
                   name, overwrite, unique_id=None):
         path = calibration.file_in(method_dir(METHOD), name)
@@ -129,6 +133,7 @@ class TrainFreeLinearAGCalibrate:
                 "steps": int(steps), "history": int(history), "cfg": f"{float(cfg):g}", "sampler": sampler_name,
                 "settings": settings_key(seed=seed, latent="x".join(map(str, latent.shape)))}
         cached = reuse(path, METHOD, keys, overwrite)
+        wrote(path)
         if cached is not None:
             return (_record(cached, keys, path.name),)
         calibrator, seen = Calibrator(len(sigmas) - 1, history), set()    # ddim_uniform: KSampler runs more steps
@@ -144,6 +149,7 @@ class TrainFreeLinearAGCalibrate:
                              f"at the calibrated steps); nothing saved to {path.name}")
         tensors = {"coef": coef, "r2": r2, "sigmas": sigmas}
         calibration.save(path, tensors, METHOD, keys)
+        wrote(path)
         log.info("trainfree: LinearAG coefficients saved to %s (R^2 per step: %s)", path,
                  ", ".join("-" if v != v else f"{v:.4f}" for v in r2.tolist()))
         fitted = r2[r2 == r2]
@@ -164,6 +170,10 @@ class TrainFreeLinearAGLoad:
     def INPUT_TYPES(cls):
         return {"required": {"coefficients_name": (list_files(METHOD), {"tooltip": "A file in "
                                                                                     "models/trainfree/linear_ag."})}}
+
+    @classmethod
+    def IS_CHANGED(cls, coefficients_name=None, **_):
+        return loaded_state(METHOD, coefficients_name)       # a recalibrated or replaced file is read again
 
     def load(self, coefficients_name):
         tensors, keys, name = load_named(METHOD, coefficients_name)
@@ -237,10 +247,11 @@ def _outer_sample(executor, noise, latent_image, sampler, sigmas, *args, **kwarg
             log.info("trainfree: LinearAG inactive: this run made no negative-prompt evaluations (CFG 1)")
             ui_text("LinearAG: inactive (CFG 1 has no negative-prompt pass to replace)", holder.node_id)
         elif lin.total:
-            log.info("trainfree: LinearAG replaced %d of %d unconditional evaluations (%.0f%%)", lin.saved,
-                     lin.total, 100.0 * lin.saved / lin.total)
+            cut = "" if finished else " [run interrupted]"
+            log.info("trainfree: LinearAG replaced %d of %d unconditional evaluations (%.0f%%)%s", lin.saved,
+                     lin.total, 100.0 * lin.saved / lin.total, cut)
             ui_text(f"LinearAG: {lin.saved} of {lin.total} negative-prompt evaluations replaced "
-                    f"({100.0 * lin.saved / lin.total:.0f}%)", holder.node_id)
+                    f"({100.0 * lin.saved / lin.total:.0f}%){cut}", holder.node_id)
         guider.model_options = original
 
 

@@ -161,6 +161,8 @@ def _joint_block_patch(prev, neg_len, box, alpha, window, extend=None):
         to["optimized_attention_override"] = override
         new_args = dict(args, transformer_options=to)
         return prev(new_args, extra) if prev is not None else extra["original_block"](new_args)
+    if extend is not None:   # for a block cache wrapped around this block: widen its input first, then the rest
+        patch.extend_input, patch.after_extend = extend, _joint_block_patch(prev, neg_len, box, alpha, window)
     return patch
 
 

@@ -196,3 +196,10 @@ def test_step_weights_scale_the_reuse_errors():
     w = cal.step_weights()
     assert torch.allclose(w, torch.tensor([0.01, 0.16, 0.01, 0.16], dtype=torch.float64) / 0.16)
     assert torch.allclose(cal.error_matrix(False, w)[0, 1:], cal.error_matrix(False)[0, 1:] * w[1:])
+
+
+def test_a_span_whose_first_block_adds_text_tokens_names_the_fix():
+    run = SpanRun("b0", "b0")
+    args = {"img": torch.zeros(1, 4, 8), "txt": torch.zeros(1, 3, 8), "transformer_options": {}}
+    with pytest.raises(RuntimeError, match="adds text tokens.*set head_blocks to 1 or more"):
+        run.block("b0", args, lambda a: {"img": a["img"] + 1, "txt": torch.cat([a["txt"], a["txt"]], 1)})

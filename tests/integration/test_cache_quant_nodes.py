@@ -347,3 +347,24 @@ def test_a_flux_controlnet_keeps_its_window_on_cached_steps(comfyui):
         effect = float((run(flux, window) - plain_none).abs().max())
         with_cache = float((run(cached, window) - cached_none).abs().max())
         assert effect > 0.05 and 0.8 < with_cache / effect < 1.25, (window, effect, with_cache)
+
+
+@pytest.mark.parametrize("tail", [0, 1])
+def test_sd3_nasa_then_the_cache_from_the_first_block(comfyui, caplog, tail):
+    """NASA on SD3 appends its negative tokens inside the first joint block; a cache span starting there
+    (head_blocks 0) still matches the uncached run at interval 1 and skips the span at cached steps."""
+    tiny = _tiny(comfyui)
+    base = tiny.build("sd3")
+    nasa = comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeNASA"]().patch(base, tiny.conditioning("sd3", 3), 0.5)[0]
+    ref = _sample(comfyui, nasa, "sd3")
+    assert not torch.equal(ref, _sample(comfyui, base, "sd3"))        # NASA acts
+    cache = _node(comfyui, "TrainFreeDiTCache")
+    assert torch.equal(_sample(comfyui, cache.patch(nasa, 1, 0, tail)[0], "sd3"), ref)
+    nasa_after = comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeNASA"]().patch(cache.patch(base, 1, 0, tail)[0],
+                                                                             tiny.conditioning("sd3", 3), 0.5)[0]
+    assert torch.equal(_sample(comfyui, nasa_after, "sd3"), ref)       # the other order
+    with caplog.at_level(logging.INFO, logger="trainfree"):
+        out = _sample(comfyui, cache.patch(nasa, 3, 0, tail)[0], "sd3")
+    assert "5 cached evaluations" in caplog.text
+    rel = float((out - ref).norm() / ref.norm())
+    assert 0 < rel < 0.1
