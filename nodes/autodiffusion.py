@@ -10,7 +10,7 @@ import torch
 from .. import calibration
 from ..samplers.autodiffusion import search_schedule
 from ..samplers.momentum import sample_dpmpp_2m_hb
-from .calibration_support import (Progress, empty_latent_for, interruptible, method_dir, model_keys, reuse,
+from .calibration_support import (Progress, empty_latent_for, interruptible, method_dir, model_keys, reuse, save,
                                   settings_key, with_guided_model, written_state, wrote)
 
 METHOD = "schedule_search"
@@ -138,8 +138,7 @@ class TrainFreeScheduleSearch:
                                    budget=budget, sigma_min=float(ms.sigma_min), progress=lambda *_: progress.tick())
 
         sigmas, best, first = with_guided_model(model, positive, negative, cfg, latent, seed, work)
-        calibration.save(path, {"sigmas": sigmas.double()}, METHOD, keys)
-        wrote(path)
+        save(path, {"sigmas": sigmas.double()}, METHOD, keys)
         log.info("trainfree: schedule search %s: error %.4g -> %.4g (%s)", name, first ** 0.5, best ** 0.5, path)
         return (sigmas.float(),)
 

@@ -22,7 +22,7 @@ import torch
 from .. import calibration
 from ..caching.cache_quant import Calibrator, SpanRun, group_bounds, uniform_schedule
 from .calibration_support import (Progress, empty_latent_for, list_files, load_named, loaded_state, method_dir,
-                                  model_fingerprint, prediction_key, refuse_mismatch, reuse, scheduler_sigmas,
+                                  model_fingerprint, prediction_key, refuse_mismatch, reuse, save, scheduler_sigmas,
                                   warn_if_other_run, written_state, wrote)
 from .ui_support import ui_text
 
@@ -287,8 +287,7 @@ class TrainFreeCacheQuantCalibrate:
                             callback=progress.tick, disable_pbar=True, seed=seed)
         out = calibrator.solve(full_steps, bool(correction), bool(step_weighting))
         calibrator.history.clear()
-        calibration.save(path, out, METHOD, keys)
-        wrote(path)
+        save(path, out, METHOD, keys)
         record = CacheSchedule.from_tensors(out, keys, path.name)
         log.info("trainfree: %s saved to %s", record.describe(), path)
         return (record,)

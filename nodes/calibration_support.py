@@ -14,6 +14,7 @@ import torch
 
 from .. import calibration
 from ..calibration import CalibrationError, fingerprint
+from .ui_support import announce_written
 
 FOLDER = "trainfree"
 log = logging.getLogger("trainfree")
@@ -262,6 +263,14 @@ def wrote(path) -> None:
     """Record the file state a writer node leaves behind: its own write (or reuse) does not make it run again."""
     key = str(path)
     _WRITTEN[key] = (file_state(key), _WRITTEN.get(key, (None, 0))[1])
+
+
+def save(path: Path, tensors: dict, method: str, keys: dict) -> None:
+    """What a writer node does with a new calibration: save it atomically (``calibration.save``), remember the
+    file's state (``wrote``) and tell the editors, whose Load nodes then list it (``announce_written``)."""
+    calibration.save(path, tensors, method, keys)
+    wrote(path)
+    announce_written(path)
 
 
 def load_named(method: str, name: str):

@@ -11,7 +11,7 @@ from .. import calibration
 from ..samplers.dc_solver import RATIO_BOUNDS, cpr_fit, cpr_ratios, sample_dc_solver, search_ratios
 from .calibration_support import (Progress, basic_scheduler_sigmas, check_matches, empty_latent_for, guider_cfg,
                                   interruptible, list_files, load_named, loaded_state, method_dir, model_keys, reuse,
-                                  settings_key, warn_if_other_run, with_guided_model, written_state, wrote)
+                                  save, settings_key, warn_if_other_run, with_guided_model, written_state, wrote)
 from .sampler_support import CATEGORY, SamplerNode, ksampler
 
 METHOD = "dc_solver"
@@ -136,8 +136,7 @@ class TrainFreeDCSolverSearch:
             for n, r in with_guided_model(model, positive, negative, cfg, latent, seed, work).items():
                 searched[(n, cfg)] = r
         cpr = cpr_fit(searched)
-        calibration.save(path, _to_tensors(searched, cpr), METHOD, keys)
-        wrote(path)
+        save(path, _to_tensors(searched, cpr), METHOD, keys)
         log.info("trainfree: DC-Solver ratios saved to %s", path)
         return (DcRecord(searched, cpr, keys, path.name),)
 

@@ -14,8 +14,8 @@ from ..samplers.dpm_solver_v3 import sample_dpm_solver_v3
 from ..samplers.dpm_solver_v3_ems import EMS, S_MAX, S_MIN, estimate, lambda_range
 from ..samplers.momentum import sample_dpmpp_2m_hb
 from .calibration_support import (Progress, check_matches, empty_latent_for, list_files, load_named, loaded_state,
-                                  method_dir, model_keys, reuse, settings_key, warn_if_other_run, with_guided_model,
-                                  written_state, wrote)
+                                  method_dir, model_keys, reuse, save, settings_key, warn_if_other_run,
+                                  with_guided_model, written_state, wrote)
 from .sampler_support import CATEGORY, SamplerNode, ksampler
 
 METHOD = "dpm_solver_v3"
@@ -122,8 +122,7 @@ class TrainFreeDPMSolverV3Calibrate:
             clean = model.model.process_latent_in(clean_latents["samples"])
         work = _calibration(samples, grid_points, data_steps, per_pixel, seed, clean)
         ems = with_guided_model(model, positive, negative, cfg, latent, seed, work)
-        calibration.save(path, ems.tensors(), METHOD, keys)
-        wrote(path)
+        save(path, ems.tensors(), METHOD, keys)
         log.info("trainfree: DPM-Solver-v3 statistics saved to %s", path)
         _warn_capped(ems.capped, path.name)
         return (EmsRecord(ems, keys, path.name),)

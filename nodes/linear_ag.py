@@ -15,8 +15,8 @@ from ..calibration import CalibrationError
 from ..guidance.linear_ag import Calibrator, LinearAG, estimated_steps
 from ..samplers.common import STEP_SIGMA
 from .calibration_support import (Progress, empty_latent_for, list_files, load_named, loaded_state, method_dir,
-                                  model_keys, refuse_mismatch, reuse, scheduler_sigmas, settings_key, warn_if_other_run,
-                                  written_state, wrote)
+                                  model_keys, refuse_mismatch, reuse, save, scheduler_sigmas, settings_key,
+                                  warn_if_other_run, written_state, wrote)
 from .ui_support import ui_text
 
 METHOD = "linear_ag"
@@ -148,8 +148,7 @@ class TrainFreeLinearAGCalibrate:
             raise ValueError("LinearAG: no step could be fitted (the sampler made no negative-prompt evaluations "
                              f"at the calibrated steps); nothing saved to {path.name}")
         tensors = {"coef": coef, "r2": r2, "sigmas": sigmas}
-        calibration.save(path, tensors, METHOD, keys)
-        wrote(path)
+        save(path, tensors, METHOD, keys)
         log.info("trainfree: LinearAG coefficients saved to %s (R^2 per step: %s)", path,
                  ", ".join("-" if v != v else f"{v:.4f}" for v in r2.tolist()))
         fitted = r2[r2 == r2]

@@ -1,4 +1,5 @@
-"""Text under a node in the ComfyUI editor (what a patch saved, how fast a cache ran)."""
+"""What the ComfyUI editor is told: text under a node (what a patch saved, how fast a cache ran), and that a
+calibration file was written (web/trainfree.js then refreshes the Load nodes' file lists)."""
 from __future__ import annotations
 
 import logging
@@ -18,3 +19,18 @@ def ui_text(text: str, node_id) -> None:
             instance.send_progress_text(text, node_id)
     except Exception as e:                                  # reporting must never fail a finished run
         log.debug("trainfree: UI text not sent: %s", e)
+
+
+CALIBRATION_WRITTEN = "trainfree.calibration_written"    # the event web/trainfree.js listens for
+
+
+def announce_written(path) -> None:
+    """Tell every open editor that calibration file ``path`` was written; a no-op without a server."""
+    try:
+        import server
+
+        instance = getattr(server.PromptServer, "instance", None)
+        if instance is not None:
+            instance.send_sync(CALIBRATION_WRITTEN, {"folder": path.parent.name, "file": path.name})
+    except Exception as e:                                  # must never fail the calibration that was just saved
+        log.debug("trainfree: file announcement not sent: %s", e)

@@ -18,22 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 JS = ROOT / "web" / "trainfree.js"
 
 
-def _js_writers():
-    block = re.search(r"WRITERS = new Set\(\[(.*?)\]\)", JS.read_text(), re.S).group(1)
-    return set(re.findall(r'"(\w+)"', block))
+def _js_event():
+    return re.search(r'export const EVENT = "([\w.]+)"', JS.read_text()).group(1)
 
 
-def _nodes_writing_files_a_loader_lists():
-    """Node classes that call calibration.save() in a module whose loader lists the saved files."""
-    found = set()
-    for path in (ROOT / "nodes").glob("*.py"):
-        src = path.read_text()
-        if "list_files(" not in src:
-            continue
-        for cls in ast.parse(src).body:
-            if isinstance(cls, ast.ClassDef) and "calibration.save(" in ast.get_source_segment(src, cls):
-                found.add(cls.name)
-    return found
+def _py_event():
+    tree = ast.parse((ROOT / "nodes" / "ui_support.py").read_text())
+    return next(n.value.value for n in tree.body if isinstance(n, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == "CALIBRATION_WRITTEN" for t in n.targets))
 
 
 def test_web_directory_is_exported():
@@ -43,11 +35,21 @@ def test_web_directory_is_exported():
     assert values["WEB_DIRECTORY"] == "./web" and JS.is_file()
 
 
-def test_writers_are_exactly_the_nodes_that_feed_a_loader():
-    writers = _nodes_writing_files_a_loader_lists()
-    assert writers == {"TrainFreeDPMSolverV3Calibrate", "TrainFreeDCSolverSearch", "TrainFreeLinearAGCalibrate",
-                       "TrainFreeCacheQuantCalibrate"}
-    assert _js_writers() == writers
+def test_the_extension_listens_for_the_event_the_nodes_send():
+    assert _js_event() == _py_event() == "trainfree.calibration_written"
+
+
+def test_every_node_that_writes_a_calibration_announces_it():
+    """Node modules save through calibration_support.save (which announces the file), never calibration.save."""
+    direct = [p.name for p in (ROOT / "nodes").glob("*.py")
+              if p.name != "calibration_support.py" and "calibration.save(" in p.read_text()]
+    assert direct == []
+    src = (ROOT / "nodes" / "calibration_support.py").read_text()
+    body = ast.get_source_segment(src, next(f for f in ast.parse(src).body
+                                            if isinstance(f, ast.FunctionDef) and f.name == "save"))
+    assert "calibration.save(" in body and "announce_written(" in body
+    writers = {p.name for p in (ROOT / "nodes").glob("*.py") if re.search(r"^\s+save\(path", p.read_text(), re.M)}
+    assert writers == {"dpm_solver_v3.py", "dc_solver.py", "linear_ag.py", "cache_quant.py", "autodiffusion.py"}
 
 
 @pytest.fixture
@@ -58,8 +60,9 @@ def node_js():
     return exe
 
 
-def test_dropdowns_refresh_once_after_a_run_that_wrote_a_calibration(node_js, tmp_path):
-    """Also when the run was cancelled or failed after the calibration node finished: its file exists."""
+def test_dropdowns_refresh_when_a_calibration_file_is_written(node_js, tmp_path):
+    """On the nodes' event only: also in a subgraph, for another client's run, and when the run was cancelled or
+    failed after the file was written; never for a cached or failed calibration."""
     (tmp_path / "package.json").write_text('{"type": "module"}')
     (tmp_path / "scripts").mkdir()
     shutil.copy(ROOT / "tests" / "web" / "app_stub.mjs", tmp_path / "scripts" / "app.js")
@@ -71,6 +74,8 @@ def test_dropdowns_refresh_once_after_a_run_that_wrote_a_calibration(node_js, tm
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["registered"] == ["trainfree.refreshCalibrationFiles"]
-    assert set(result["writers"]) == _js_writers()
+    assert result["event"] == _py_event()
     assert result["refreshes"] == {"calibration": 1, "cached": 0, "failed": 0, "cancelled_after_write": 1,
-                                   "error_after_write": 1, "cancelled_writer": 0, "after_failure": 0, "subgraph": 0}
+                                   "error_after_write": 1, "subgraph": 1, "other_client": 1, "two_files": 2,
+                                   "plain": 0}
+    assert result["failureLogged"] is True

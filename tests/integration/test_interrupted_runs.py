@@ -237,17 +237,24 @@ def test_a_calibration_stopped_half_way_leaves_nothing_and_the_next_one_is_compl
     assert _files(models_dir) == want_files       # complete, and the temporary file of the killed writer is gone
 
 
-def test_cancel_messages_name_the_finished_calibration_for_the_frontend(comfyui, models_dir, executors):
-    """web/trainfree.js refreshes the loaders' file lists after a cancelled run iff the writer is in `executed`."""
+def test_a_cancelled_run_announces_the_file_iff_the_calibration_finished(comfyui, models_dir, executors, monkeypatch):
+    """web/trainfree.js refreshes the loaders' file lists on the writer's event: sent when the calibration finished
+    before the Cancel (the file exists), never when the calibration itself was cancelled."""
+    import server
+
+    sent = []
+    editors = type("Editors", (), {"client_id": None, "send_sync": lambda self, e, d, sid=None: sent.append(e),
+                                    "send_progress_text": lambda self, *a, **k: None})()
+    monkeypatch.setattr(server.PromptServer, "instance", editors, raising=False)
     api = _api(comfyui, "linear_ag_calibrate_and_sample", "sd15")
     (writer,) = [k for k, n in api.items() if n["class_type"] in WRITERS]
-    for node, listed in ((writer, False), (SAMPLER, True)):   # cancelled during the calibration, or after it
+    for node, written in ((writer, False), (SAMPLER, True)):   # cancelled during the calibration, or after it
         executors()
+        sent.clear()
         with cancel_at(node, 3):
             _fails(comfyui, api, "cancel")
-        (message,) = [d for e, d in comfyui.executor.status_messages if e == "execution_interrupted"]
-        assert message["node_id"] == node and (writer in message["executed"]) is listed
-        assert bool(list(models_dir.rglob("*.safetensors"))) is listed
+        assert sent.count("trainfree.calibration_written") == int(written)
+        assert bool(list(models_dir.rglob("*.safetensors"))) is written
 
 
 @pytest.mark.parametrize("stem", ["linear_ag_load_and_sample", "cache_quant_load_and_sample"])

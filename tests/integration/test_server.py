@@ -29,24 +29,30 @@ def _post(url, data):
         return e.code, json.loads(e.read())
 
 
+class base_url(str):
+    """The server's URL; ``.tmp``: its base directory (custom_nodes, models, ...)."""
+
+    tmp = None
+
+
 @pytest.fixture(scope="module")
 def server(comfyui, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("server")
     (tmp / "custom_nodes").mkdir()
     (tmp / "custom_nodes" / PACK_NAME).symlink_to(ROOT, target_is_directory=True)
     (tmp / "custom_nodes" / TEST_PACK).symlink_to(ROOT / "tests" / "integration" / "test_nodes", target_is_directory=True)
-    (tmp / "paths.yaml").write_text(f"trainfree:\n  custom_nodes: {tmp / 'custom_nodes'}\n")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-           "--extra-model-paths-config", str(tmp / "paths.yaml"), "--output-directory", str(tmp / "out"),
+           "--base-directory", str(tmp), "--output-directory", str(tmp / "out"),   # models/trainfree in tmp too
            "--database-url", "sqlite:///:memory:", "--disable-all-custom-nodes",
            "--whitelist-custom-nodes", PACK_NAME, TEST_PACK]
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen(cmd, cwd=comfyui_path(), stdout=log, stderr=subprocess.STDOUT,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     base = f"http://127.0.0.1:{port}"
+    base_url.tmp = tmp
     try:
         for _ in range(240):
             try:
@@ -55,7 +61,7 @@ def server(comfyui, tmp_path_factory):
             except OSError:
                 assert proc.poll() is None, (tmp / "server.log").read_text()[-3000:]
                 time.sleep(0.5)
-        yield base
+        yield base_url(base)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -105,3 +111,36 @@ def test_server_serves_the_frontend_extension(server):
     assert f"/extensions/{PACK_NAME}/trainfree.js" in listed
     with urllib.request.urlopen(f"{server}/extensions/{PACK_NAME}/trainfree.js", timeout=10) as r:
         assert r.status == 200 and b'registerExtension' in r.read()
+
+
+def test_an_open_editor_is_told_when_a_calibration_file_is_written(server, comfyui):
+    """The event web/trainfree.js refreshes the Load nodes' lists on reaches every open editor over the websocket
+    (here one that did not queue the run), once per file written."""
+    import asyncio
+
+    import aiohttp
+
+    ui = json.loads((ROOT / "example_workflows" / "linear_ag_calibrate_and_sample.json").read_text())
+    api = _for_test(ui_to_api(ui, comfyui.nodes.NODE_CLASS_MAPPINGS), "sd15")
+    for node in api.values():
+        if node["class_type"] == "TrainFreeLinearAGCalibrate":
+            node["inputs"]["overwrite"] = True
+
+    async def listen():
+        async with aiohttp.ClientSession() as session, \
+                session.ws_connect(server.replace("http", "ws", 1) + "/ws?clientId=another-tab") as ws:
+            status = await asyncio.to_thread(_queue_and_wait, server, api)
+            seen = []
+            while True:
+                try:
+                    msg = await ws.receive(timeout=2)
+                except asyncio.TimeoutError:
+                    return status, seen
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    seen.append(json.loads(msg.data))
+
+    (status, _), seen = asyncio.run(listen())
+    assert status == "success"
+    written = [m["data"] for m in seen if m["type"] == "trainfree.calibration_written"]
+    files = sorted((server.tmp / "models" / "trainfree").rglob("*.safetensors"))
+    assert len(files) == 1 and written == [{"folder": files[0].parent.name, "file": files[0].name}]
