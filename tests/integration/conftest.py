@@ -30,3 +30,30 @@ def models_dir(comfyui, tmp_path, monkeypatch):
 
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "trainfree", ([str(tmp_path)], {".safetensors"}))
     return tmp_path
+
+
+class Editors:
+    """Stands in for server.PromptServer.instance: records the events sent to the open editors."""
+
+    client_id = None
+
+    def __init__(self):
+        self.sent = []                      # (event, data, sid)
+
+    def send_sync(self, event, data, sid=None):
+        self.sent.append((event, data, sid))
+
+    def send_progress_text(self, text, node_id, sid=None):
+        pass
+
+    def events(self, name):
+        return [(data, sid) for e, data, sid in self.sent if e == name]
+
+
+@pytest.fixture
+def editors(comfyui, monkeypatch):
+    import server
+
+    recorder = Editors()
+    monkeypatch.setattr(server.PromptServer, "instance", recorder, raising=False)
+    return recorder

@@ -104,35 +104,16 @@ def test_is_changed_never_raises(comfyui, models_dir):
                 **{n: name for n in ("name", "ems_name", "ratios_name", "coefficients_name", "schedule_name")})
 
 
-class _Editors:
-    """Stands in for server.PromptServer.instance: records what is sent to every open editor (sid None)."""
-
-    client_id = None
-
-    def __init__(self):
-        self.sent = []
-
-    def send_sync(self, event, data, sid=None):
-        self.sent.append((event, data, sid))
-
-    def send_progress_text(self, text, node_id, sid=None):
-        pass
-
-
 @pytest.mark.parametrize("maker", [c[0] for c in CASES])
-def test_writers_announce_each_new_file_to_the_editors(comfyui, models_dir, monkeypatch, maker):
+def test_writers_announce_each_new_file_to_the_editors(comfyui, models_dir, editors, maker):
     """The event web/trainfree.js refreshes the Load nodes' lists on: once per file written, to every editor
     (also for a node inside a subgraph or a run queued over the API), and not when a file is reused."""
-    import server
-
-    editors = _Editors()
-    monkeypatch.setattr(server.PromptServer, "instance", editors, raising=False)
     calibrate = _api(comfyui, maker, "flux")
     writer = _node(calibrate, WRITERS)
     calibrate[writer]["inputs"]["overwrite"] = False
     assert writer in _executed(comfyui, calibrate)
     (path,) = [p for p in models_dir.rglob("*.safetensors")]
-    announced = [(d, sid) for e, d, sid in editors.sent if e == "trainfree.calibration_written"]
+    announced = editors.events("trainfree.calibration_written")
     assert announced == [({"folder": path.parent.name, "file": path.name}, None)]
     editors.sent.clear()
     kept = comfyui.executor                 # a fresh executor (a restarted server): the node runs, reuses the file
@@ -141,4 +122,4 @@ def test_writers_announce_each_new_file_to_the_editors(comfyui, models_dir, monk
         assert writer in _executed(comfyui, calibrate)
     finally:
         comfyui.executor = kept
-    assert [e for e, _, _ in editors.sent if e == "trainfree.calibration_written"] == []
+    assert editors.events("trainfree.calibration_written") == []

@@ -128,6 +128,16 @@ def _fails(comfyui, prompt, kind):
     assert not mm.processing_interrupted()
 
 
+def _fail_halfway(comfyui, api, node, kind, ticks, calls):
+    """Run ``api`` and stop ``node`` half-way through its counted ticks (Cancel) or linear calls (an OOM)."""
+    if kind == "cancel":
+        with cancel_at(node, ticks["ticks"] // 2):
+            _fails(comfyui, api, kind)
+    else:
+        with fail_at_linear(node, calls["calls"] // 2 + 1):
+            _fails(comfyui, api, kind)
+
+
 @pytest.mark.parametrize("stem", [s for s in EXAMPLES if s not in SEARCHES])   # searches: below
 def test_reruns_after_a_cancelled_or_failed_run_are_bit_identical_to_fresh_runs(comfyui, models_dir, executors,
                                                                                 stem):
@@ -147,12 +157,7 @@ def test_reruns_after_a_cancelled_or_failed_run_are_bit_identical_to_fresh_runs(
             assert _latents(comfyui, other) == want_other           # a user's earlier run: everything cached
         models = _models(comfyui, other)
         assert ticks["ticks"] >= 4 and calls["calls"] >= 4
-        if kind == "cancel":
-            with cancel_at(SAMPLER, ticks["ticks"] // 2):
-                _fails(comfyui, api, kind)
-        else:
-            with fail_at_linear(SAMPLER, calls["calls"] // 2 + 1):
-                _fails(comfyui, api, kind)
+        _fail_halfway(comfyui, api, SAMPLER, kind, ticks, calls)
         assert _latents(comfyui, api) == want, kind
         assert _latents(comfyui, other) == want_other, kind
         assert _models(comfyui, other) == models, kind              # nothing added, nothing left over
@@ -219,12 +224,7 @@ def test_a_calibration_stopped_half_way_leaves_nothing_and_the_next_one_is_compl
             p.unlink()
     api[writer]["inputs"]["overwrite"] = overwrite
     executors()
-    if kind == "cancel":
-        with cancel_at(writer, ticks["ticks"] // 2):
-            _fails(comfyui, api, kind)
-    else:
-        with fail_at_linear(writer, calls["calls"] // 2 + 1):
-            _fails(comfyui, api, kind)
+    _fail_halfway(comfyui, api, writer, kind, ticks, calls)
     assert [p for p in models_dir.rglob("*") if p.is_file()] == []
     folder = models_dir / want_files[0][0].split("/")[0]     # a writer killed mid-save left its temporary file
     folder.mkdir(exist_ok=True)
@@ -237,23 +237,17 @@ def test_a_calibration_stopped_half_way_leaves_nothing_and_the_next_one_is_compl
     assert _files(models_dir) == want_files       # complete, and the temporary file of the killed writer is gone
 
 
-def test_a_cancelled_run_announces_the_file_iff_the_calibration_finished(comfyui, models_dir, executors, monkeypatch):
+def test_a_cancelled_run_announces_the_file_iff_the_calibration_finished(comfyui, models_dir, executors, editors):
     """web/trainfree.js refreshes the loaders' file lists on the writer's event: sent when the calibration finished
     before the Cancel (the file exists), never when the calibration itself was cancelled."""
-    import server
-
-    sent = []
-    editors = type("Editors", (), {"client_id": None, "send_sync": lambda self, e, d, sid=None: sent.append(e),
-                                    "send_progress_text": lambda self, *a, **k: None})()
-    monkeypatch.setattr(server.PromptServer, "instance", editors, raising=False)
     api = _api(comfyui, "linear_ag_calibrate_and_sample", "sd15")
     (writer,) = [k for k, n in api.items() if n["class_type"] in WRITERS]
     for node, written in ((writer, False), (SAMPLER, True)):   # cancelled during the calibration, or after it
         executors()
-        sent.clear()
+        editors.sent.clear()
         with cancel_at(node, 3):
             _fails(comfyui, api, "cancel")
-        assert sent.count("trainfree.calibration_written") == int(written)
+        assert len(editors.events("trainfree.calibration_written")) == int(written)
         assert bool(list(models_dir.rglob("*.safetensors"))) is written
 
 

@@ -29,15 +29,15 @@ def _post(url, data):
         return e.code, json.loads(e.read())
 
 
-class base_url(str):
-    """The server's URL; ``.tmp``: its base directory (custom_nodes, models, ...)."""
-
-    tmp = None
+@pytest.fixture(scope="module")
+def server_home(tmp_path_factory):
+    """The server's base directory: custom_nodes, models (models/trainfree), user, ..."""
+    return tmp_path_factory.mktemp("server")
 
 
 @pytest.fixture(scope="module")
-def server(comfyui, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("server")
+def server(comfyui, server_home):
+    tmp = server_home
     (tmp / "custom_nodes").mkdir()
     (tmp / "custom_nodes" / PACK_NAME).symlink_to(ROOT, target_is_directory=True)
     (tmp / "custom_nodes" / TEST_PACK).symlink_to(ROOT / "tests" / "integration" / "test_nodes", target_is_directory=True)
@@ -52,7 +52,6 @@ def server(comfyui, tmp_path_factory):
     proc = subprocess.Popen(cmd, cwd=comfyui_path(), stdout=log, stderr=subprocess.STDOUT,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     base = f"http://127.0.0.1:{port}"
-    base_url.tmp = tmp
     try:
         for _ in range(240):
             try:
@@ -61,7 +60,7 @@ def server(comfyui, tmp_path_factory):
             except OSError:
                 assert proc.poll() is None, (tmp / "server.log").read_text()[-3000:]
                 time.sleep(0.5)
-        yield base_url(base)
+        yield base
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -113,7 +112,7 @@ def test_server_serves_the_frontend_extension(server):
         assert r.status == 200 and b'registerExtension' in r.read()
 
 
-def test_an_open_editor_is_told_when_a_calibration_file_is_written(server, comfyui):
+def test_an_open_editor_is_told_when_a_calibration_file_is_written(server, server_home, comfyui):
     """The event web/trainfree.js refreshes the Load nodes' lists on reaches every open editor over the websocket
     (here one that did not queue the run), once per file written."""
     import asyncio
@@ -142,5 +141,5 @@ def test_an_open_editor_is_told_when_a_calibration_file_is_written(server, comfy
     (status, _), seen = asyncio.run(listen())
     assert status == "success"
     written = [m["data"] for m in seen if m["type"] == "trainfree.calibration_written"]
-    files = sorted((server.tmp / "models" / "trainfree").rglob("*.safetensors"))
+    files = sorted((server_home / "models" / "trainfree").rglob("*.safetensors"))
     assert len(files) == 1 and written == [{"folder": files[0].parent.name, "file": files[0].name}]
