@@ -35,6 +35,12 @@ import torch
 from ..samplers.common import STEP_SIGMA, precise
 
 
+def _eager(fn):
+    """``fn`` kept out of torch.compile's traces: it runs as plain Python between the compiled pieces."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
+
 def _floats(sigmas) -> list:
     """The schedule as Python floats, read from the device in one transfer (not one per element)."""
     return [float(s) for s in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
@@ -314,6 +320,20 @@ class SpanRun:
         return r * a + b
 
     def block(self, key, args, call):
+        """Run span block ``key`` through ``call`` or skip it. Only ``call`` is traced when the model runs under
+        torch.compile: the decisions and the residual bookkeeping live in helpers the compiler leaves alone, since
+        a traced copy of them was reused across steps (one more full evaluation, another result)."""
+        action = self._enter(key, args)
+        if action == "skip":
+            return self._skip(key, args)
+        out = call(args)
+        if action == "run":
+            self._leave(key, out)
+        return out
+
+    @_eager
+    def _enter(self, key, args) -> str:
+        """'run' (evaluate and record), 'skip' (reuse the residual) or 'plain' (the span was entered mid-way)."""
         if key == self.first:
             to = args.get("transformer_options") or {}
             if to.get("sigmas") is not None and to.get("sample_sigmas") is not None:
@@ -329,27 +349,35 @@ class SpanRun:
             self.current = (chunk, cached, snap, branches, {"added": {k: torch.zeros_like(v) for k, v in snap.items()}})
             self.cached_now = self.cached_now or cached
         if self.current is None:                      # span entered mid-way: never cache
-            return call(args)
-        chunk, cached, snap, branches, between = self.current
-        if not cached:
-            if "out" in between:                      # what the model added since the previous span block
-                between["added"] = _added(between["added"], between["out"], args)
-            out = call(args)
-            if key != self.last and self.controlled:  # a copy: Flux adds ControlNet residuals to it in place
-                between["out"] = {k: v.clone() for k, v in out.items() if isinstance(v, torch.Tensor)}
-            self.blocks_run += 1
-            if key == self.last:
-                added = between["added"]
-                res = {k: (v - _reference(snap, k, v) - _reference(added, k, v) if isinstance(v, torch.Tensor) else v)
-                       for k, v in out.items()}
-                self.entries[chunk] = res
-                self.current = None
-                self.held_bytes = max(self.held_bytes, sum(t.numel() * t.element_size() for r in self.entries.values()
-                                                           for t in r.values() if isinstance(t, torch.Tensor)))
-                if self.calibrator is not None:
-                    self.calibrator.record(self.step, chunk, {k: v for k, v in res.items()
-                                                              if isinstance(v, torch.Tensor)}, branches)
-            return out
+            return "plain"
+        if self.current[1]:
+            return "skip"
+        between = self.current[4]
+        if "out" in between:                          # what the model added since the previous span block
+            between["added"] = _added(between["added"], between["out"], args)
+        return "run"
+
+    @_eager
+    def _leave(self, key, out):
+        chunk, _, snap, branches, between = self.current
+        if key != self.last and self.controlled:      # a copy: Flux adds ControlNet residuals to it in place
+            between["out"] = {k: v.clone() for k, v in out.items() if isinstance(v, torch.Tensor)}
+        self.blocks_run += 1
+        if key == self.last:
+            added = between["added"]
+            res = {k: (v - _reference(snap, k, v) - _reference(added, k, v) if isinstance(v, torch.Tensor) else v)
+                   for k, v in out.items()}
+            self.entries[chunk] = res
+            self.current = None
+            self.held_bytes = max(self.held_bytes, sum(t.numel() * t.element_size() for r in self.entries.values()
+                                                       for t in r.values() if isinstance(t, torch.Tensor)))
+            if self.calibrator is not None:
+                self.calibrator.record(self.step, chunk, {k: v for k, v in res.items()
+                                                          if isinstance(v, torch.Tensor)}, branches)
+
+    @_eager
+    def _skip(self, key, args):
+        chunk, _, _, branches, _ = self.current
         self.blocks_skipped += 1
         if key != self.last:                          # skipped block: pass its inputs through
             return {k: args[k] for k in ("img", "txt") if k in args}

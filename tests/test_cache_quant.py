@@ -203,3 +203,44 @@ def test_a_span_whose_first_block_adds_text_tokens_names_the_fix():
     args = {"img": torch.zeros(1, 4, 8), "txt": torch.zeros(1, 3, 8), "transformer_options": {}}
     with pytest.raises(RuntimeError, match="adds text tokens.*set head_blocks to 1 or more"):
         run.block("b0", args, lambda a: {"img": a["img"] + 1, "txt": torch.cat([a["txt"], a["txt"]], 1)})
+
+
+def test_span_cache_under_torch_compile_matches_eager():
+    """ComfyUI's TorchCompileModel compiles the diffusion model, span blocks' replacements included, and dynamo
+    runs a frame without compiling once it hits its recompile limit: one run sees traced and plain calls. A
+    traced copy of the cache's bookkeeping named patch functions wrongly (torch 2.13: ``getattr(f,
+    '__qualname__', ...)`` gave the descriptor's repr), so a later plain call missed the residual stored by a
+    traced one and ran in full: another result than without compilation."""
+    import torch._dynamo
+
+    def patch(args, extra):            # a block patch, as NASA or PAG put in patches_replace
+        return extra["original_block"](args)
+
+    model = ToyDiT()
+    ss = torch.linspace(1.0, 0.0, 7)
+
+    def forward(run, x, txt, sigma):
+        to = {"patches_replace": {"dit": {("double_block", 0): patch}}}
+        replace = (lambda k, a, c: run.block(k, dict(a, transformer_options=dict(a["transformer_options"], **to)), c)
+                   if k in span else c(a))
+        return model(x, txt, sigma, ss, replace=replace)
+
+    def sample(run, traced_steps):
+        torch._dynamo.reset()
+        compiled = torch.compile(forward, backend="eager")
+        x, txt = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(5)), torch.ones(2, 2, 8) * 0.1
+        try:
+            for i in range(6):
+                x = x + 0.1 * (compiled if i in traced_steps else forward)(run, x, txt, float(ss[i]))[:, 2:]
+        finally:
+            torch._dynamo.reset()
+        return x
+
+    eager_run = SpanRun(*span, full=[1, 0, 0, 1, 0, 0])
+    eager = sample(eager_run, ())
+    for traced in ({0, 3}, set(range(6))):
+        run = SpanRun(*span, full=[1, 0, 0, 1, 0, 0])
+        out = sample(run, traced)
+        assert (run.blocks_run, run.blocks_skipped) == (eager_run.blocks_run, eager_run.blocks_skipped) == (4, 8)
+        assert len(run.entries) == 1
+        assert torch.allclose(out, eager, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,123 @@
+"""The pack's MODEL patches with two core features users wire them beside.
+
+- Regional prompts (ConditioningSetArea, ConditioningSetMask): ComfyUI then calls the model on crops
+  of the latent and on several positive conds per step, so one step holds calls of other shapes.
+  Neutral settings must give the unpatched latent bit for bit, acting ones must act (and the caches
+  must still skip work).
+- TorchCompileModel: core swaps the diffusion model for a compiled one inside apply_model, before
+  or after the pack's patches. The result must match the uncompiled graph's to compiler rounding
+  (a patch dropped under compilation moves it 100x more) and the caches must still skip work. NASA, PAG
+  and the DiT cache together on Flux gave another result under compilation until the DiT cache kept its
+  bookkeeping out of the compiler's traces.
+"""
+import logging
+import re
+import shutil
+
+import pytest
+
+from prompts import patched_ksampler
+
+NASA = ("TrainFreeNASA", {"negative": ["neg", 0], "start_percent": 0.0, "end_percent": 1.0})
+PATCHES = {   # node -> (its inputs, the neutral setting, an acting setting)
+    "TrainFreeDeepCache": ({"cache_depth": 1, "schedule": "uniform", "start_percent": 0.0, "end_percent": 1.0},
+                           ("cache_interval", 1), ("cache_interval", 3)),
+    "TrainFreeDiTCache": ({"head_blocks": 1, "tail_blocks": 1}, ("interval", 1), ("interval", 3)),
+    "TrainFreePAG": ({"layers": "", "start_percent": 0.0, "end_percent": 1.0}, ("scale", 0.0), ("scale", 2.0)),
+    "TrainFreeAdaptiveGuidance": ({}, ("threshold", 1.0), ("threshold", 0.5)),
+    "TrainFreeNASA": (NASA[1], ("alpha", 0.0), ("alpha", 0.3)),
+}
+CACHED = {"TrainFreeDeepCache": r"DeepCache: (\d+) of \d+ UNet calls used the shallow branch",
+          "TrainFreeDiTCache": r"DiT block cache .*: \d+ full and (\d+) cached evaluations",
+          "TrainFreeAdaptiveGuidance": r"Adaptive Guidance skipped (\d+) of"}
+
+
+def _patch(node, setting):
+    inputs, _, _ = PATCHES[node]
+    return node, dict(inputs, **dict([setting]))
+
+
+def _regional(prompt, kind):
+    """The positive prompt plus a second one on the left half (area) or under a mask's bounds."""
+    prompt["pos2"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a red boat"}}
+    if kind == "area":
+        prompt["reg"] = {"class_type": "ConditioningSetArea", "inputs": {
+            "conditioning": ["pos2", 0], "width": 64, "height": 128, "x": 0, "y": 0, "strength": 1.0}}
+    else:
+        prompt["mask"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 64, "height": 128}}
+        prompt["reg"] = {"class_type": "ConditioningSetMask", "inputs": {
+            "conditioning": ["pos2", 0], "mask": ["mask", 0], "strength": 1.0, "set_cond_area": "mask bounds"}}
+    prompt["both"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["pos", 0],
+                                                                       "conditioning_2": ["reg", 0]}}
+    prompt["ks"]["inputs"]["positive"] = ["both", 0]
+    return prompt
+
+
+def _run(comfyui, prompt, caplog):
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        ok, outputs, err = comfyui.run(prompt)
+    assert ok, err
+    assert "finite=True" in outputs["stats"]["text"][0]
+    return outputs["stats"], [r.getMessage() for r in caplog.records if "trainfree" in r.getMessage()]
+
+
+def _skipped(node, log):
+    found = [int(m.group(1)) for m in (re.search(CACHED[node], line) for line in log) if m]
+    assert found, log
+    return found[-1]
+
+
+CACHES = [("sd15", "TrainFreeDeepCache"), ("sdxl", "TrainFreeDeepCache"), ("flux", "TrainFreeDiTCache")]
+GUIDANCE = [("sd15", "TrainFreePAG"), ("flux", "TrainFreePAG"), ("sd15", "TrainFreeAdaptiveGuidance"),
+            ("sd15", "TrainFreeNASA"), ("flux", "TrainFreeNASA")]
+# a mask's bounds crop as an area does; the caches, which keep an entry per kind of call, get both
+REGIONAL = [("area", a, n) for a, n in CACHES + GUIDANCE] + [("mask", a, n) for a, n in CACHES]
+
+
+@pytest.mark.parametrize("kind,arch,node", REGIONAL)
+def test_patches_with_regional_prompts(comfyui, caplog, kind, arch, node):
+    def graph(chain):
+        return _regional(patched_ksampler(chain, arch=arch, steps=6, cfg=4.0, seed=3, batch=2, size=128), kind)
+
+    plain = _run(comfyui, graph([]), caplog)[0]
+    _, neutral, acting = PATCHES[node]
+    assert _run(comfyui, graph([_patch(node, neutral)]), caplog)[0]["sha256"] == plain["sha256"]
+    acted, log = _run(comfyui, graph([_patch(node, acting)]), caplog)
+    assert acted["sha256"] != plain["sha256"]
+    if node in CACHED:
+        assert _skipped(node, log) > 0
+
+
+def _compiler_missing():
+    return shutil.which("cc") is None and shutil.which("gcc") is None and shutil.which("cl") is None
+
+
+CHAINS = {"sd15": ["TrainFreeAdaptiveGuidance", "TrainFreePAG", "TrainFreeDeepCache"],
+          "flux": ["TrainFreeNASA", "TrainFreePAG", "TrainFreeDiTCache"]}
+
+
+@pytest.mark.skipif(_compiler_missing(), reason="torch.compile's inductor backend needs a C compiler on the CPU")
+@pytest.mark.parametrize("arch,where", [("sd15", "before"), ("sd15", "after"), ("flux", "after")])
+def test_patches_under_torch_compile(comfyui, caplog, arch, where):
+    import torch._dynamo
+
+    chain = [_patch(node, PATCHES[node][2]) for node in CHAINS[arch]]
+    compile_node = ("TorchCompileModel", {"backend": "inductor"})
+    eager, _ = _run(comfyui, patched_ksampler(chain, arch=arch, steps=6, cfg=4.0, seed=3), caplog)
+    plain, _ = _run(comfyui, patched_ksampler([], arch=arch, steps=6, cfg=4.0, seed=3), caplog)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled_chain = [compile_node] + chain if where == "before" else chain + [compile_node]
+    try:
+        compiled, log = _run(comfyui, patched_ksampler(compiled_chain, arch=arch, steps=6, cfg=4.0, seed=3), caplog)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert graphs > 0                                     # the diffusion model did run compiled
+    effect = abs(eager["sum"][0] - plain["sum"][0])
+    assert effect > 1e-3 * abs(plain["sum"][0])
+    assert abs(compiled["sum"][0] - eager["sum"][0]) < 0.01 * effect
+    for node in CHAINS[arch]:
+        if node in CACHED:
+            assert _skipped(node, log) > 0, node
