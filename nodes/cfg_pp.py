@@ -45,6 +45,20 @@ DESCRIPTIONS = {
 }
 
 
+def _inpainted(model, d_u, sigma, model_options, denoise_mask):
+    """``d_u`` with ComfyUI's inpainting applied as to the guided prediction: KSamplerX0Inpaint replaces the model's
+    output outside the mask by the source latent (after the mask function, e.g. Differential Diffusion's). Left
+    raw there, a multistep CFG++ solver's last step (PLMS, GHVB) brings the raw prediction back into the kept
+    area."""
+    latent = getattr(model, "latent_image", None)
+    if denoise_mask is None or latent is None:
+        return d_u
+    if "denoise_mask_function" in model_options:
+        denoise_mask = model_options["denoise_mask_function"](
+            sigma, denoise_mask, extra_options={"model": model.inner_model, "sigmas": model.sigmas})
+    return d_u * denoise_mask + latent * (1.0 - denoise_mask)
+
+
 def with_uncond(pure):
     """A ComfyUI sampler function running ``pure`` with the unconditional prediction of each call."""
 
@@ -53,7 +67,8 @@ def with_uncond(pure):
         box = [None]
 
         def capture(args):
-            box[0] = None if args.get("uncond") is None else args["uncond_denoised"]
+            box[0] = None if args.get("uncond") is None else _inpainted(
+                model, args["uncond_denoised"], args["sigma"], args["model_options"], extra_args.get("denoise_mask"))
             return args["denoised"]
 
         def uncond():                 # consumed once per model call: never a stale prediction
