@@ -22,7 +22,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequenti
 from ..caching.deep_cache import (SCHEDULES, DeepCacheRun, Entry, Recorder, Replay, Zeros, full_step_mask, now,
                                   step_of)
 from ..samplers.common import STEP_SIGMA
-from .ui_support import ui_text
+from .ui_support import compile_note, ui_text
 
 KEY = "trainfree_deep_cache"
 PAPER = "Ma, Fang, Wang, DeepCache: Accelerating Diffusion Models for Free (CVPR 2024)"
@@ -166,7 +166,8 @@ class _Controller:
             self.plan = None
             guider.model_options = original
             text = (f"{run.report()}; {sum(mask)} of {len(mask)} steps full; sampling took {now() - t0:.2f} s"
-                    + (f" ({note})" if note else "") + ("" if done else " [run interrupted; cache freed]"))
+                    + (f" ({note})" if note else "") + compile_note(original)
+                    + ("" if done else " [run interrupted; cache freed]"))
             self.last_stats = {"full": run.full_calls, "cached": run.cached_calls, "speedup": run.speedup(),
                                "bytes": run.peak_bytes, "full_steps": sum(mask), "steps": len(mask),
                                "full_time": run.full_time, "cached_time": run.cached_time}

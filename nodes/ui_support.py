@@ -34,3 +34,10 @@ def announce_written(path) -> None:
             instance.send_sync(CALIBRATION_WRITTEN, {"folder": path.parent.name, "file": path.name})
     except Exception as e:                                  # must never fail the calibration that was just saved
         log.debug("trainfree: file announcement not sent: %s", e)
+
+
+def compile_note(model_options: dict) -> str:
+    """A remark for measured speed-ups when core's TorchCompileModel is on the model (its first runs compile)."""
+    if "torch_compile_kwargs" not in (model_options or {}):
+        return ""
+    return " (TorchCompileModel: runs that compile or recompile count the compilation in these timings)"

@@ -114,6 +114,7 @@ def test_patches_under_torch_compile(comfyui, caplog, arch, where):
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     finally:
         torch._dynamo.reset()
+        comfyui.executor.reset()              # drop the cached compiled model with the graph's outputs
     assert graphs > 0                                     # the diffusion model did run compiled
     effect = abs(eager["sum"][0] - plain["sum"][0])
     assert effect > 1e-3 * abs(plain["sum"][0])
@@ -121,3 +122,5 @@ def test_patches_under_torch_compile(comfyui, caplog, arch, where):
     for node in CHAINS[arch]:
         if node in CACHED:
             assert _skipped(node, log) > 0, node
+    reports = [line for line in log if re.search(r"DeepCache:|DiT block cache", line)]
+    assert reports and all("TorchCompileModel: runs that compile" in line for line in reports), reports

@@ -68,7 +68,7 @@ def test_pack_patch_beside_core_patch(comfyui, caplog, arch, core, ours):
     core_alone = _run(comfyui, caplog, arch, [core_node])[0]
     ours_alone = _run(comfyui, caplog, arch, [_ours(ours, True)])[0]
     for order in ("core first", "pack first"):
-        def pair(acting):
+        def pair(acting, order=order):
             return [core_node, _ours(ours, acting)] if order == "core first" else [_ours(ours, acting), core_node]
 
         assert _run(comfyui, caplog, arch, pair(False))[0] == core_alone, order
