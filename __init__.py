@@ -4,7 +4,7 @@ ComfyUI loads this file from ``custom_nodes/``. The math lives in ``samplers/``,
 ``caching/`` (pure torch); ``nodes/`` adapts it to ComfyUI. Imported outside ComfyUI (no ``comfy``
 package), the pack exposes no nodes and its pure layers stay importable. ``web/`` is the frontend
 extension ComfyUI serves through WEB_DIRECTORY (it refreshes the loaders' file lists after a
-calibration).
+calibration) with the nodes' help pages (``web/docs/<node id>.md``).
 """
 import importlib.util
 

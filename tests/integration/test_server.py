@@ -112,6 +112,19 @@ def test_server_serves_the_frontend_extension(server):
         assert r.status == 200 and b'registerExtension' in r.read()
 
 
+def test_every_node_help_page_is_served_where_the_editor_looks(server):
+    """The editor's node documentation panel fetches /extensions/<pack id from python_module>/docs/<node id>.md."""
+    info = _get(server + "/object_info")
+    ours = {name: n["python_module"] for name, n in info.items() if n.get("python_module", "").endswith(PACK_NAME)}
+    assert len(ours) >= 25
+    for name, module in ours.items():
+        pack_id = module.split(".")[1]                              # the frontend's extractCustomNodeName
+        with urllib.request.urlopen(f"{server}/extensions/{pack_id}/docs/{name}.md", timeout=10) as r:
+            assert r.status == 200
+            page = r.read().decode()
+        assert page.startswith(f"# {info[name]['display_name']}"), name
+
+
 def test_an_open_editor_is_told_when_a_calibration_file_is_written(server, server_home, comfyui):
     """The event web/trainfree.js refreshes the Load nodes' lists on reaches every open editor over the websocket
     (here one that did not queue the run), once per file written."""
