@@ -10,6 +10,7 @@ import comfy.samplers
 import torch
 
 from ..guidance.adaptive_guidance import AdaptiveGuidance
+from .cond_layout import other_guider, other_guider_text
 from .linear_ag import NODES as LINEAR_AG_NODES
 from .ui_support import ui_text
 
@@ -21,6 +22,7 @@ log = logging.getLogger("trainfree")
 class _Holder:
     def __init__(self, threshold, node_id=None):
         self.threshold, self.state, self.node_id = threshold, None, node_id
+        self.other = 0              # prompts per step of a guider other than CFG's pair (passed through)
 
 
 class _Rows:
@@ -63,7 +65,7 @@ def rows_of(conds, rows, batch):
 
 def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
     holder = model_options["transformer_options"].get(KEY)
-    if holder is None or len(conds) < 2 or conds[1] is None:          # no CFG pass (e.g. cfg 1)
+    if holder is None or other_guider(holder, conds) or len(conds) < 2 or conds[1] is None:   # no CFG pass
         return executor(model, conds, x_in, timestep, model_options)
     state = holder.state
     if state is None or state.guided.numel() != x_in.shape[0]:
@@ -104,7 +106,10 @@ def _outer_sample(executor, *args, **kwargs):
         return out
     finally:
         state = holder.state
-        if state is not None and state.total:
+        if holder.other and finished and not (state is not None and state.total):
+            log.info("trainfree: %s", other_guider_text("Adaptive Guidance", holder))
+            ui_text(other_guider_text("Adaptive Guidance", holder), holder.node_id)
+        elif state is not None and state.total:
             cut = "" if finished else " [run interrupted]"
             log.info("trainfree: Adaptive Guidance skipped %d of %d unconditional evaluations (%.0f%%)%s",
                      state.saved, state.total, 100.0 * state.saved / state.total, cut)

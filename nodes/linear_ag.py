@@ -17,6 +17,7 @@ from ..samplers.common import STEP_SIGMA
 from .calibration_support import (Progress, empty_latent_for, list_files, load_named, loaded_state, method_dir,
                                   model_keys, refuse_mismatch, reuse, save, scheduler_sigmas, settings_key,
                                   warn_if_other_run, written_state, wrote)
+from .cond_layout import other_guider, other_guider_text
 from .ui_support import ui_text
 
 METHOD = "linear_ag"
@@ -183,13 +184,14 @@ class TrainFreeLinearAGLoad:
 class _Holder:
     def __init__(self, record, start, end, node_id=None):
         self.record, self.start, self.end, self.state, self.seen = record, start, end, None, set()
-        self.node_id = node_id
+        self.node_id, self.other = node_id, 0
 
 
 def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
     to = model_options["transformer_options"]
     holder = to.get(KEY)
-    if holder is None or holder.state is None or len(conds) < 2 or conds[1] is None or conds[0] is None:
+    if (holder is None or holder.state is None or other_guider(holder, conds) or len(conds) < 2 or conds[1] is None
+            or conds[0] is None):
         return executor(model, conds, x_in, timestep, model_options)     # cfg 1, or a sliced call of another patch
     lin, batch = holder.state, x_in.shape[0]
     step = step_of(timestep, to.get("sample_sigmas"), to.get(STEP_SIGMA))
@@ -242,7 +244,10 @@ def _outer_sample(executor, noise, latent_image, sampler, sigmas, *args, **kwarg
         return out
     finally:
         lin = holder.state
-        if not lin.total and finished:         # not after a cancelled or failed run
+        if holder.other and not lin.total and finished:
+            log.info("trainfree: %s", other_guider_text("LinearAG", holder))
+            ui_text(other_guider_text("LinearAG", holder), holder.node_id)
+        elif not lin.total and finished:         # not after a cancelled or failed run
             log.info("trainfree: LinearAG inactive: this run made no negative-prompt evaluations (CFG 1)")
             ui_text("LinearAG: inactive (CFG 1 has no negative-prompt pass to replace)", holder.node_id)
         elif lin.total:
