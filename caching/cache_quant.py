@@ -321,8 +321,9 @@ class SpanRun:
 
     def block(self, key, args, call):
         """Run span block ``key`` through ``call`` or skip it. Only ``call`` is traced when the model runs under
-        torch.compile: the decisions and the residual bookkeeping live in helpers the compiler leaves alone, since
-        a traced copy of them was reused across steps (one more full evaluation, another result)."""
+        torch.compile: the decisions and the residual bookkeeping live in helpers the compiler leaves alone (traced,
+        they named patch functions wrongly in torch 2.13, so a later untraced call missed its residual: one more
+        full evaluation, another result)."""
         action = self._enter(key, args)
         if action == "skip":
             return self._skip(key, args)
