@@ -36,9 +36,12 @@ from ..samplers.common import STEP_SIGMA, precise
 
 
 def _eager(fn):
-    """``fn`` kept out of torch.compile's traces: it runs as plain Python between the compiled pieces."""
-    disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    return disable(fn) if disable is not None else fn
+    """``fn`` kept out of torch.compile's traces: it runs as plain Python between the compiled pieces. Where the
+    compiler cannot load (an old torch on a newer Python), nothing is compiled and ``fn`` is returned as is."""
+    try:
+        return torch.compiler.disable(fn)
+    except Exception:
+        return fn
 
 
 def _floats(sigmas) -> list:
