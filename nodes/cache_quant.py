@@ -1,4 +1,4 @@
-"""CacheQuant-scheduled block cache for DiTs (Flux, SD3, Wan): calibrate, load, patch a MODEL.
+"""CacheQuant-scheduled block cache for DiTs (Flux, Chroma, SD3, Wan, Qwen-Image): calibrate, load, patch a MODEL.
 
 The span's blocks are replaced through ``transformer_options["patches_replace"]["dit"]`` (each replacement runs the
 block's own ``original_block``, or the replacement that was there before: no forward is copied); a keyed
@@ -35,25 +35,36 @@ PAPER = "Liu, Li, Gu, CacheQuant: Comprehensively Accelerated Diffusion Models (
 log = logging.getLogger("trainfree")
 
 
+def _dit_classes() -> dict:
+    """ComfyUI's DiT classes this cache knows, by architecture name (a class this ComfyUI lacks is left out)."""
+    import importlib
+
+    found = {}
+    for arch, module, name in (("flux", "comfy.ldm.flux.model", "Flux"), ("chroma", "comfy.ldm.chroma.model", "Chroma"),
+                               ("sd3", "comfy.ldm.modules.diffusionmodules.mmdit", "OpenAISignatureMMDITWrapper"),
+                               ("wan", "comfy.ldm.wan.model", "WanModel"),
+                               ("qwen_image", "comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel")):
+        try:
+            found[getattr(importlib.import_module(module), name)] = arch
+        except (ImportError, AttributeError):
+            pass
+    return found
+
+
 def dit_span(model, head: int, tail: int):
     """(architecture, the block keys of the cached span) or a ValueError saying why this model can't be cached."""
-    from comfy.ldm.flux.model import Flux
-    from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
-    from comfy.ldm.wan.model import WanModel
-
     dm = model.get_model_object("diffusion_model")
-    if type(dm) is Flux:
-        arch = "flux"
+    arch = _dit_classes().get(type(dm))
+    if arch in ("flux", "chroma"):         # double-stream blocks, then single-stream ones on [txt; img]
         keys = [("double_block", i) for i in range(len(dm.double_blocks))]
         keys += [("single_block", i) for i in range(len(dm.single_blocks))]
-    elif type(dm) is OpenAISignatureMMDITWrapper:
-        arch, keys = "sd3", [("double_block", i) for i in range(len(dm.joint_blocks))]
-    elif type(dm) is WanModel:
-        arch, keys = "wan", [("double_block", i) for i in range(len(dm.blocks))]
+    elif arch is not None:                 # one list of joint blocks
+        blocks = {"sd3": "joint_blocks", "wan": "blocks", "qwen_image": "transformer_blocks"}[arch]
+        keys = [("double_block", i) for i in range(len(getattr(dm, blocks)))]
     else:
         raise ValueError(f"DiT block cache: {type(model.model).__name__} ({type(dm).__name__}) is not supported; it "
-                         "caches the transformer blocks of Flux, SD3/SD3.5 and Wan 2.1/2.2 text-to-video models. For "
-                         "SD1.5/SDXL U-Nets use a U-Net cache such as DeepCache.")
+                         "caches the transformer blocks of Flux, Chroma, SD3/SD3.5, Wan 2.1/2.2 text-to-video and "
+                         "Qwen-Image models. For SD1.5/SDXL U-Nets use a U-Net cache such as DeepCache.")
     if head + tail >= len(keys):
         raise ValueError(f"DiT block cache: this {arch} model has {len(keys)} blocks; head_blocks + tail_blocks "
                          f"({head} + {tail}) must leave at least one block to cache")
@@ -234,7 +245,7 @@ class TrainFreeCacheQuantCalibrate:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The DiT to calibrate (Flux, SD3, Wan), with its LoRAs applied."}),
+            "model": ("MODEL", {"tooltip": "The DiT to calibrate (Flux, Chroma, SD3, Wan, Qwen-Image), with its LoRAs applied."}),
             "positive": ("CONDITIONING", {"tooltip": "A typical prompt."}),
             "negative": ("CONDITIONING", {"tooltip": "The negative prompt (used when cfg > 1)."}),
             "latent_image": ("LATENT", {"tooltip": "Latent of the size you will generate; its batch are the "
@@ -317,7 +328,7 @@ class TrainFreeCacheQuantLoad:
 
 
 class TrainFreeDiTCache:
-    DESCRIPTION = ("Block cache for DiTs (Flux, SD3, Wan): at full steps the middle blocks run and their residual "
+    DESCRIPTION = ("Block cache for DiTs (Flux, Chroma, SD3, Wan, Qwen-Image): at full steps the middle blocks run and their residual "
                    "(output - input) is stored; at cached steps they are skipped and the stored residual, corrected "
                    "by CacheQuant's per-channel map, is added instead. With a schedule (Calibrate / Load node) the "
                    "full steps are CacheQuant's dynamic-programming choice; without, every interval-th step. After "
@@ -331,7 +342,7 @@ class TrainFreeDiTCache:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "A Flux, SD3 or Wan model."}),
+            "model": ("MODEL", {"tooltip": "A Flux, Chroma, SD3, Wan or Qwen-Image model."}),
             "interval": ("INT", {"default": 3, "min": 1, "max": 20, "tooltip": "Without a schedule: every N-th step "
                                                                                "is full (1 = no caching)."}),
             **SPAN_INPUTS,

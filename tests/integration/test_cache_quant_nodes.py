@@ -1,4 +1,4 @@
-"""DiT block cache (CacheQuant schedule) in real ComfyUI on tiny Flux, SD3 and Wan models."""
+"""DiT block cache (CacheQuant schedule) in real ComfyUI on tiny Flux, SD3, Wan, Chroma and Qwen-Image models."""
 import logging
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 from probes import count_rows
 from prompts import patched_ksampler
 
-SPANS = {"flux": (1, 1), "sd3": (1, 0), "wan": (1, 0)}       # the tiny SD3 / Wan have 2 blocks
+SPANS = {"flux": (1, 1), "sd3": (1, 0), "wan": (1, 0), "chroma": (1, 1), "qwen_image": (1, 1)}   # SD3 / Wan: 2 blocks
 ARCHS = list(SPANS)
 
 
@@ -49,11 +49,12 @@ def _counting(model, arch):
     """A block replacement on every block that counts the calls reaching the real block (ours chains to it)."""
     calls = []
     dm = model.get_model_object("diffusion_model")
-    if arch == "flux":
+    if arch in ("flux", "chroma"):
         keys = [("double_block", i) for i in range(len(dm.double_blocks))]
         keys += [("single_block", i) for i in range(len(dm.single_blocks))]
     else:
-        keys = [("double_block", i) for i in range(len(dm.joint_blocks if arch == "sd3" else dm.blocks))]
+        blocks = {"sd3": "joint_blocks", "wan": "blocks", "qwen_image": "transformer_blocks"}[arch]
+        keys = [("double_block", i) for i in range(len(getattr(dm, blocks)))]
     m = model.clone()
     for k in keys:
         m.set_model_patch_replace(lambda args, extra, k=k: (calls.append(k), extra["original_block"](args))[1],
@@ -155,7 +156,7 @@ def test_unsupported_models_and_stacked_caches_are_refused(comfyui):
 
     tiny = _tiny(comfyui)
     for arch in ("sd15", "sdxl"):
-        with pytest.raises(ValueError, match="not supported.*Flux, SD3.*Wan"):
+        with pytest.raises(ValueError, match="not supported.*Flux, Chroma, SD3.*Wan.*Qwen-Image"):
             _node(comfyui, "TrainFreeDiTCache").patch(tiny.build(arch), 3, 1, 1)
     base = tiny.build("flux")
     for node in (EasyCacheNode, LazyCacheNode):

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import torch
 
-ARCHS = ("sd15", "sdxl", "sd3", "flux", "wan")
+ARCHS = ("sd15", "sdxl", "sd3", "flux", "wan", "chroma", "qwen_image")
 # spatial (and temporal) dimensions of each arch's latent, after batch and channels
-LATENT_DIMS = {"sd15": 2, "sdxl": 2, "sd3": 2, "flux": 2, "wan": 3}
-# (context tokens, context dim, pooled dim) the conditioning must have for each arch
+LATENT_DIMS = {"sd15": 2, "sdxl": 2, "sd3": 2, "flux": 2, "wan": 3, "chroma": 2, "qwen_image": 3}
+# (context tokens, context dim, pooled dim) the conditioning must have for each arch (Chroma reads no pooled
+# vector but, built on Flux, its conditioning must carry one)
 COND_SHAPES = {"sd15": (77, 64, None), "sdxl": (77, 64, 32), "sd3": (77, 64, 32), "flux": (16, 64, 32),
-               "wan": (16, 64, None)}
+               "wan": (16, 64, None), "chroma": (16, 64, 32), "qwen_image": (16, 64, None)}
 
 _UNET = {
     "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
@@ -50,6 +51,16 @@ def _config(arch):
         cfg = sm.WAN21_T2V({"image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "text_len": 16,
                             "in_dim": 16, "dim": 64, "ffn_dim": 128, "freq_dim": 32, "text_dim": 64,
                             "out_dim": 16, "num_heads": 2, "num_layers": 2, "eps": 1e-6})
+    elif arch == "chroma":      # its modulation approximator takes 64 inputs (16 + 16 + 32) in every size
+        cfg = sm.Chroma({"image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": 64,
+                         "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2,
+                         "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True, "in_dim": 64,
+                         "out_dim": 64, "hidden_dim": 128, "n_layers": 1})
+    elif arch == "qwen_image":
+        cfg = sm.QwenImage({"image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16,
+                            "num_layers": 3, "attention_head_dim": 32, "num_attention_heads": 2,
+                            "joint_attention_dim": 64, "pooled_projection_dim": 32, "guidance_embeds": False,
+                            "axes_dims_rope": (8, 12, 12)})
     else:
         raise ValueError(f"unknown tiny arch {arch!r}; one of {ARCHS}")
     if arch in ("sd15", "sdxl"):
