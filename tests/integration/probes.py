@@ -1,4 +1,6 @@
 """Probes the integration tests put on a model to see what ComfyUI really ran."""
+import logging
+import re
 
 
 def count_rows(model):
@@ -14,3 +16,22 @@ def count_rows(model):
     m = model.clone()
     m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "count_rows", count)
     return m, rows
+
+
+def run_logged(comfyui, prompt, caplog):
+    """Run an API prompt ending in TrainFreeTestLatentStats ("stats"): (its stats, the pack's log lines). Fails on an
+    error or a non-finite latent."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        ok, outputs, err = comfyui.run(prompt)
+    assert ok, err
+    stats = outputs["stats"]
+    assert "finite=True" in stats["text"][0]
+    return stats, [r.getMessage() for r in caplog.records if "trainfree" in r.getMessage()]
+
+
+def last_count(pattern, log):
+    """The number captured by ``pattern`` in the last matching log line (a node's report); fails when none matches."""
+    found = [int(m.group(1)) for m in (re.search(pattern, line) for line in log) if m]
+    assert found, log
+    return found[-1]

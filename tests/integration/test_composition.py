@@ -6,11 +6,10 @@ the caches report cached calls, Adaptive Guidance reports skipped evaluations, a
 result. Batch 2 with cfg > 1 so cond and uncond rows, the perturbed pass and per-row decisions all
 meet in one run.
 """
-import logging
-import re
 
 import pytest
 
+from probes import last_count, run_logged
 from prompts import patched_ksampler
 
 CHAINS = {
@@ -31,12 +30,8 @@ def _prompt(arch, chain, steps=9, cfg=4.0):
 
 
 def _run(comfyui, prompt, caplog):
-    caplog.clear()
-    with caplog.at_level(logging.INFO):
-        ok, outputs, err = comfyui.run(prompt)
-    assert ok, err
-    assert "finite=True" in outputs["stats"]["text"][0]
-    return (outputs["stats"]["text"][0], outputs["stats"]["sum"][0]), [r.getMessage() for r in caplog.records if "trainfree" in r.getMessage()]
+    stats, log = run_logged(comfyui, prompt, caplog)
+    return (stats["text"][0], stats["sum"][0]), log
 
 
 @pytest.mark.parametrize("arch", ["sd15", "flux"])
@@ -44,10 +39,8 @@ def _run(comfyui, prompt, caplog):
 def test_two_guidance_nodes_and_a_cache_all_act(comfyui, caplog, arch, order):
     chain = CHAINS[arch] if order == "guidance first" else CHAINS[arch][::-1]
     stats, log = _run(comfyui, _prompt(arch, chain), caplog)
-    ag = [m for m in log if "Adaptive Guidance skipped" in m]
-    assert ag and int(re.search(r"skipped (\d+) of", ag[-1]).group(1)) > 0, log
-    cached = [int(m.group(1)) for m in (re.search(CACHED[arch], line) for line in log) if m]
-    assert cached and cached[-1] > 0, log
+    assert last_count(r"Adaptive Guidance skipped (\d+) of", log) > 0
+    assert last_count(CACHED[arch], log) > 0
     # PAG acts: the same graph without PAG gives another result
     no_pag = [c for c in chain if c[0] != "TrainFreePAG"]
     assert _run(comfyui, _prompt(arch, no_pag), caplog)[0] != stats

@@ -10,12 +10,12 @@
   and the DiT cache together on Flux gave another result under compilation until the DiT cache kept its
   bookkeeping out of the compiler's traces.
 """
-import logging
 import re
 import shutil
 
 import pytest
 
+from probes import last_count, run_logged
 from prompts import patched_ksampler
 
 NASA = ("TrainFreeNASA", {"negative": ["neg", 0], "start_percent": 0.0, "end_percent": 1.0})
@@ -53,19 +53,8 @@ def _regional(prompt, kind):
     return prompt
 
 
-def _run(comfyui, prompt, caplog):
-    caplog.clear()
-    with caplog.at_level(logging.INFO):
-        ok, outputs, err = comfyui.run(prompt)
-    assert ok, err
-    assert "finite=True" in outputs["stats"]["text"][0]
-    return outputs["stats"], [r.getMessage() for r in caplog.records if "trainfree" in r.getMessage()]
-
-
 def _skipped(node, log):
-    found = [int(m.group(1)) for m in (re.search(CACHED[node], line) for line in log) if m]
-    assert found, log
-    return found[-1]
+    return last_count(CACHED[node], log)
 
 
 CACHES = [("sd15", "TrainFreeDeepCache"), ("sdxl", "TrainFreeDeepCache"), ("flux", "TrainFreeDiTCache")]
@@ -80,10 +69,10 @@ def test_patches_with_regional_prompts(comfyui, caplog, kind, arch, node):
     def graph(chain):
         return _regional(patched_ksampler(chain, arch=arch, steps=6, cfg=4.0, seed=3, batch=2, size=128), kind)
 
-    plain = _run(comfyui, graph([]), caplog)[0]
+    plain = run_logged(comfyui, graph([]), caplog)[0]
     _, neutral, acting = PATCHES[node]
-    assert _run(comfyui, graph([_patch(node, neutral)]), caplog)[0]["sha256"] == plain["sha256"]
-    acted, log = _run(comfyui, graph([_patch(node, acting)]), caplog)
+    assert run_logged(comfyui, graph([_patch(node, neutral)]), caplog)[0]["sha256"] == plain["sha256"]
+    acted, log = run_logged(comfyui, graph([_patch(node, acting)]), caplog)
     assert acted["sha256"] != plain["sha256"]
     if node in CACHED:
         assert _skipped(node, log) > 0
@@ -104,13 +93,13 @@ def test_patches_under_torch_compile(comfyui, caplog, arch, where):
 
     chain = [_patch(node, PATCHES[node][2]) for node in CHAINS[arch]]
     compile_node = ("TorchCompileModel", {"backend": "inductor"})
-    eager, _ = _run(comfyui, patched_ksampler(chain, arch=arch, steps=6, cfg=4.0, seed=3), caplog)
-    plain, _ = _run(comfyui, patched_ksampler([], arch=arch, steps=6, cfg=4.0, seed=3), caplog)
+    eager, _ = run_logged(comfyui, patched_ksampler(chain, arch=arch, steps=6, cfg=4.0, seed=3), caplog)
+    plain, _ = run_logged(comfyui, patched_ksampler([], arch=arch, steps=6, cfg=4.0, seed=3), caplog)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compiled_chain = [compile_node] + chain if where == "before" else chain + [compile_node]
     try:
-        compiled, log = _run(comfyui, patched_ksampler(compiled_chain, arch=arch, steps=6, cfg=4.0, seed=3), caplog)
+        compiled, log = run_logged(comfyui, patched_ksampler(compiled_chain, arch=arch, steps=6, cfg=4.0, seed=3), caplog)
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     finally:
         torch._dynamo.reset()

@@ -8,11 +8,10 @@ and core's patch still acts next to it (the pair differs from the pack's node al
 is left out of that last check: at its acting threshold the tiny model's guidance ends at the first step,
 so core's CFG functions get nothing to change, as they would on their own at cfg 1.
 """
-import logging
-import re
 
 import pytest
 
+from probes import last_count, run_logged
 from prompts import patched_ksampler
 
 CORE = {   # core node -> inputs other than its defaults
@@ -54,12 +53,8 @@ def _ours(node, acting):
 
 
 def _run(comfyui, caplog, arch, chain):
-    caplog.clear()
-    with caplog.at_level(logging.INFO):
-        ok, outputs, err = comfyui.run(patched_ksampler(chain, arch=arch, steps=6, cfg=4.0, seed=3, batch=2))
-    assert ok, err
-    assert "finite=True" in outputs["stats"]["text"][0]
-    return outputs["stats"]["sha256"][0], [r.getMessage() for r in caplog.records if "trainfree" in r.getMessage()]
+    stats, log = run_logged(comfyui, patched_ksampler(chain, arch=arch, steps=6, cfg=4.0, seed=3, batch=2), caplog)
+    return stats["sha256"][0], log
 
 
 @pytest.mark.parametrize("arch,core,ours", PAIRS)
@@ -78,5 +73,4 @@ def test_pack_patch_beside_core_patch(comfyui, caplog, arch, core, ours):
             assert both != ours_alone, f"{core} has no effect next to {ours} ({order})"
         report = OURS[ours][4]
         if report is not None:
-            counts = [int(m.group(1)) for m in (re.search(report, line) for line in log) if m]
-            assert counts and counts[-1] > 0, (order, log)
+            assert last_count(report, log) > 0, order
