@@ -245,7 +245,8 @@ class TrainFreeCacheQuantCalibrate:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The DiT to calibrate (Flux, Chroma, SD3, Wan, Qwen-Image), with its LoRAs applied."}),
+            "model": ("MODEL", {"tooltip": "The DiT to calibrate (Flux, Chroma, SD3, Wan, Qwen-Image), with its "
+                                           "LoRAs applied."}),
             "positive": ("CONDITIONING", {"tooltip": "A typical prompt."}),
             "negative": ("CONDITIONING", {"tooltip": "The negative prompt (used when cfg > 1)."}),
             "latent_image": ("LATENT", {"tooltip": "Latent of the size you will generate; its batch are the "
@@ -328,10 +329,11 @@ class TrainFreeCacheQuantLoad:
 
 
 class TrainFreeDiTCache:
-    DESCRIPTION = ("Block cache for DiTs (Flux, Chroma, SD3, Wan, Qwen-Image): at full steps the middle blocks run and their residual "
-                   "(output - input) is stored; at cached steps they are skipped and the stored residual, corrected "
-                   "by CacheQuant's per-channel map, is added instead. With a schedule (Calibrate / Load node) the "
-                   "full steps are CacheQuant's dynamic-programming choice; without, every interval-th step. After "
+    DESCRIPTION = ("Block cache for DiTs (Flux, Chroma, SD3, Wan, Qwen-Image): at full steps the middle blocks run "
+                   "and their residual (output - input) is stored; at cached steps they are skipped and the stored "
+                   "residual, corrected by CacheQuant's per-channel map, is added instead. With a schedule "
+                   "(Calibrate / Load node) the full steps are CacheQuant's dynamic-programming choice; without, "
+                   "every interval-th step. After "
                    "each run it reports the evaluations it cached and the measured speed-up (log and node text). "
                    f"From {PAPER}.")
     CATEGORY = CATEGORY

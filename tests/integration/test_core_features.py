@@ -99,7 +99,8 @@ def test_patches_under_torch_compile(comfyui, caplog, arch, where):
     torch._dynamo.utils.counters.clear()
     compiled_chain = [compile_node] + chain if where == "before" else chain + [compile_node]
     try:
-        compiled, log = run_logged(comfyui, patched_ksampler(compiled_chain, arch=arch, steps=6, cfg=4.0, seed=3), caplog)
+        prompt = patched_ksampler(compiled_chain, arch=arch, steps=6, cfg=4.0, seed=3)
+        compiled, log = run_logged(comfyui, prompt, caplog)
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     finally:
         torch._dynamo.reset()
