@@ -241,9 +241,10 @@ def step_of(sigma: float, sample_sigmas) -> int:
     return min(max(i, 0), len(ss) - 2)
 
 
-def _reference(snap: dict, name: str, like: torch.Tensor) -> torch.Tensor:
-    """The span input matching output ``name``: the same stream, or [txt; img] where the span ends in Flux's
-    single-stream blocks and starts in its double-stream ones."""
+def _reference(snap: dict, name: str, like: torch.Tensor, img_first: bool = False) -> torch.Tensor:
+    """The span input matching output ``name``: the same stream, or the joined stream where the span ends in
+    single-stream blocks and starts in double-stream ones: [txt; img] (Flux, Chroma), [img; txt] with ``img_first``
+    (HunyuanVideo)."""
     t = snap.get(name)
     if t is not None and t.shape == like.shape:
         return t
@@ -252,7 +253,7 @@ def _reference(snap: dict, name: str, like: torch.Tensor) -> torch.Tensor:
                            "as a guidance patch applied before the cache); set head_blocks to 1 or more so that "
                            "block runs at every step")
     if name == "img" and snap.get("txt") is not None and snap.get("img") is not None:
-        t = torch.cat((snap["txt"], snap["img"]), 1)
+        t = torch.cat((snap["img"], snap["txt"]) if img_first else (snap["txt"], snap["img"]), 1)
         if t.shape == like.shape:
             return t
     raise RuntimeError(f"block cache: the span's output {name!r} {tuple(like.shape)} matches none of its inputs "
@@ -265,16 +266,16 @@ def _name(f) -> str:
     return f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', type(f).__qualname__)}"
 
 
-def _added(added: dict, out: dict, args: dict) -> dict:
+def _added(added: dict, out: dict, args: dict, img_first: bool = False) -> dict:
     """``added`` plus what the model put on the stream between a span block's output ``out`` and the next span
     block's input ``args`` (Flux adds ControlNet residuals there), in the next block's form ([txt; img] once the
-    span crosses into Flux's single-stream blocks). The cached residual leaves these out, so a cached step gets
+    span crosses into single-stream blocks). The cached residual leaves these out, so a cached step gets
     the current step's additions, not the ones of its full step."""
     now = {}
     for k in ("img", "txt"):
         a = args.get(k)
         if isinstance(a, torch.Tensor):
-            now[k] = _reference(added, k, a) + (a - _reference(out, k, a))
+            now[k] = _reference(added, k, a, img_first) + (a - _reference(out, k, a, img_first))
     return now
 
 
@@ -284,10 +285,12 @@ class SpanRun:
     ``block(key, args, call)`` is what every span block's replacement does (``call(args)`` runs the block, or the
     replacement that was there before). ``full[i]`` says whether step i runs the span; ``corr`` maps an output
     name to per-step DEC tensors (a [T, 2, C], b [T, 2, C]: per branch cond / uncond); ``calibrator`` records every full residual. Caches are
-    kept per chunk (cond uuids, cond/uncond layout, shapes), so chunks and resolutions never share a residual."""
+    kept per chunk (cond uuids, cond/uncond layout, shapes), so chunks and resolutions never share a residual.
+    ``img_first``: single-stream blocks run on [img; txt] (HunyuanVideo), not [txt; img] (Flux, Chroma)."""
 
-    def __init__(self, first, last, full=None, corr=None, calibrator=None):
+    def __init__(self, first, last, full=None, corr=None, calibrator=None, img_first=False):
         self.first, self.last, self.full, self.corr, self.calibrator = first, last, full, corr or {}, calibrator
+        self.img_first = img_first
         self.entries, self.current, self.step = {}, None, 0
         self.blocks_run = self.blocks_skipped = self.held_bytes = 0
         self.cached_now = False
@@ -358,7 +361,7 @@ class SpanRun:
             return "skip"
         between = self.current[4]
         if "out" in between:                          # what the model added since the previous span block
-            between["added"] = _added(between["added"], between["out"], args)
+            between["added"] = _added(between["added"], between["out"], args, self.img_first)
         return "run"
 
     @_eager
@@ -369,8 +372,8 @@ class SpanRun:
         self.blocks_run += 1
         if key == self.last:
             added = between["added"]
-            res = {k: (v - _reference(snap, k, v) - _reference(added, k, v) if isinstance(v, torch.Tensor) else v)
-                   for k, v in out.items()}
+            res = {k: (v - _reference(snap, k, v, self.img_first) - _reference(added, k, v, self.img_first)
+                       if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
             self.entries[chunk] = res
             self.current = None
             self.held_bytes = max(self.held_bytes, sum(t.numel() * t.element_size() for r in self.entries.values()
@@ -387,8 +390,8 @@ class SpanRun:
             return {k: args[k] for k in ("img", "txt") if k in args}
         self.current = None                           # the last block's input: the span input plus what the model
         here = {k: args[k] for k in ("img", "txt") if isinstance(args.get(k), torch.Tensor)}   # added since (fresh)
-        return {k: (_reference(here, k, r) + self._correct(k, r, branches) if isinstance(r, torch.Tensor) else r)
-                for k, r in self.entries[chunk].items()}
+        return {k: (_reference(here, k, r, self.img_first) + self._correct(k, r, branches)
+                    if isinstance(r, torch.Tensor) else r) for k, r in self.entries[chunk].items()}
 
     def clear(self):
         self.entries.clear()

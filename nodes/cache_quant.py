@@ -1,4 +1,5 @@
-"""CacheQuant-scheduled block cache for DiTs (Flux, Chroma, SD3, Wan, Qwen-Image): calibrate, load, patch a MODEL.
+"""CacheQuant-scheduled block cache for DiTs (Flux, Chroma, SD3, Wan, HunyuanVideo, Qwen-Image): calibrate, load,
+patch a MODEL.
 
 The span's blocks are replaced through ``transformer_options["patches_replace"]["dit"]`` (each replacement runs the
 block's own ``original_block``, or the replacement that was there before: no forward is copied); a keyed
@@ -41,6 +42,7 @@ def _dit_classes() -> dict:
 
     found = {}
     for arch, module, name in (("flux", "comfy.ldm.flux.model", "Flux"), ("chroma", "comfy.ldm.chroma.model", "Chroma"),
+                               ("hunyuan_video", "comfy.ldm.hunyuan_video.model", "HunyuanVideo"),
                                ("sd3", "comfy.ldm.modules.diffusionmodules.mmdit", "OpenAISignatureMMDITWrapper"),
                                ("wan", "comfy.ldm.wan.model", "WanModel"),
                                ("qwen_image", "comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel")):
@@ -55,7 +57,8 @@ def dit_span(model, head: int, tail: int):
     """(architecture, the block keys of the cached span) or a ValueError saying why this model can't be cached."""
     dm = model.get_model_object("diffusion_model")
     arch = _dit_classes().get(type(dm))
-    if arch in ("flux", "chroma"):         # double-stream blocks, then single-stream ones on [txt; img]
+    if arch in ("flux", "chroma", "hunyuan_video"):   # double-stream blocks, then single-stream ones on the joined
+        # stream ([txt; img], HunyuanVideo's [img; txt])
         keys = [("double_block", i) for i in range(len(dm.double_blocks))]
         keys += [("single_block", i) for i in range(len(dm.single_blocks))]
     elif arch is not None:                 # one list of joint blocks
@@ -63,8 +66,9 @@ def dit_span(model, head: int, tail: int):
         keys = [("double_block", i) for i in range(len(getattr(dm, blocks)))]
     else:
         raise ValueError(f"DiT block cache: {type(model.model).__name__} ({type(dm).__name__}) is not supported; it "
-                         "caches the transformer blocks of Flux, Chroma, SD3/SD3.5, Wan 2.1/2.2 text-to-video and "
-                         "Qwen-Image models. For SD1.5/SDXL U-Nets use a U-Net cache such as DeepCache.")
+                         "caches the transformer blocks of Flux, Chroma, SD3/SD3.5, Wan 2.1/2.2 text-to-video, "
+                         "HunyuanVideo and Qwen-Image models. For SD1.5/SDXL U-Nets use a U-Net cache such as "
+                         "DeepCache.")
     if head + tail >= len(keys):
         raise ValueError(f"DiT block cache: this {arch} model has {len(keys)} blocks; head_blocks + tail_blocks "
                          f"({head} + {tail}) must leave at least one block to cache")
@@ -108,20 +112,20 @@ class _Config:
         self.node_id, self.calibrator, self.last_report, self.last_held = node_id, calibrator, None, 0
 
     def new_run(self, steps: int) -> SpanRun:
-        first, last = self.span[0], self.span[-1]
+        first, last, img_first = self.span[0], self.span[-1], self.arch == "hunyuan_video"
         if self.calibrator is not None:
-            return SpanRun(first, last, None, None, self.calibrator)
+            return SpanRun(first, last, None, None, self.calibrator, img_first=img_first)
         s = self.schedule
         if s is None:
             full = [0] * steps
             for i in uniform_schedule(steps, self.interval):
                 full[i] = 1
-            return SpanRun(first, last, full)
+            return SpanRun(first, last, full, img_first=img_first)
         if len(s.full) != steps:
             raise calibration.CalibrationError(
                 f"DiT block cache: {s.name} was calibrated for {len(s.full)} steps, this run has {steps} steps; "
                 f"calibrate for {steps} steps (CacheQuant Calibrate node) or sample with {len(s.full)} steps")
-        return SpanRun(first, last, s.full, s.corr)
+        return SpanRun(first, last, s.full, s.corr, img_first=img_first)
 
 
 class _Replace:
@@ -245,7 +249,8 @@ class TrainFreeCacheQuantCalibrate:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The DiT to calibrate (Flux, Chroma, SD3, Wan, Qwen-Image), with its "
+            "model": ("MODEL", {"tooltip": "The DiT to calibrate (Flux, Chroma, SD3, Wan, HunyuanVideo, "
+                                           "Qwen-Image), with its "
                                            "LoRAs applied."}),
             "positive": ("CONDITIONING", {"tooltip": "A typical prompt."}),
             "negative": ("CONDITIONING", {"tooltip": "The negative prompt (used when cfg > 1)."}),
@@ -329,12 +334,11 @@ class TrainFreeCacheQuantLoad:
 
 
 class TrainFreeDiTCache:
-    DESCRIPTION = ("Block cache for DiTs (Flux, Chroma, SD3, Wan, Qwen-Image): at full steps the middle blocks run "
-                   "and their residual (output - input) is stored; at cached steps they are skipped and the stored "
-                   "residual, corrected by CacheQuant's per-channel map, is added instead. With a schedule "
-                   "(Calibrate / Load node) the full steps are CacheQuant's dynamic-programming choice; without, "
-                   "every interval-th step. After "
-                   "each run it reports the evaluations it cached and the measured speed-up (log and node text). "
+    DESCRIPTION = ("Block cache for DiTs (Flux, Chroma, SD3, Wan, HunyuanVideo, Qwen-Image): at full steps the "
+                   "middle blocks run and their residual (output - input) is stored; at cached steps they are skipped "
+                   "and the stored residual, corrected by CacheQuant's per-channel map, is added instead. With a "
+                   "schedule (Calibrate / Load node) the full steps are CacheQuant's dynamic-programming choice; "
+                   "without, every interval-th step. After each run it reports the evaluations it cached and the measured speed-up (log and node text). "
                    f"From {PAPER}.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
@@ -344,7 +348,7 @@ class TrainFreeDiTCache:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "A Flux, Chroma, SD3, Wan or Qwen-Image model."}),
+            "model": ("MODEL", {"tooltip": "A Flux, Chroma, SD3, Wan, HunyuanVideo or Qwen-Image model."}),
             "interval": ("INT", {"default": 3, "min": 1, "max": 20, "tooltip": "Without a schedule: every N-th step "
                                                                                "is full (1 = no caching)."}),
             **SPAN_INPUTS,

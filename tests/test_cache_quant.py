@@ -111,10 +111,10 @@ def test_step_of():
 class ToyDiT:
     """Two streams and a span of blocks called through the ComfyUI ``patches_replace['dit']`` protocol."""
 
-    def __init__(self, n=4, single_from=2, seed=0):
+    def __init__(self, n=4, single_from=2, seed=0, img_first=False):
         g = torch.Generator().manual_seed(seed)
         self.w = [torch.randn(8, 8, generator=g) * 0.2 for _ in range(n)]
-        self.n, self.single_from, self.calls = n, single_from, 0
+        self.n, self.single_from, self.calls, self.img_first = n, single_from, 0, img_first
 
     def __call__(self, img, txt, sigma, sample_sigmas, replace=None, uuids=("a",)):
         to = {"sigmas": torch.tensor([sigma]), "sample_sigmas": sample_sigmas, "uuids": list(uuids),
@@ -123,7 +123,7 @@ class ToyDiT:
             single = i >= self.single_from
             key = ("single_block" if single else "double_block", i)
             if single and i == self.single_from:
-                img = torch.cat((txt, img), 1)
+                img = torch.cat((img, txt) if self.img_first else (txt, img), 1)
 
             def original(args, i=i, single=single):
                 self.calls += 1
@@ -150,7 +150,7 @@ def _sample(model, run, steps=6, img=None, uuids=("a",)):
     for i in range(steps):
         replace = None if run is None else (lambda k, a, c: run.block(k, a, c) if k in span else c(a))
         y = model(x, txt, float(ss[i]), ss, replace=replace, uuids=uuids)
-        x = x + 0.1 * y[:, 2:]
+        x = x + 0.1 * (y[:, :-2] if model.img_first else y[:, 2:])     # the image tokens of the joined stream
         outs.append(y)
     return x
 
@@ -170,6 +170,22 @@ def test_span_cache_all_full_is_identical_and_cached_steps_skip_blocks():
     assert run.held_bytes == 2 * 5 * 8 * 4                     # one residual [2, 2+3, 8] float32
     rel = float((cached - ref).norm() / ref.norm())
     assert 0 < rel < 0.05, rel
+
+
+def test_span_cache_joins_the_streams_in_the_models_order():
+    """Single-stream blocks run on [txt; img] in Flux and Chroma, on [img; txt] in HunyuanVideo: the residual of a
+    span crossing into them is taken against its input joined in the same order. The toy's blocks act per token,
+    so both orders must give the same error; joining in the other order at least doubles it."""
+    errors = {}
+    for img_first in (False, True):
+        model = ToyDiT(img_first=img_first)
+        ref = _sample(model, None)
+        for join in (img_first, not img_first):
+            out = _sample(model, SpanRun(*span, full=[1, 0, 0, 1, 0, 0], img_first=join))
+            errors[img_first, join == img_first] = float((out - ref).norm() / ref.norm())
+    assert 0 < errors[False, True] < 0.05
+    assert errors[True, True] == pytest.approx(errors[False, True], rel=1e-5)
+    assert errors[False, False] > 2 * errors[False, True] and errors[True, False] > 2 * errors[True, True]
 
 
 def test_span_cache_never_reuses_across_chunks_or_shapes():

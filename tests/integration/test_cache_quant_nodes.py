@@ -1,4 +1,5 @@
-"""DiT block cache (CacheQuant schedule) in real ComfyUI on tiny Flux, SD3, Wan, Chroma and Qwen-Image models."""
+"""DiT block cache (CacheQuant schedule) in real ComfyUI on tiny Flux, SD3, Wan, Chroma, Qwen-Image and HunyuanVideo
+models."""
 import logging
 
 import pytest
@@ -7,7 +8,8 @@ import torch
 from probes import count_rows
 from prompts import patched_ksampler
 
-SPANS = {"flux": (1, 1), "sd3": (1, 0), "wan": (1, 0), "chroma": (1, 1), "qwen_image": (1, 1)}   # SD3 / Wan: 2 blocks
+SPANS = {"flux": (1, 1), "sd3": (1, 0), "wan": (1, 0), "chroma": (1, 1), "qwen_image": (1, 1),   # SD3 / Wan: 2 blocks
+         "hunyuan_video": (1, 1)}
 ARCHS = list(SPANS)
 
 
@@ -49,7 +51,7 @@ def _counting(model, arch):
     """A block replacement on every block that counts the calls reaching the real block (ours chains to it)."""
     calls = []
     dm = model.get_model_object("diffusion_model")
-    if arch in ("flux", "chroma"):
+    if arch in ("flux", "chroma", "hunyuan_video"):
         keys = [("double_block", i) for i in range(len(dm.double_blocks))]
         keys += [("single_block", i) for i in range(len(dm.single_blocks))]
     else:
@@ -156,7 +158,7 @@ def test_unsupported_models_and_stacked_caches_are_refused(comfyui):
 
     tiny = _tiny(comfyui)
     for arch in ("sd15", "sdxl"):
-        with pytest.raises(ValueError, match="not supported.*Flux, Chroma, SD3.*Wan.*Qwen-Image"):
+        with pytest.raises(ValueError, match="not supported.*Flux, Chroma, SD3.*Wan.*HunyuanVideo.*Qwen-Image"):
             _node(comfyui, "TrainFreeDiTCache").patch(tiny.build(arch), 3, 1, 1)
     base = tiny.build("flux")
     for node in (EasyCacheNode, LazyCacheNode):

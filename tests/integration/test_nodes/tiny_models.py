@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import torch
 
-ARCHS = ("sd15", "sdxl", "sd3", "flux", "wan", "chroma", "qwen_image")
+ARCHS = ("sd15", "sdxl", "sd3", "flux", "wan", "chroma", "qwen_image", "hunyuan_video")
 # spatial (and temporal) dimensions of each arch's latent, after batch and channels
-LATENT_DIMS = {"sd15": 2, "sdxl": 2, "sd3": 2, "flux": 2, "wan": 3, "chroma": 2, "qwen_image": 3}
+LATENT_DIMS = {"sd15": 2, "sdxl": 2, "sd3": 2, "flux": 2, "wan": 3, "chroma": 2, "qwen_image": 3, "hunyuan_video": 3}
 # (context tokens, context dim, pooled dim) the conditioning must have for each arch (Chroma reads no pooled
 # vector but, built on Flux, its conditioning must carry one)
 COND_SHAPES = {"sd15": (77, 64, None), "sdxl": (77, 64, 32), "sd3": (77, 64, 32), "flux": (16, 64, 32),
-               "wan": (16, 64, None), "chroma": (16, 64, 32), "qwen_image": (16, 64, None)}
+               "wan": (16, 64, None), "chroma": (16, 64, 32), "qwen_image": (16, 64, None),
+               "hunyuan_video": (16, 64, 32)}
 
 _UNET = {
     "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
@@ -56,6 +57,11 @@ def _config(arch):
                          "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2,
                          "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True, "in_dim": 64,
                          "out_dim": 64, "hidden_dim": 128, "n_layers": 1})
+    elif arch == "hunyuan_video":
+        cfg = sm.HunyuanVideo({"image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32,
+                               "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 2,
+                               "depth_single_blocks": 2, "axes_dim": [8, 12, 12], "theta": 256, "patch_size": [1, 2, 2],
+                               "qkv_bias": True, "guidance_embed": True, "byt5": False, "meanflow": False})
     elif arch == "qwen_image":
         cfg = sm.QwenImage({"image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16,
                             "num_layers": 3, "attention_head_dim": 32, "num_attention_heads": 2,
