@@ -338,8 +338,8 @@ class TrainFreeDiTCache:
                    "middle blocks run and their residual (output - input) is stored; at cached steps they are skipped "
                    "and the stored residual, corrected by CacheQuant's per-channel map, is added instead. With a "
                    "schedule (Calibrate / Load node) the full steps are CacheQuant's dynamic-programming choice; "
-                   "without, every interval-th step. After each run it reports the evaluations it cached and the measured speed-up (log and node text). "
-                   f"From {PAPER}.")
+                   "without, every interval-th step. After each run it reports the evaluations it cached and the "
+                   f"measured speed-up (log and node text). From {PAPER}.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The model with the block cache (fresh state every sampling run).",)
