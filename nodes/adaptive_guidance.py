@@ -12,7 +12,7 @@ import torch
 from ..guidance.adaptive_guidance import AdaptiveGuidance
 from .cond_layout import other_guider, other_guider_text
 from .linear_ag import NODES as LINEAR_AG_NODES
-from .ui_support import ui_text
+from .ui_support import report_run, ui_text
 
 KEY = "trainfree_adaptive_guidance"
 PAPER = "Castillo et al., Adaptive Guidance: Training-free Acceleration of Conditional Diffusion Models (AAAI 2025)"
@@ -107,8 +107,7 @@ def _outer_sample(executor, *args, **kwargs):
     finally:
         state = holder.state
         if holder.other and finished and not (state is not None and state.total):
-            log.info("trainfree: %s", other_guider_text("Adaptive Guidance", holder))
-            ui_text(other_guider_text("Adaptive Guidance", holder), holder.node_id)
+            report_run(other_guider_text("Adaptive Guidance", holder), holder.node_id)
         elif state is not None and state.total:
             cut = "" if finished else " [run interrupted]"
             log.info("trainfree: Adaptive Guidance skipped %d of %d unconditional evaluations (%.0f%%)%s",

@@ -25,7 +25,7 @@ from ..caching.cache_quant import Calibrator, SpanRun, group_bounds, uniform_sch
 from .calibration_support import (Progress, empty_latent_for, list_files, load_named, loaded_state, method_dir,
                                   model_fingerprint, prediction_key, refuse_mismatch, reuse, save, scheduler_sigmas,
                                   warn_if_other_run, written_state, wrote)
-from .ui_support import compile_note, ui_text
+from .ui_support import compile_note, report_run
 
 KEY = "trainfree_dit_cache"
 RUN = "trainfree_dit_cache.run"
@@ -204,8 +204,7 @@ def _outer_sample(executor, *args, **kwargs):
             what = cfg.schedule.describe() if cfg.schedule else f"uniform, every {cfg.interval} steps"
             cfg.last_report = (report(run, what) + compile_note(original)
                                + ("" if done else " [run interrupted; cache freed]"))
-            log.info("trainfree: %s", cfg.last_report)
-            ui_text(cfg.last_report, cfg.node_id)
+            report_run(cfg.last_report, cfg.node_id)
         cfg.last_held = run.held_bytes
         run.clear()                                          # nothing stays held, even after an interruption
 

@@ -22,7 +22,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequenti
 from ..caching.deep_cache import (SCHEDULES, DeepCacheRun, Entry, Recorder, Replay, Zeros, full_step_mask, now,
                                   step_of)
 from ..samplers.common import STEP_SIGMA
-from .ui_support import compile_note, ui_text
+from .ui_support import compile_note, report_run
 
 KEY = "trainfree_deep_cache"
 PAPER = "Ma, Fang, Wang, DeepCache: Accelerating Diffusion Models for Free (CVPR 2024)"
@@ -173,8 +173,7 @@ class _Controller:
                                "full_time": run.full_time, "cached_time": run.cached_time}
             run.clear()
             self.last_report = text
-            log.info("trainfree: %s", text)
-            ui_text(text, self.node_id)
+            report_run(text, self.node_id)
 
     def diffusion_model(self, executor, x, *args, **kwargs):
         options = kwargs.get("transformer_options", args[-1] if args and isinstance(args[-1], dict) else {})

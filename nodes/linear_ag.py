@@ -18,7 +18,7 @@ from .calibration_support import (Progress, empty_latent_for, list_files, load_n
                                   model_keys, refuse_mismatch, reuse, save, scheduler_sigmas, settings_key,
                                   warn_if_other_run, written_state, wrote)
 from .cond_layout import other_guider, other_guider_text
-from .ui_support import ui_text
+from .ui_support import report_run, ui_text
 
 METHOD = "linear_ag"
 TYPE = "TRAINFREE_LINEAR_AG"
@@ -245,8 +245,7 @@ def _outer_sample(executor, noise, latent_image, sampler, sigmas, *args, **kwarg
     finally:
         lin = holder.state
         if holder.other and not lin.total and finished:
-            log.info("trainfree: %s", other_guider_text("LinearAG", holder))
-            ui_text(other_guider_text("LinearAG", holder), holder.node_id)
+            report_run(other_guider_text("LinearAG", holder), holder.node_id)
         elif not lin.total and finished:         # not after a cancelled or failed run
             log.info("trainfree: LinearAG inactive: this run made no negative-prompt evaluations (CFG 1)")
             ui_text("LinearAG: inactive (CFG 1 has no negative-prompt pass to replace)", holder.node_id)

@@ -21,6 +21,12 @@ def ui_text(text: str, node_id) -> None:
         log.debug("trainfree: UI text not sent: %s", e)
 
 
+def report_run(text: str, node_id) -> None:
+    """A run's summary: in the console (logger "trainfree") and under node ``node_id`` in the editor."""
+    log.info("trainfree: %s", text)
+    ui_text(text, node_id)
+
+
 CALIBRATION_WRITTEN = "trainfree.calibration_written"    # the event web/trainfree.js listens for
 
 
