@@ -13,7 +13,9 @@ LOADERS = {"TrainFreeDPMSolverV3Load": "dpm_solver_v3_calibrate_and_sample.json"
            "TrainFreeDCSolverLoad": "dc_solver_search_and_sample.json", **example_specs.collect("LOADERS")}
 FOR_TEST = example_specs.collect("FOR_TEST")
 ARCHS = example_specs.collect("ARCHS")
-CASES = [(p, arch) for p in EXAMPLES for arch in ARCHS.get(p.stem, ["sd15", "flux"])]
+# every example that runs on SD1.5 also runs on a v-prediction, zero-terminal-SNR SDXL (sigma_max about 4500)
+CASES = [(p, arch) for p in EXAMPLES for archs in [ARCHS.get(p.stem, ["sd15", "flux"])]
+         for arch in archs + (["sdxl_vzsnr"] if "sd15" in archs else [])]
 
 
 def _for_test(api: dict, arch: str) -> dict:

@@ -59,7 +59,7 @@ def _direct(comfyui, arch, sampler, steps=8, scheduler="normal", batch=1):
                                  latent_image=latent, seed=3)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + ["sd15_v", "sdxl_vzsnr"])
 def test_ghvb_order_one_is_comfys_euler(comfyui, arch):
     """r = 1: no momentum, first order: ComfyUI's euler, on every model family."""
     import comfy.samplers
@@ -69,7 +69,7 @@ def test_ghvb_order_one_is_comfys_euler(comfyui, arch):
     assert torch.allclose(ours, euler, rtol=1e-4, atol=1e-4 * float(euler.abs().max()))
 
 
-@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+@pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd15_v", "sdxl_vzsnr"])
 def test_dpmpp_2m_hb_at_beta_one_is_comfys_dpmpp_2m(comfyui, arch):
     import comfy.samplers
 

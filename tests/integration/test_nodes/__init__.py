@@ -46,7 +46,7 @@ class TrainFreeTestTinyCheckpoint:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"arch": (list(tiny_models.ARCHS),), "seed": ("INT", {"default": 0, "min": 0})}}
+        return {"required": {"arch": (list(tiny_models.CHOICES),), "seed": ("INT", {"default": 0, "min": 0})}}
 
     def load(self, arch, seed):
         model = tiny_models.build(arch, seed)

@@ -6,6 +6,10 @@ hook, wrapper and patch a node installs runs exactly as with a real checkpoint. 
 milliseconds and sample an 8x8 latent in a fraction of a second on one CPU thread.
 
 "wan" is a Wan 2.1 text-to-video DiT: its latent is 5-D ``[B, 16, T, H, W]`` (``LATENT_DIMS``).
+
+``VARIANTS`` are v-prediction UNets, built as their base arch with core's ModelSamplingDiscrete applied: "sd15_v"
+(SD2.x-style v-prediction) and "sdxl_vzsnr" (v-prediction with zero terminal SNR, as the v-pred SDXL finetunes;
+its sigma_max is about 4500 instead of 14.6).
 """
 from __future__ import annotations
 
@@ -14,6 +18,9 @@ import torch
 ARCHS = ("sd15", "sdxl", "sd3", "flux", "wan", "chroma", "qwen_image", "hunyuan_video")
 # spatial (and temporal) dimensions of each arch's latent, after batch and channels
 LATENT_DIMS = {"sd15": 2, "sdxl": 2, "sd3": 2, "flux": 2, "wan": 3, "chroma": 2, "qwen_image": 3, "hunyuan_video": 3}
+# name: (base arch, zsnr) of the v-prediction variants
+VARIANTS = {"sd15_v": ("sd15", False), "sdxl_vzsnr": ("sdxl", True)}
+CHOICES = ARCHS + tuple(VARIANTS)
 # (context tokens, context dim, pooled dim) the conditioning must have for each arch (Chroma reads no pooled
 # vector but, built on Flux, its conditioning must carry one)
 COND_SHAPES = {"sd15": (77, 64, None), "sdxl": (77, 64, 32), "sd3": (77, 64, 32), "flux": (16, 64, 32),
@@ -103,7 +110,12 @@ def _reinit(module: torch.nn.Module, seed: int) -> None:
 
 
 def build(arch: str = "sd15", seed: int = 0):
-    """A ModelPatcher around a tiny random model of ``arch``."""
+    """A ModelPatcher around a tiny random model of ``arch`` (one of ``CHOICES``)."""
+    if arch in VARIANTS:
+        from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
+        base, zsnr = VARIANTS[arch]
+        return ModelSamplingDiscrete().patch(patcher(_config(base), seed), "v_prediction", zsnr)[0]
     return patcher(_config(arch), seed)
 
 
@@ -122,6 +134,7 @@ def patcher(cfg, seed: int = 0):
 
 def conditioning(arch: str, seed: int = 0, batch: int = 1):
     """A CONDITIONING value shaped like the text encoder output ``arch`` expects."""
+    arch = VARIANTS.get(arch, (arch,))[0]
     tokens, dim, pooled = COND_SHAPES[arch]
     g = torch.Generator().manual_seed(seed)
     cond = torch.randn(batch, tokens, dim, generator=g)
