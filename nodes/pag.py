@@ -1,4 +1,4 @@
-"""Perturbed-Attention Guidance on chosen layers, as a MODEL patch (UNets, SD3, Flux, Wan).
+"""Perturbed-Attention Guidance on chosen layers, as a MODEL patch (UNets, SD3, Flux, Chroma, Qwen-Image, Wan).
 
 Like core's PerturbedAttentionGuidance it adds a post-CFG function (a chainable list) that runs one
 extra conditional pass with perturbed options; nothing is installed in the model for the normal
@@ -6,18 +6,24 @@ passes. UNets: ``attn1`` replace keyed by (block, id[, transformer index]) retur
 mechanism, now on any block). DiTs: a ``patches_replace["dit"]`` block patch, set only in the
 perturbed pass's options, calls the previous occupant (or the original block) with
 ``transformer_options["optimized_attention_override"]`` set for that block; the override chains to
-any earlier override for the attention calls it does not perturb.
+any earlier override for the attention calls it does not perturb. Flux and Chroma single blocks see one
+[txt; img] sequence: the image length is recorded in the perturbed pass (Flux: a ``post_input`` patch; Chroma,
+which has none: a DIFFUSION_MODEL wrapper counting the latent's patches).
 """
 from __future__ import annotations
 
+import math
 import uuid
 
+import comfy.ldm.chroma.model as chroma_model
 import comfy.ldm.flux.model as flux_model
 import comfy.ldm.modules.attention as attention
 import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
 import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
+import comfy.ldm.qwen_image.model as qwen_model
 import comfy.ldm.wan.model as wan_model
 import comfy.model_patcher
+import comfy.patcher_extension as pe
 import comfy.samplers
 
 from ..guidance import pag as pag_math
@@ -25,7 +31,8 @@ from ..guidance import pag as pag_math
 PAPER = "Ahn et al., Self-Rectifying Diffusion Sampling with Perturbed-Attention Guidance (ECCV 2024)"
 PERTURBED_KEY = "trainfree_perturbed"   # set in transformer_options of the perturbed pass (caches may skip it)
 DIT_KEY = {"double": "double_block", "single": "single_block", "joint": "double_block", "block": "double_block"}
-KINDS_OF = {"unet": ("input", "middle", "output"), "flux": ("double", "single"), "sd3": ("joint",), "wan": ("block",)}
+KINDS_OF = {"unet": ("input", "middle", "output"), "flux": ("double", "single"), "chroma": ("double", "single"),
+            "sd3": ("joint",), "wan": ("block",), "qwen_image": ("block",)}
 
 
 def architecture(model) -> str:
@@ -34,13 +41,17 @@ def architecture(model) -> str:
         return "unet"
     if type(dm) is flux_model.Flux:
         return "flux"
+    if isinstance(dm, chroma_model.Chroma):        # Chroma and Chroma Radiance
+        return "chroma"
     if isinstance(dm, mmdit.MMDiT):
         return "sd3"
     if isinstance(dm, wan_model.WanModel):
         return "wan"
+    if isinstance(dm, qwen_model.QwenImageTransformer2DModel):
+        return "qwen_image"
     raise ValueError(f"Perturbed-Attention Guidance (TrainFree) supports UNet models (SD1.x, SD2.x, SDXL), SD3, "
-                     f"Flux and Wan; this model's network is {type(dm).__name__}. For other DiTs use core's "
-                     f"SkipLayerGuidanceDiT.")
+                     f"Flux, Chroma, Qwen-Image and Wan; this model's network is {type(dm).__name__}. For other "
+                     f"DiTs use core's SkipLayerGuidanceDiT.")
 
 
 def available_layers(model, arch: str) -> list[tuple[str, int, int | None]]:
@@ -56,11 +67,13 @@ def available_layers(model, arch: str) -> list[tuple[str, int, int | None]]:
                 idx = 0 if kind == "middle" else int(parts[1])
                 out.append((kind, idx, int(parts[parts.index("transformer_blocks") + 1])))
         return out
-    if arch == "flux":
+    if arch in ("flux", "chroma"):
         return [("double", i, None) for i in range(len(dm.double_blocks))] + \
                [("single", i, None) for i in range(len(dm.single_blocks))]
     if arch == "sd3":
         return [("joint", i, None) for i in range(len(dm.joint_blocks))]
+    if arch == "qwen_image":
+        return [("block", i, None) for i in range(len(dm.transformer_blocks))]
     return [("block", i, None) for i in range(len(dm.blocks))]
 
 
@@ -88,7 +101,7 @@ def _perturbed_attention(img_range, *a, **kw):
     if rows is None:
         out = v
     else:
-        mask = kw.get("mask")
+        mask = kw.get("mask", a[4] if len(a) > 4 else None)     # Qwen-Image passes it positionally
         if mask is not None and mask.ndim == 3:
             mask = mask.unsqueeze(1)
         out = pag_math.joint_identity_attention(q, k, v, rows[0], rows[1], mask=mask)
@@ -109,7 +122,7 @@ def _plan(arch, kind, index, flipped, args, img_len_box):
         i = args["img"].shape[1]
         return lambda call, nq, nk: (lambda n: (n - i, n)) if call == 0 else (
             (lambda n: None) if nq == nk == i else False)
-    if kind == "double":
+    if kind == "double" or arch == "qwen_image":   # one joint attention over [txt; img] (Flux: maybe [img; txt])
         i = args["img"].shape[1]
         return lambda call, nq, nk: (lambda n: (0, i) if flipped else (n - i, n)) if call == 0 else False
     i = img_len_box.get("img")                     # single block: [txt; img] as one sequence
@@ -166,13 +179,22 @@ def perturbed_options(model_options, arch, layers, flipped=frozenset()):
     replace = to["patches_replace"] = dict(to.get("patches_replace", {}))
     dit = replace["dit"] = dict(replace.get("dit", {}))
     box = {}
-    if any(k == "single" for k, _, _ in layers):   # record the image length the single blocks will see
+    if any(k == "single" for k, _, _ in layers) and arch == "flux":   # the image length the single blocks see
         patches = to["patches"] = dict(to.get("patches", {}))
 
         def record(io):
             box["img"] = io["img"].shape[1]
             return io
         patches["post_input"] = list(patches.get("post_input", [])) + [record]
+    elif any(k == "single" for k, _, _ in layers):                  # Chroma: one token per latent patch
+
+        def count_patches(executor, x, *args, **kwargs):
+            p = executor.class_obj.patch_size
+            box["img"] = math.ceil(x.shape[-2] / p) * math.ceil(x.shape[-1] / p)
+            return executor(x, *args, **kwargs)
+        wrappers = to["wrappers"] = dict(to.get("wrappers", {}))
+        around = wrappers[pe.WrappersMP.DIFFUSION_MODEL] = dict(wrappers.get(pe.WrappersMP.DIFFUSION_MODEL, {}))
+        around["trainfree_pag"] = list(around.get("trainfree_pag", [])) + [count_patches]
     for kind, idx, _ in layers:
         key = (DIT_KEY[kind], idx)
         dit[key] = _block_patch(dit.get(key), arch, kind, idx, kind == "double" and idx in flipped, box)
@@ -183,7 +205,8 @@ class TrainFreePAG:
     DESCRIPTION = ("Perturbed-Attention Guidance on the layers you choose: one extra conditional pass per step with "
                    "the self-attention of those layers replaced by the identity, and the result pushed away from it: "
                    "D = CFG + scale (D_cond - D_perturbed). Works with CFG or at cfg 1, with plain KSampler and "
-                   "SamplerCustomAdvanced, and chains with other patches. UNets (SD1.x/SDXL), SD3, Flux and Wan; on "
+                   "SamplerCustomAdvanced, and chains with other patches. UNets (SD1.x/SDXL), SD3, Flux, Chroma, "
+                   "Qwen-Image and Wan; on "
                    f"DiTs with joint text-image attention only the image-image part is perturbed. From {PAPER}.")
     CATEGORY = "trainfree/guidance"
     RETURN_TYPES = ("MODEL",)
@@ -193,7 +216,8 @@ class TrainFreePAG:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The model to patch (UNet, SD3, Flux or Wan; chains with other patches)."}),
+            "model": ("MODEL", {"tooltip": "The model to patch (UNet, SD3, Flux, Chroma, Qwen-Image or Wan; chains with other "
+                                          "patches)."}),
             "scale": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 100.0, "step": 0.01, "round": 0.01,
                                 "tooltip": "PAG scale s. Paper/official defaults: 3.0 together with CFG (4.0), 5.0 at "
                                            "cfg 1. 0 = off (no extra model call)."}),
@@ -201,8 +225,8 @@ class TrainFreePAG:
                                   "tooltip": "Self-attention layers to perturb, comma separated. Empty = default: "
                                              "'middle.0' on UNets (the paper's mid block, as core's node), the block "
                                              "at half depth on DiTs. UNet: input.N, middle.0, output.N (add .T for one "
-                                             "transformer of that block); Flux: double.N, single.N; SD3: joint.N; "
-                                             "Wan: block.N; ranges like double.2-4. Unknown names are refused with "
+                                             "transformer of that block); Flux, Chroma: double.N, single.N; "
+                                             "SD3: joint.N; Wan, Qwen-Image: block.N; ranges like double.2-4. Unknown names are refused with "
                                              "the list of valid ones."}),
             "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
                                         "tooltip": "Start of the sampling range where PAG is applied (0 = first step). "

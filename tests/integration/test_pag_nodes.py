@@ -11,11 +11,13 @@ def _pag(comfyui, model, scale=3.0, layers="", start=0.0, end=1.0):
     return comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreePAG"]().patch(model, scale, layers, start, end)[0]
 
 
-def _sample(comfyui, model, arch="sd15", cfg=4.0, steps=4, batch=1, sampler="euler", pos_seed=1, neg_seed=2):
+def _sample(comfyui, model, arch="sd15", cfg=4.0, steps=4, batch=1, sampler="euler", pos_seed=1, neg_seed=2,
+            size=(8, 8)):
     import comfy.sample
 
     tiny = _tiny(comfyui)
-    shape = (batch, 16 if arch in ("sd3", "flux", "wan") else 4) + ((2, 8, 8) if arch == "wan" else (8, 8))
+    frames = {"wan": (2,), "qwen_image": (1,)}.get(arch, ())
+    shape = (batch, model.get_model_object("latent_format").latent_channels) + frames + size
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(4))
     return comfy.sample.sample(model, noise, steps, cfg, sampler, "normal", tiny.conditioning(arch, pos_seed, batch),
                                tiny.conditioning(arch, neg_seed, batch), torch.zeros(shape), seed=4, disable_pbar=True)
@@ -34,7 +36,7 @@ def test_middle_block_equals_cores_node(comfyui, arch, cfg):
     assert not torch.equal(ours, _sample(comfyui, base, arch, cfg))
 
 
-@pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3", "flux", "wan"])
+@pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3", "flux", "wan", "chroma", "qwen_image"])
 def test_scale_zero_is_unpatched_and_guidance_changes_the_result(comfyui, arch):
     base = _tiny(comfyui).build(arch)
     plain = _sample(comfyui, base, arch)
@@ -68,6 +70,8 @@ def test_only_the_chosen_unet_layers_are_perturbed(comfyui):
 
 
 @pytest.mark.parametrize("arch,layers,per_pass", [("flux", "double.1, single.0", 2), ("flux", "single.1", 1),
+                                                  ("chroma", "double.1, single.0", 2), ("chroma", "single.1", 1),
+                                                  ("qwen_image", "block.0, block.2", 2),
                                                   ("sd3", "joint.0-1", 2), ("wan", "block.1", 1)])
 def test_dit_layers_are_perturbed_once_per_step(comfyui, monkeypatch, arch, layers, per_pass):
     base = _tiny(comfyui).build(arch)
@@ -85,9 +89,12 @@ def test_dit_layers_are_perturbed_once_per_step(comfyui, monkeypatch, arch, laye
     assert len(seen) == 3 * per_pass
     if arch == "wan":
         assert all(r is None for r in seen)                 # pure self-attention: output = V
-    else:
-        txt = _tiny(comfyui).COND_SHAPES[arch][0]
-        assert all(r is not None and r[0] == txt and r[1] == txt + 16 for r in seen)   # 8x8 latent, patch 2 -> 16
+        return
+    txt = _tiny(comfyui).COND_SHAPES[arch][0]
+    assert all(r is not None and r[0] == txt and r[1] == txt + 16 for r in seen)   # 8x8 latent, patch 2 -> 16
+    seen.clear()            # a second run at another (odd) size: the image rows follow it
+    _sample(comfyui, _pag(comfyui, base, 2.0, layers), arch, steps=2, size=(6, 9))
+    assert len(seen) == 2 * per_pass and all(r == (txt, txt + 15) for r in seen), seen       # 3 x 5 patches
 
 
 def test_wan_perturbed_pass_is_self_attention_replaced_by_v(comfyui):
@@ -173,6 +180,12 @@ def test_refusals_at_queue_time(comfyui):
         _pag(comfyui, tiny.build("flux"), 3.0, "double.5")
     with pytest.raises(ValueError, match="not understood"):
         _pag(comfyui, tiny.build("sd3"), 3.0, "joint 1")
+    with pytest.raises(ValueError, match=r"do not apply to this qwen_image model; it takes block\.N"):
+        _pag(comfyui, tiny.build("qwen_image"), 3.0, "double.0")
+    with pytest.raises(ValueError, match=r"block\.0, block\.1, block\.2$"):
+        _pag(comfyui, tiny.build("qwen_image"), 3.0, "block.3")
+    with pytest.raises(ValueError, match="supports UNet models .*network is HunyuanVideo.*SkipLayerGuidanceDiT"):
+        _pag(comfyui, tiny.build("hunyuan_video"), 3.0)
     odd = tiny.build("sd15")
     odd.model.diffusion_model = torch.nn.Identity()
     with pytest.raises(ValueError, match="supports UNet models"):
