@@ -42,6 +42,7 @@ def _dit_classes() -> dict:
 
     found = {}
     for arch, module, name in (("flux", "comfy.ldm.flux.model", "Flux"), ("chroma", "comfy.ldm.chroma.model", "Chroma"),
+                               ("chroma", "comfy.ldm.chroma_radiance.model", "ChromaRadiance"),
                                ("hunyuan_video", "comfy.ldm.hunyuan_video.model", "HunyuanVideo"),
                                ("sd3", "comfy.ldm.modules.diffusionmodules.mmdit", "OpenAISignatureMMDITWrapper"),
                                ("wan", "comfy.ldm.wan.model", "WanModel"),

@@ -36,7 +36,7 @@ def test_middle_block_equals_cores_node(comfyui, arch, cfg):
     assert not torch.equal(ours, _sample(comfyui, base, arch, cfg))
 
 
-@pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3", "flux", "wan", "chroma", "qwen_image"])
+@pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3", "flux", "wan", "chroma", "chroma_radiance", "qwen_image"])
 def test_scale_zero_is_unpatched_and_guidance_changes_the_result(comfyui, arch):
     base = _tiny(comfyui).build(arch)
     plain = _sample(comfyui, base, arch)
@@ -71,6 +71,7 @@ def test_only_the_chosen_unet_layers_are_perturbed(comfyui):
 
 @pytest.mark.parametrize("arch,layers,per_pass", [("flux", "double.1, single.0", 2), ("flux", "single.1", 1),
                                                   ("chroma", "double.1, single.0", 2), ("chroma", "single.1", 1),
+                                                  ("chroma_radiance", "single.0-1", 2),
                                                   ("qwen_image", "block.0, block.2", 2),
                                                   ("sd3", "joint.0-1", 2), ("wan", "block.1", 1)])
 def test_dit_layers_are_perturbed_once_per_step(comfyui, monkeypatch, arch, layers, per_pass):

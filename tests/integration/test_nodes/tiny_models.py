@@ -5,7 +5,8 @@ They use the real ``comfy.supported_models`` configs, ``BaseModel`` subclasses, 
 hook, wrapper and patch a node installs runs exactly as with a real checkpoint. They build in
 milliseconds and sample an 8x8 latent in a fraction of a second on one CPU thread.
 
-"wan" is a Wan 2.1 text-to-video DiT: its latent is 5-D ``[B, 16, T, H, W]`` (``LATENT_DIMS``).
+"wan" is a Wan 2.1 text-to-video DiT: its latent is 5-D ``[B, 16, T, H, W]`` (``LATENT_DIMS``); "chroma_radiance"
+works in pixel space (3 channels).
 
 ``VARIANTS`` are v-prediction UNets, built as their base arch with core's ModelSamplingDiscrete applied: "sd15_v"
 (SD2.x-style v-prediction) and "sdxl_vzsnr" (v-prediction with zero terminal SNR, as the v-pred SDXL finetunes;
@@ -15,16 +16,18 @@ from __future__ import annotations
 
 import torch
 
-ARCHS = ("sd15", "sdxl", "sd3", "flux", "wan", "chroma", "qwen_image", "hunyuan_video")
+ARCHS = ("sd15", "sdxl", "sd3", "flux", "wan", "chroma", "chroma_radiance", "qwen_image", "hunyuan_video")
 # spatial (and temporal) dimensions of each arch's latent, after batch and channels
-LATENT_DIMS = {"sd15": 2, "sdxl": 2, "sd3": 2, "flux": 2, "wan": 3, "chroma": 2, "qwen_image": 3, "hunyuan_video": 3}
+LATENT_DIMS = {"sd15": 2, "sdxl": 2, "sd3": 2, "flux": 2, "wan": 3, "chroma": 2, "chroma_radiance": 2, "qwen_image": 3,
+               "hunyuan_video": 3}
 # name: (base arch, zsnr) of the v-prediction variants
 VARIANTS = {"sd15_v": ("sd15", False), "sdxl_vzsnr": ("sdxl", True)}
 CHOICES = ARCHS + tuple(VARIANTS)
 # (context tokens, context dim, pooled dim) the conditioning must have for each arch (Chroma reads no pooled
 # vector but, built on Flux, its conditioning must carry one)
 COND_SHAPES = {"sd15": (77, 64, None), "sdxl": (77, 64, 32), "sd3": (77, 64, 32), "flux": (16, 64, 32),
-               "wan": (16, 64, None), "chroma": (16, 64, 32), "qwen_image": (16, 64, None),
+               "wan": (16, 64, None), "chroma": (16, 64, 32), "chroma_radiance": (16, 64, 32),
+               "qwen_image": (16, 64, None),
                "hunyuan_video": (16, 64, 32)}
 
 _UNET = {
@@ -64,6 +67,14 @@ def _config(arch):
                          "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2,
                          "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True, "in_dim": 64,
                          "out_dim": 64, "hidden_dim": 128, "n_layers": 1})
+    elif arch == "chroma_radiance":   # pixel space (3 channels), Chroma's blocks, a NeRF-style decoder head
+        cfg = sm.ChromaRadiance({"image_model": "chroma_radiance", "in_channels": 3, "out_channels": 3,
+                                 "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 2,
+                                 "depth_single_blocks": 2, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2,
+                                 "qkv_bias": True, "in_dim": 64, "out_dim": 64, "hidden_dim": 128, "n_layers": 1,
+                                 "nerf_hidden_size": 16, "nerf_mlp_ratio": 2, "nerf_depth": 1, "nerf_max_freqs": 4,
+                                 "nerf_tile_size": 0, "nerf_final_head_type": "conv",
+                                 "nerf_embedder_dtype": torch.float32})
     elif arch == "hunyuan_video":
         cfg = sm.HunyuanVideo({"image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32,
                                "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 2,
