@@ -1,10 +1,10 @@
 """NASA benchmark: how far a negative prompt pushes a cfg-1 sample from the negative prompt's own sample, vs CFG.
 
-    COMFYUI_PATH=/opt/comfy OMP_NUM_THREADS=1 python -m bench.nasa [--seeds 8] [--steps 1 2 4] [--size 8]
+    COMFYUI_PATH=/opt/comfy OMP_NUM_THREADS=1 python -m bench.nasa [--seeds 8] [--steps 1 2 4] [--size 8] [--archs ...]
 
 The claim measured (SNOOPI, arXiv 2412.02687): with NASA a 1-4 step model at cfg 1 steers away from what the
 negative prompt describes. On randomly initialised ComfyUI models (the test suite's tiny SD1.5, SDXL, SD3, Flux, Wan,
-real ComfyUI classes) "what the negative prompt describes" is taken as x_neg, the sample of the negative prompt
+Chroma, Qwen-Image, real ComfyUI classes) "what the negative prompt describes" is taken as x_neg, the sample of the negative prompt
 itself (same noise, same steps, cfg 1). For each method, in one run and side by side:
   away   = |x - x_neg| / |x_pos - x_neg|      (> 1: farther from the negative's sample than the plain prompt's)
   change = |x - x_pos| / |x_pos - x_neg|      (how much the image moved at all)
@@ -54,13 +54,14 @@ def measure(arch, steps, seeds, size, model=None, cond=None):
 
     model = model or tiny.build(arch)
     cond = cond or (lambda s: tiny.conditioning(arch, s))
-    c = 16 if arch in ("sd3", "flux", "wan") else 4
+    c = model.get_model_object("latent_format").latent_channels
+    frames = {"wan": (2,), "qwen_image": (1,)}.get(arch, ())
     methods = {"cfg 1 (prompt only)": None, "NASA a=0.1": 0.1, "NASA a=0.5": 0.5, "CFG 1.5 (neg as uncond)": 1.5,
                "CFG 3 (neg as uncond)": 3.0}
     acc = {m: [0.0, 0.0, float("inf")] for m in methods}     # away, change (means), fastest run
     for seed in range(seeds):
         pos, neg = cond(1000 + seed), cond(2000 + seed)
-        shape = (1, c) + ((2, size, size) if arch == "wan" else (size, size))
+        shape = (1, c) + frames + (size, size)
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
         x_pos, _ = _sample(model, pos, pos, noise, steps, 1.0)
         x_neg, _ = _sample(model, neg, neg, noise, steps, 1.0)
@@ -99,12 +100,13 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--size", type=int, default=8, help="latent side (tiny models)")
+    ap.add_argument("--archs", nargs="+", default=["sd15", "sdxl", "sd3", "flux", "wan", "chroma", "qwen_image"])
     ap.add_argument("--wide", action="store_true", help="also time wider random SD1.5 UNet and Flux DiT (32x32 latent), interleaved, fastest of 5")
     a = ap.parse_args(argv)
     _setup()
     print("| model | steps | method | away from x_neg | change | NFE/step | time vs cfg 1 |")
     print("|---|---|---|---|---|---|---|")
-    for arch in ("sd15", "sdxl", "sd3", "flux", "wan"):
+    for arch in a.archs:
         for steps in a.steps:
             for name, (away, change, nfe, t) in measure(arch, steps, a.seeds, a.size).items():
                 print(f"| tiny {arch} | {steps} | {name} | {away:.3f} | {change:.3f} | {nfe} | {t:.2f} |")

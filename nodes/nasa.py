@@ -7,6 +7,11 @@ prompt, through the model's own ``txt_in``, as extra text tokens, and a ``patche
 patch on every double and single block (chaining earlier ones) sets an attention override for that
 block that keeps the positive stream blind to those tokens (see guidance/nasa.py). SD3: the same, the
 negative (through ``context_embedder``) appended to the text stream by the first joint block's patch.
+Chroma (no ``post_input`` patches) and Qwen-Image: as SD3 (through ``txt_in``; Qwen: ``txt_norm`` then
+``txt_in``), and every block's patch widens the rotary table it is handed, which the model computed for the
+positive text alone: Chroma's text positions are all 0, Qwen's count up from a start that depends on the
+latent size (read by a DIFFUSION_MODEL wrapper), and the negative gets the positions a negative-prompt pass
+would give it.
 Wan (text-to-video): each block's patch appends the negative (through ``text_embedding``) to the block's
 context; the block's own cross-attention projects both, and its override splits the keys.
 """
@@ -16,10 +21,12 @@ import logging
 
 import torch
 
+import comfy.ldm.chroma.model as chroma_model
 import comfy.ldm.flux.model as flux_model
 import comfy.ldm.modules.attention as attention
 import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
 import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
+import comfy.ldm.qwen_image.model as qwen_model
 import comfy.ldm.wan.model as wan_model
 import comfy.patcher_extension as pe
 
@@ -126,13 +133,16 @@ def _call(earlier, func, *a, **kw):
     return earlier(func, *a, **kw) if earlier is not None else func(*a, **kw)
 
 
-def _joint_block_patch(prev, neg_len, box, alpha, window, extend=None):
-    """Flux double/single and SD3 joint blocks: the block's first attention call is the joint one over
-    [positive text; negative text; image]; later calls (SD3.5 MMDiT-X image self-attention) pass through.
-    ``extend(args)`` (SD3, first block) appends the negative tokens to the text stream."""
+def _joint_block_patch(prev, neg_len, box, alpha, window, extend=None, widen=None):
+    """Flux / Chroma double and single blocks, SD3 and Qwen-Image joint blocks: the block's first attention call is
+    the joint one over [positive text; negative text; image]; later calls (SD3.5 MMDiT-X image self-attention) pass
+    through. ``extend(args)`` (first block) appends the negative tokens to the text stream; ``widen(args)`` gives the
+    rotary table rows for them."""
     def patch(args, extra):
         if extend is not None:
             args = extend(args)
+        if widen is not None:
+            args = widen(args)
         to = dict(args["transformer_options"])
         earlier = to.get("optimized_attention_override")
         calls = [0]
@@ -141,7 +151,7 @@ def _joint_block_patch(prev, neg_len, box, alpha, window, extend=None):
             calls[0] += 1
             if calls[0] > 1:
                 return _call(earlier, func, *a, **kw)
-            if kw.get("mask") is not None:
+            if kw.get("mask", a[4] if len(a) > 4 else None) is not None:
                 raise RuntimeError("NASA (TrainFree) on joint attention does not support attention masks in the "
                                    "conditioning")
             q, k, v = a[:3]
@@ -162,7 +172,8 @@ def _joint_block_patch(prev, neg_len, box, alpha, window, extend=None):
         new_args = dict(args, transformer_options=to)
         return prev(new_args, extra) if prev is not None else extra["original_block"](new_args)
     if extend is not None:   # for a block cache wrapped around this block: widen its input first, then the rest
-        patch.extend_input, patch.after_extend = extend, _joint_block_patch(prev, neg_len, box, alpha, window)
+        patch.extend_input, patch.after_extend = extend, _joint_block_patch(prev, neg_len, box, alpha, window,
+                                                                            widen=widen)
     return patch
 
 
@@ -180,13 +191,58 @@ def _flux_post_input(dm, neg, box):
     return post_input
 
 
-def _sd3_extend(dm, neg, box):
+def _text_extend(embed, neg, box):
+    """First block (SD3, Chroma, Qwen-Image): the negative, through the model's own text input layers ``embed``,
+    appended to the text stream."""
     def extend(args):
         txt = args["txt"]
         box["t_pos"] = txt.shape[1]
-        extra = _to_batch(dm.context_embedder(neg.get(txt.device, txt.dtype)), txt.shape[0])
+        extra = _to_batch(embed(neg.get(txt.device, txt.dtype)), txt.shape[0])
         return dict(args, txt=torch.cat([txt, extra], dim=1))
     return extend
+
+
+def _pe_widen(seq_dim, rows_for, neg_len, box):
+    """The block's rotary table with ``rows_for(pe, t_neg)`` inserted after the positive text's rows, when the table
+    is ``neg_len`` rows short of the block's sequence (double blocks: text + image; single: the joined stream)."""
+    def widen(args):
+        pe = args.get("pe")
+        if pe is None:
+            return args
+        n = args["img"].shape[1] + (args["txt"].shape[1] if "txt" in args else 0)
+        have = pe.shape[seq_dim]
+        if have == n:
+            return args
+        if have + neg_len != n:
+            raise RuntimeError(f"NASA (TrainFree): a rotary table of {have} positions for a sequence of {n} tokens "
+                               f"({neg_len} negative); another patch changed the token count")
+        t = box["t_pos"]
+        rows = rows_for(pe, neg_len).to(pe)
+        return dict(args, pe=torch.cat([pe.narrow(seq_dim, 0, t), rows, pe.narrow(seq_dim, t, have - t)], seq_dim))
+    return widen
+
+
+def _chroma_rows(pe, t_neg):
+    """Chroma gives every text token position 0 (txt_ids are zeros): the negative's rows repeat the first row."""
+    return pe.narrow(2, 0, 1).expand(*pe.shape[:2], t_neg, *pe.shape[3:])
+
+
+def _qwen_start(box):
+    """DIFFUSION_MODEL wrapper: Qwen-Image's first text position for this latent size (its _forward's txt_start)."""
+    def wrapper(executor, x, *args, **kwargs):
+        p = executor.class_obj.patch_size
+        box["txt_start"] = round(max(((x.shape[-1] + p // 2) // p) // 2, ((x.shape[-2] + p // 2) // p) // 2))
+        return executor(x, *args, **kwargs)
+    return wrapper
+
+
+def _qwen_rows(dm, box):
+    """The negative's rows: positions txt_start, txt_start + 1, ... on all three axes, as the positive's."""
+    def rows_for(pe, t_neg):
+        start = box["txt_start"]
+        ids = torch.arange(start, start + t_neg, device=pe.device).reshape(1, -1, 1).repeat(pe.shape[0], 1, 3)
+        return dm.pe_embedder(ids).squeeze(1).unsqueeze(2)
+    return rows_for
 
 
 def _wan_block_patch(prev, text_call, dm, neg, alpha, window):
@@ -223,8 +279,8 @@ class TrainFreeNASA:
     DESCRIPTION = ("NASA, negative-away steer attention: a negative prompt for 1-4 step distilled models run at cfg 1. "
                    "In every cross-attention layer the attention to the negative prompt is subtracted: "
                    "Z = Attn(Q, K+, V+) - alpha Attn(Q, K-, V-); no extra model call. UNets (SD1.x, SD2.x, SDXL and "
-                   "their one-step/LCM/Lightning/DMD2 distillations), Flux and SD3 (joint attention: the negative tokens "
-                   "ride along as extra text tokens the prompt never sees) and Wan text-to-video. "
+                   "their one-step/LCM/Lightning/DMD2 distillations), Flux, Chroma, SD3 and Qwen-Image (joint attention: the "
+                   "negative tokens ride along as extra text tokens the prompt never sees) and Wan text-to-video. "
                    f"From {PAPER}.")
     CATEGORY = "trainfree/guidance"
     RETURN_TYPES = ("MODEL",)
@@ -234,8 +290,8 @@ class TrainFreeNASA:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The model to patch: a UNet (SD1.x/SD2.x/SDXL family), Flux, SD3 or Wan "
-                                           "text-to-video. Place it "
+            "model": ("MODEL", {"tooltip": "The model to patch: a UNet (SD1.x/SD2.x/SDXL family), Flux, Chroma, SD3, "
+                                           "Qwen-Image or Wan text-to-video. Place it "
                                            "after other nodes that replace cross-attention (IPAdapter); it chains."}),
             "negative": ("CONDITIONING", {"tooltip": "The negative prompt (from the same text encoder as the positive). "
                                                      "The paper uses a generic 'worst quality, low quality, ...'."}),
@@ -282,17 +338,26 @@ class TrainFreeNASA:
                 m.set_model_patch_replace(_wan_block_patch(dit.get(("double_block", i)), text_call, dm, neg, alpha,
                                                            window), "dit", "double_block", i)
             return (m,)
-        box = {}
-        if arch == "flux":
-            m.set_model_patch(_flux_post_input(dm, neg, box), "post_input")
+        box, t_neg, widen = {}, neg_t.shape[1], None
+        if arch in ("flux", "chroma"):
             blocks = [("double_block", i) for i in range(len(dm.double_blocks))] + \
                      [("single_block", i) for i in range(len(dm.single_blocks))]
         else:
-            blocks = [("double_block", i) for i in range(len(dm.joint_blocks))]
+            blocks = [("double_block", i) for i in range(len(dm.transformer_blocks if arch == "qwen_image"
+                                                             else dm.joint_blocks))]
+        if arch == "flux":
+            m.set_model_patch(_flux_post_input(dm, neg, box), "post_input")
+        elif arch == "chroma":
+            widen = _pe_widen(2, _chroma_rows, t_neg, box)
+        elif arch == "qwen_image":
+            m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "trainfree_nasa", _qwen_start(box))
+            widen = _pe_widen(1, _qwen_rows(dm, box), t_neg, box)
+        embed = {"sd3": lambda t: dm.context_embedder(t), "chroma": lambda t: dm.txt_in(t),
+                 "qwen_image": lambda t: dm.txt_in(dm.txt_norm(t))}.get(arch)
         for kind, i in blocks:
-            extend = _sd3_extend(dm, neg, box) if arch == "sd3" and i == 0 else None
-            m.set_model_patch_replace(_joint_block_patch(dit.get((kind, i)), neg_t.shape[1], box, alpha, window,
-                                                         extend), "dit", kind, i)
+            extend = _text_extend(embed, neg, box) if embed is not None and (kind, i) == ("double_block", 0) else None
+            m.set_model_patch_replace(_joint_block_patch(dit.get((kind, i)), t_neg, box, alpha, window, extend, widen),
+                                      "dit", kind, i)
         return (m,)
 
 
@@ -307,6 +372,10 @@ def _architecture(dm):
         if any(getattr(b, "flipped_img_txt", False) for b in dm.double_blocks):
             raise ValueError("NASA: this Flux variant puts image tokens first; not supported")
         return "flux", dm.txt_in.in_features
+    if isinstance(dm, chroma_model.Chroma):          # and Chroma Radiance
+        return "chroma", dm.txt_in.in_features
+    if isinstance(dm, qwen_model.QwenImageTransformer2DModel):
+        return "qwen_image", dm.txt_in.in_features
     if isinstance(dm, mmdit.MMDiT):
         if getattr(dm, "context_processor", None) is not None or not hasattr(dm.context_embedder, "in_features"):
             raise ValueError("NASA: this MMDiT variant processes its text context before the blocks; not supported")
@@ -316,8 +385,8 @@ def _architecture(dm):
                 isinstance(dm.blocks[0].cross_attn, wan_model.WanI2VCrossAttention):
             raise ValueError("NASA: only Wan text-to-video models are supported (this one has image cross-attention)")
         return "wan", dm.text_embedding[0].in_features
-    raise ValueError(f"NASA (TrainFree) supports UNet models (SD1.x, SD2.x, SDXL), Flux, SD3 and Wan text-to-video; "
-                     f"this model's network is {type(dm).__name__}.")
+    raise ValueError(f"NASA (TrainFree) supports UNet models (SD1.x, SD2.x, SDXL), Flux, Chroma, SD3, Qwen-Image and "
+                     f"Wan text-to-video; this model's network is {type(dm).__name__}.")
 
 
 NODES = {"TrainFreeNASA": (TrainFreeNASA, "NASA negative prompt at cfg 1 (TrainFree)")}

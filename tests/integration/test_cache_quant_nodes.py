@@ -352,22 +352,25 @@ def test_a_flux_controlnet_keeps_its_window_on_cached_steps(comfyui):
         assert effect > 0.05 and 0.8 < with_cache / effect < 1.25, (window, effect, with_cache)
 
 
+@pytest.mark.parametrize("arch", ["sd3", "chroma", "qwen_image"])
 @pytest.mark.parametrize("tail", [0, 1])
-def test_sd3_nasa_then_the_cache_from_the_first_block(comfyui, caplog, tail):
-    """NASA on SD3 appends its negative tokens inside the first joint block; a cache span starting there
-    (head_blocks 0) still matches the uncached run at interval 1 and skips the span at cached steps."""
+def test_nasa_then_the_cache_from_the_first_block(comfyui, caplog, arch, tail):
+    """NASA on SD3, Chroma and Qwen-Image appends its negative tokens inside the first block (Chroma, Qwen: and
+    widens each block's rotary table); a cache span starting there (head_blocks 0) still matches the uncached run
+    at interval 1 and skips the span at cached steps. The negative is shorter than the prompt (9 of 16 tokens)."""
     tiny = _tiny(comfyui)
-    base = tiny.build("sd3")
-    nasa = comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeNASA"]().patch(base, tiny.conditioning("sd3", 3), 0.5)[0]
-    ref = _sample(comfyui, nasa, "sd3")
-    assert not torch.equal(ref, _sample(comfyui, base, "sd3"))        # NASA acts
+    base = tiny.build(arch)
+    neg = [[tiny.conditioning(arch, 3)[0][0][:, :9], {}]]
+    nasa = comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeNASA"]().patch(base, neg, 0.5)[0]
+    ref = _sample(comfyui, nasa, arch)
+    assert not torch.equal(ref, _sample(comfyui, base, arch))        # NASA acts
     cache = _node(comfyui, "TrainFreeDiTCache")
-    assert torch.equal(_sample(comfyui, cache.patch(nasa, 1, 0, tail)[0], "sd3"), ref)
-    nasa_after = comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeNASA"]().patch(cache.patch(base, 1, 0, tail)[0],
-                                                                             tiny.conditioning("sd3", 3), 0.5)[0]
-    assert torch.equal(_sample(comfyui, nasa_after, "sd3"), ref)       # the other order
+    assert torch.equal(_sample(comfyui, cache.patch(nasa, 1, 0, tail)[0], arch), ref)
+    nasa_after = comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeNASA"]().patch(cache.patch(base, 1, 0, tail)[0], neg,
+                                                                             0.5)[0]
+    assert torch.equal(_sample(comfyui, nasa_after, arch), ref)       # the other order
     with caplog.at_level(logging.INFO, logger="trainfree"):
-        out = _sample(comfyui, cache.patch(nasa, 3, 0, tail)[0], "sd3")
+        out = _sample(comfyui, cache.patch(nasa, 3, 0, tail)[0], arch)
     assert "5 cached evaluations" in caplog.text
     rel = float((out - ref).norm() / ref.norm())
     assert 0 < rel < 0.1

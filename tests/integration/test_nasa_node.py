@@ -12,8 +12,11 @@ def _nasa(comfyui, model, negative, alpha=0.5, start=0.0, end=1.0):
     return comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeNASA"]().patch(model, negative, alpha, start, end)[0]
 
 
+DITS = ("sd3", "flux", "wan", "chroma", "chroma_radiance", "qwen_image")
+
+
 def _channels(arch):
-    return 16 if arch in ("sd3", "flux", "wan") else 4
+    return {"chroma_radiance": 3}.get(arch, 16 if arch in DITS else 4)
 
 
 def _sample(model, pos, neg, noise, steps=4, cfg=1.0, seed=4):
@@ -24,11 +27,11 @@ def _sample(model, pos, neg, noise, steps=4, cfg=1.0, seed=4):
 
 
 def _noise(arch, batch=1, seed=4):
-    shape = (batch, _channels(arch)) + ((2, 8, 8) if arch == "wan" else (8, 8))
+    shape = (batch, _channels(arch)) + {"wan": (2,), "qwen_image": (1,)}.get(arch, ()) + (8, 8)
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3", "flux", "wan"])
+@pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3", "flux", "wan", "chroma", "chroma_radiance", "qwen_image"])
 def test_alpha_zero_and_an_empty_range_leave_the_model_alone(comfyui, arch):
     tiny = _tiny(comfyui)
     base = tiny.build(arch)
@@ -36,7 +39,7 @@ def test_alpha_zero_and_an_empty_range_leave_the_model_alone(comfyui, arch):
     plain = _sample(base, pos, neg, noise)
     assert torch.equal(_sample(_nasa(comfyui, base, neg, 0.0), pos, neg, noise), plain)
     off = _sample(_nasa(comfyui, base, neg, 0.5, 1.0, 1.0), pos, neg, noise)     # patched, but no step in range
-    if arch in ("sd3", "flux", "wan"):   # the negative tokens still ride along (larger matmuls): float32 rounding
+    if arch in DITS:   # the negative tokens still ride along (larger matmuls): float32 rounding
         torch.testing.assert_close(off, plain, rtol=0, atol=1e-5 * float(plain.abs().max()))
     else:                # UNet: the replace path with nothing to do is the module's own computation
         assert torch.equal(off, plain)
@@ -61,12 +64,14 @@ def test_negative_equal_to_positive_scales_the_cross_attention_by_one_minus_alph
     torch.testing.assert_close(seen[1], 0.7 * seen[0], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch,least", [("sd15", 1.1), ("sdxl", 1.1), ("flux", 1.0), ("wan", 1.05)])
+@pytest.mark.parametrize("arch,least", [("sd15", 1.1), ("sdxl", 1.1), ("flux", 1.0), ("wan", 1.05), ("chroma", 1.3),
+                                        ("chroma_radiance", 1.3), ("qwen_image", 1.3)])
 @pytest.mark.parametrize("steps", [1, 4])
 def test_the_sample_moves_away_from_the_negative_prompts_sample(comfyui, arch, least, steps):
     """The paper's claim on a model where it can be measured: at cfg 1, |x_NASA - x_neg| / |x_pos - x_neg| > 1,
     x_neg being the sample of the negative prompt itself (alpha 0.5, per seed; measured 1.22-1.38 on the UNets,
-    1.00-1.12 on Flux, 1.78 on average on Wan; see bench/nasa.py). Tiny random SD3 shows no such effect (1.00:
+    1.00-1.12 on Flux, 1.78 on average on Wan, 1.48-1.83 on Chroma, 1.44-1.88 on Chroma Radiance, 1.57-1.70 on
+    Qwen-Image; see bench/nasa.py). Tiny random SD3 shows no such effect (1.00:
     NASA moves its sample sideways), so it is not asserted there."""
     tiny = _tiny(comfyui)
     base = tiny.build(arch)
@@ -79,17 +84,21 @@ def test_the_sample_moves_away_from_the_negative_prompts_sample(comfyui, arch, l
     assert min(ratios) > least and sum(ratios) / 3 > least + 0.02, ratios
 
 
-@pytest.mark.parametrize("arch,block", [("sd3", 0), ("flux", 0)])
-def test_joint_attention_carries_the_negative_as_its_own_text_stream(comfyui, arch, block):
+@pytest.mark.parametrize("arch", ["sd3", "flux", "chroma", "qwen_image"])
+@pytest.mark.parametrize("neg_tokens", [16, 9, 27])
+def test_joint_attention_carries_the_negative_as_its_own_text_stream(comfyui, arch, neg_tokens):
     """At a vanishing alpha, after the first block, the negative's tokens in NASA's text stream are what the
     negative prompt's own (unpatched) forward computes and the positive's tokens what the positive's computes: the
     two streams share the image tokens but never attend to each other (from the second block on, the negative's
     tokens see the positive's image stream, by design). (The text stream's modulation comes from the pooled
-    vector of the positive prompt, so the negative here shares it.)"""
+    vector of the positive prompt, so the negative here shares it.) A negative shorter or longer than the positive
+    (16 tokens) checks the rotary positions it gets (Qwen-Image: counting up from a start set by the latent size)."""
     tiny = _tiny(comfyui)
     base = tiny.build(arch)
+    block = 0
     pos = tiny.conditioning(arch, 1)
-    neg = [[tiny.conditioning(arch, 2)[0][0], dict(pos[0][1])]]
+    neg_t = tiny.conditioning(arch, 2)[0][0]
+    neg = [[torch.cat([neg_t, neg_t], 1)[:, :neg_tokens], dict(pos[0][1])]]
 
     def spied(model):
         seen = []
@@ -118,7 +127,7 @@ def test_joint_attention_carries_the_negative_as_its_own_text_stream(comfyui, ar
     torch.testing.assert_close(got[0][:, t:], want_neg[0], rtol=0, atol=1e-5 * scale)
 
 
-@pytest.mark.parametrize("arch", ["sd15", "sd3", "flux", "wan"])
+@pytest.mark.parametrize("arch", ["sd15", "sd3", "flux", "wan", "chroma", "qwen_image"])
 def test_batch_with_different_prompts_and_negatives_equals_single_runs(comfyui, arch):
     tiny = _tiny(comfyui)
     base = tiny.build(arch)
@@ -135,7 +144,7 @@ def test_batch_with_different_prompts_and_negatives_equals_single_runs(comfyui, 
     assert not torch.allclose(shared[1], both[1])
 
 
-@pytest.mark.parametrize("arch", ["sd15", "sd3", "flux", "wan"])
+@pytest.mark.parametrize("arch", ["sd15", "sd3", "flux", "wan", "chroma", "qwen_image"])
 def test_with_cfg_only_the_conditional_branch_is_steered(comfyui, arch):
     tiny = _tiny(comfyui)
     base = tiny.build(arch)
@@ -163,7 +172,7 @@ def test_empty_negative_and_composition_with_pag_adaptive_guidance_and_a_cache(c
 
     tiny = _tiny(comfyui)
     nodes = comfyui.nodes.NODE_CLASS_MAPPINGS
-    for arch in ("sd15", "flux", "sd3"):
+    for arch in ("sd15", "flux", "sd3", "chroma", "qwen_image"):
         base = tiny.build(arch)
         pos, noise = tiny.conditioning(arch, 1), _noise(arch)
         empty = [[torch.zeros_like(pos[0][0]), {}]]                  # a ConditioningZeroOut negative
@@ -172,7 +181,8 @@ def test_empty_negative_and_composition_with_pag_adaptive_guidance_and_a_cache(c
             torch.testing.assert_close(zeroed, plain, rtol=0, atol=1e-5 * float(plain.abs().max()))
         elif arch == "flux":      # Flux's txt_in has a bias: a zero prompt is still a prompt
             assert torch.isfinite(zeroed).all() and not torch.allclose(zeroed, plain)
-        layers = {"sd15": "middle.0", "flux": "double.1, single.0", "sd3": "joint.0-1"}[arch]
+        layers = {"sd15": "middle.0", "flux": "double.1, single.0", "sd3": "joint.0-1", "chroma": "double.1, single.0",
+                  "qwen_image": "block.0-1"}[arch]
         for first in ("nasa", "pag"):         # SD3: PAG once took NASA's negative-text sub-calls for image ones
             if first == "pag":
                 both = _nasa(comfyui, nodes["TrainFreePAG"]().patch(base, 2.0, layers, 0.0, 1.0)[0],
@@ -194,22 +204,26 @@ def test_empty_negative_and_composition_with_pag_adaptive_guidance_and_a_cache(c
         return real(rows, *a, **kw)
 
     monkeypatch.setattr(pag_mod, "_perturbed_attention", spy)
-    base = tiny.build("flux")
-    model = nodes["TrainFreePAG"]().patch(_nasa(comfyui, base, tiny.conditioning("flux", 2)), 2.0, "double.0, single.1",
-                                          0.0, 1.0)[0]
-    _sample(model, tiny.conditioning("flux", 1), tiny.conditioning("flux", 1), _noise("flux"), steps=2)
-    assert seen == [(16, 32)] * 4          # PAG sees the positive sequence [16 text; 16 image] inside NASA's split
+    for arch, layers in (("flux", "double.0, single.1"), ("chroma", "double.0, single.1"), ("qwen_image", "block.0, block.2")):
+        seen.clear()
+        base = tiny.build(arch)
+        model = nodes["TrainFreePAG"]().patch(_nasa(comfyui, base, tiny.conditioning(arch, 2)), 2.0, layers, 0.0,
+                                              1.0)[0]
+        _sample(model, tiny.conditioning(arch, 1), tiny.conditioning(arch, 1), _noise(arch), steps=2)
+        assert seen == [(16, 32)] * 4, arch    # PAG sees the positive sequence [16 text; 16 image] inside NASA's split
 
 
 def test_refusals_at_queue_time(comfyui):
     tiny = _tiny(comfyui)
     odd = tiny.build("sd15")
     odd.model.diffusion_model = torch.nn.Identity()
-    with pytest.raises(ValueError, match="supports UNet models .* Flux, SD3 and Wan text-to-video"):
+    with pytest.raises(ValueError, match="supports UNet models .* Flux, Chroma, SD3, Qwen-Image and Wan text-to-video"):
         _nasa(comfyui, odd, tiny.conditioning("sd15", 2))
+    with pytest.raises(ValueError, match="this model's network is HunyuanVideo"):
+        _nasa(comfyui, tiny.build("hunyuan_video"), tiny.conditioning("hunyuan_video", 2))
     with pytest.raises(ValueError, match="32 features per token, this model's text input takes 64"):
         _nasa(comfyui, tiny.build("sd15"), [[torch.zeros(1, 77, 32), {}]])
-    for arch in ("sd3", "flux", "wan"):
+    for arch in ("sd3", "flux", "wan", "chroma", "qwen_image"):
         with pytest.raises(ValueError, match="features per token"):
             _nasa(comfyui, tiny.build(arch), [[torch.zeros(1, 16, 48), {}]])
     from prompts import ksampler
