@@ -4,8 +4,8 @@
 
 The claim measured (SNOOPI, arXiv 2412.02687): with NASA a 1-4 step model at cfg 1 steers away from what the
 negative prompt describes. On randomly initialised ComfyUI models (the test suite's tiny SD1.5, SDXL, SD3, Flux, Wan,
-Chroma, Qwen-Image, real ComfyUI classes) "what the negative prompt describes" is taken as x_neg, the sample of the negative prompt
-itself (same noise, same steps, cfg 1). For each method, in one run and side by side:
+Chroma, Qwen-Image, real ComfyUI classes) "what the negative prompt describes" is taken as x_neg, the sample of the
+negative prompt itself (same noise, same steps, cfg 1). For each method, in one run and side by side:
   away   = |x - x_neg| / |x_pos - x_neg|      (> 1: farther from the negative's sample than the plain prompt's)
   change = |x - x_pos| / |x_pos - x_neg|      (how much the image moved at all)
   NFE    = network evaluations per step (CFG with the negative as its unconditional prompt: 2; NASA: 1)

@@ -279,9 +279,9 @@ class TrainFreeNASA:
     DESCRIPTION = ("NASA, negative-away steer attention: a negative prompt for 1-4 step distilled models run at cfg 1. "
                    "In every cross-attention layer the attention to the negative prompt is subtracted: "
                    "Z = Attn(Q, K+, V+) - alpha Attn(Q, K-, V-); no extra model call. UNets (SD1.x, SD2.x, SDXL and "
-                   "their one-step/LCM/Lightning/DMD2 distillations), Flux, Chroma, SD3 and Qwen-Image (joint attention: the "
-                   "negative tokens ride along as extra text tokens the prompt never sees) and Wan text-to-video. "
-                   f"From {PAPER}.")
+                   "their one-step/LCM/Lightning/DMD2 distillations), Flux, Chroma, SD3 and Qwen-Image (joint "
+                   "attention: the negative tokens ride along as extra text tokens the prompt never sees) and Wan "
+                   f"text-to-video. From {PAPER}.")
     CATEGORY = "trainfree/guidance"
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The model with the negative prompt applied in cross-attention; sample it at cfg 1.",)

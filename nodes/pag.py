@@ -216,8 +216,8 @@ class TrainFreePAG:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The model to patch (UNet, SD3, Flux, Chroma, Qwen-Image or Wan; chains with other "
-                                          "patches)."}),
+            "model": ("MODEL", {"tooltip": "The model to patch (UNet, SD3, Flux, Chroma, Qwen-Image or Wan; chains "
+                                          "with other patches)."}),
             "scale": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 100.0, "step": 0.01, "round": 0.01,
                                 "tooltip": "PAG scale s. Paper/official defaults: 3.0 together with CFG (4.0), 5.0 at "
                                            "cfg 1. 0 = off (no extra model call)."}),
@@ -226,8 +226,8 @@ class TrainFreePAG:
                                              "'middle.0' on UNets (the paper's mid block, as core's node), the block "
                                              "at half depth on DiTs. UNet: input.N, middle.0, output.N (add .T for one "
                                              "transformer of that block); Flux, Chroma: double.N, single.N; "
-                                             "SD3: joint.N; Wan, Qwen-Image: block.N; ranges like double.2-4. Unknown names are refused with "
-                                             "the list of valid ones."}),
+                                             "SD3: joint.N; Wan, Qwen-Image: block.N; ranges like double.2-4. "
+                                             "Unknown names are refused with the list of valid ones."}),
             "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
                                         "tooltip": "Start of the sampling range where PAG is applied (0 = first step). "
                                                    "The paper guides every step."}),

@@ -204,7 +204,8 @@ def test_empty_negative_and_composition_with_pag_adaptive_guidance_and_a_cache(c
         return real(rows, *a, **kw)
 
     monkeypatch.setattr(pag_mod, "_perturbed_attention", spy)
-    for arch, layers in (("flux", "double.0, single.1"), ("chroma", "double.0, single.1"), ("qwen_image", "block.0, block.2")):
+    for arch, layers in (("flux", "double.0, single.1"), ("chroma", "double.0, single.1"),
+                         ("qwen_image", "block.0, block.2")):
         seen.clear()
         base = tiny.build(arch)
         model = nodes["TrainFreePAG"]().patch(_nasa(comfyui, base, tiny.conditioning(arch, 2)), 2.0, layers, 0.0,
