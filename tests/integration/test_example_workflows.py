@@ -18,11 +18,13 @@ CASES = [(p, arch) for p in EXAMPLES for archs in [ARCHS.get(p.stem, ["sd15", "f
          for arch in archs + (["sdxl_vzsnr"] if "sd15" in archs else [])]
 
 
-def _for_test(api: dict, arch: str) -> dict:
-    """Swap the checkpoint for a tiny random one and shrink the image; probe every sampled latent."""
+def _for_test(api: dict, arch: str, dtype: str = "float32") -> dict:
+    """Swap the checkpoint for a tiny random one (weights in ``dtype``) and shrink the image; probe every sampled
+    latent."""
     for node_id, node in list(api.items()):
         if node["class_type"] == "CheckpointLoaderSimple":
-            node["class_type"], node["inputs"] = "TrainFreeTestTinyCheckpoint", {"arch": arch, "seed": 0}
+            node["class_type"] = "TrainFreeTestTinyCheckpoint"
+            node["inputs"] = {"arch": arch, "seed": 0, "dtype": dtype}
         elif node["class_type"] == "EmptyLatentImage":
             node["inputs"].update(width=64, height=64)
         elif node["class_type"] == "TrainFreeDPMSolverV3Calibrate":
@@ -45,14 +47,28 @@ def test_every_node_has_an_example(comfyui):
     assert set(comfyui.pack().NODE_CLASS_MAPPINGS) <= used
 
 
+HALF = [(p, a) for p, a in CASES if a != "sdxl_vzsnr"]
+
+
+@pytest.mark.parametrize("path,arch", HALF, ids=[f"{p.stem}-{a}" for p, a in HALF])
+def test_example_workflow_runs_in_half_precision(comfyui, path: Path, arch):
+    """As on a GPU: the U-Nets' weights in float16, the DiTs' in bfloat16 (ComfyUI's defaults there), so every patch,
+    cache and calibration meets half-precision activations next to its own float32 state."""
+    _run_example(comfyui, path, arch, "float16" if arch in ("sd15", "sdxl") else "bfloat16")
+
+
 @pytest.mark.parametrize("path,arch", CASES, ids=[f"{p.stem}-{a}" for p, a in CASES])
 def test_example_workflow_runs(comfyui, path: Path, arch):
+    _run_example(comfyui, path, arch)
+
+
+def _run_example(comfyui, path, arch, dtype="float32"):
     api = ui_to_api(json.loads(path.read_text()), comfyui.nodes.NODE_CLASS_MAPPINGS)
     for loader, maker in LOADERS.items():   # a Load example needs the file its calibration example writes
         if any(n["class_type"] == loader for n in api.values()):
             first = ui_to_api(json.loads((ROOT / "example_workflows" / maker).read_text()), comfyui.nodes.NODE_CLASS_MAPPINGS)
-            assert comfyui.run(_for_test(first, arch))[0]
-    ok, outputs, err = comfyui.run(_for_test(api, arch))
+            assert comfyui.run(_for_test(first, arch, dtype))[0]
+    ok, outputs, err = comfyui.run(_for_test(api, arch, dtype))
     assert ok, err
     stats = [v["text"][0] for k, v in outputs.items() if k.startswith("stats_")]
     assert stats and all("finite=True" in s for s in stats)

@@ -46,10 +46,11 @@ class TrainFreeTestTinyCheckpoint:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"arch": (list(tiny_models.CHOICES),), "seed": ("INT", {"default": 0, "min": 0})}}
+        return {"required": {"arch": (list(tiny_models.CHOICES),), "seed": ("INT", {"default": 0, "min": 0})},
+                "optional": {"dtype": (["float32", "float16", "bfloat16"],)}}
 
-    def load(self, arch, seed):
-        model = tiny_models.build(arch, seed)
+    def load(self, arch, seed, dtype="float32"):
+        model = tiny_models.build(arch, seed, getattr(torch, dtype))
         channels = model.get_model_object("latent_format").latent_channels
         return (model, TinyClip(arch), TinyVae(channels))
 

@@ -120,22 +120,24 @@ def _reinit(module: torch.nn.Module, seed: int) -> None:
         torch.random.set_rng_state(gen_state)
 
 
-def build(arch: str = "sd15", seed: int = 0):
-    """A ModelPatcher around a tiny random model of ``arch`` (one of ``CHOICES``)."""
+def build(arch: str = "sd15", seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ModelPatcher around a tiny random model of ``arch`` (one of ``CHOICES``) with weights in ``dtype`` (float16 /
+    bfloat16: as ComfyUI runs them on GPUs)."""
     if arch in VARIANTS:
         from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
 
         base, zsnr = VARIANTS[arch]
-        return ModelSamplingDiscrete().patch(patcher(_config(base), seed), "v_prediction", zsnr)[0]
-    return patcher(_config(arch), seed)
+        return ModelSamplingDiscrete().patch(patcher(_config(base), seed, dtype), "v_prediction", zsnr)[0]
+    return patcher(_config(arch), seed, dtype)
 
 
-def patcher(cfg, seed: int = 0):
-    """A ModelPatcher around a float32 CPU model of the ``comfy.supported_models`` config ``cfg``, initialised."""
+def patcher(cfg, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ModelPatcher around a CPU model (weights in ``dtype``) of the ``comfy.supported_models`` config ``cfg``,
+    initialised."""
     import comfy.model_management as mm
     import comfy.model_patcher
 
-    cfg.set_inference_dtype(torch.float32, None)
+    cfg.set_inference_dtype(dtype, None)
     model = cfg.get_model({}, "", device=torch.device("cpu"))
     _reinit(model.diffusion_model, seed)
     model.diffusion_model.eval()
