@@ -57,6 +57,16 @@ def test_example_workflow_runs_in_half_precision(comfyui, path: Path, arch):
     _run_example(comfyui, path, arch, "float16" if arch in ("sd15", "sdxl") else "bfloat16")
 
 
+FP8 = [(p, a) for p, a in CASES if a not in ("sd15", "sdxl", "sdxl_vzsnr")]
+
+
+@pytest.mark.parametrize("path,arch", FP8, ids=[f"{p.stem}-{a}" for p, a in FP8])
+def test_example_workflow_runs_with_fp8_weights(comfyui, path: Path, arch):
+    """DiT weights stored in float8_e4m3fn and computed in bfloat16 (ComfyUI's manual cast), as most Flux / SD3 /
+    Qwen-Image / Wan users load them."""
+    _run_example(comfyui, path, arch, "float8_e4m3fn")
+
+
 @pytest.mark.parametrize("path,arch", CASES, ids=[f"{p.stem}-{a}" for p, a in CASES])
 def test_example_workflow_runs(comfyui, path: Path, arch):
     _run_example(comfyui, path, arch)

@@ -47,7 +47,7 @@ class TrainFreeTestTinyCheckpoint:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"arch": (list(tiny_models.CHOICES),), "seed": ("INT", {"default": 0, "min": 0})},
-                "optional": {"dtype": (["float32", "float16", "bfloat16"],)}}
+                "optional": {"dtype": (["float32", "float16", "bfloat16", "float8_e4m3fn"],)}}
 
     def load(self, arch, seed, dtype="float32"):
         model = tiny_models.build(arch, seed, getattr(torch, dtype))

@@ -137,9 +137,14 @@ def patcher(cfg, seed: int = 0, dtype: torch.dtype = torch.float32):
     import comfy.model_management as mm
     import comfy.model_patcher
 
-    cfg.set_inference_dtype(dtype, None)
+    fp8 = dtype == torch.float8_e4m3fn          # stored in fp8, computed in bfloat16 (ComfyUI's manual cast)
+    cfg.set_inference_dtype(dtype, torch.bfloat16 if fp8 else None)
     model = cfg.get_model({}, "", device=torch.device("cpu"))
+    if fp8:                                       # torch's initialisers do not run on fp8 tensors
+        model.diffusion_model.float()
     _reinit(model.diffusion_model, seed)
+    if fp8:
+        model.diffusion_model.to(dtype)
     model.diffusion_model.eval()
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
