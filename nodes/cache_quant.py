@@ -1,5 +1,5 @@
-"""CacheQuant-scheduled block cache for DiTs (Flux, Chroma, SD3, Wan, HunyuanVideo, Qwen-Image): calibrate, load,
-patch a MODEL.
+"""CacheQuant-scheduled block cache for DiTs (Flux, Chroma, SD3, Wan, HunyuanVideo, Qwen-Image, LTX-Video):
+calibrate, load, patch a MODEL.
 
 The span's blocks are replaced through ``transformer_options["patches_replace"]["dit"]`` (each replacement runs the
 block's own ``original_block``, or the replacement that was there before: no forward is copied); a keyed
@@ -46,7 +46,8 @@ def _dit_classes() -> dict:
                                ("hunyuan_video", "comfy.ldm.hunyuan_video.model", "HunyuanVideo"),
                                ("sd3", "comfy.ldm.modules.diffusionmodules.mmdit", "OpenAISignatureMMDITWrapper"),
                                ("wan", "comfy.ldm.wan.model", "WanModel"),
-                               ("qwen_image", "comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel")):
+                               ("qwen_image", "comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel"),
+                               ("ltxv", "comfy.ldm.lightricks.model", "LTXVModel")):
         try:
             found[getattr(importlib.import_module(module), name)] = arch
         except (ImportError, AttributeError):
@@ -63,13 +64,14 @@ def dit_span(model, head: int, tail: int):
         keys = [("double_block", i) for i in range(len(dm.double_blocks))]
         keys += [("single_block", i) for i in range(len(dm.single_blocks))]
     elif arch is not None:                 # one list of joint blocks
-        blocks = {"sd3": "joint_blocks", "wan": "blocks", "qwen_image": "transformer_blocks"}[arch]
+        blocks = {"sd3": "joint_blocks", "wan": "blocks", "qwen_image": "transformer_blocks",
+                  "ltxv": "transformer_blocks"}[arch]
         keys = [("double_block", i) for i in range(len(getattr(dm, blocks)))]
     else:
         raise ValueError(f"DiT block cache: {type(model.model).__name__} ({type(dm).__name__}) is not supported; it "
                          "caches the transformer blocks of Flux, Chroma, SD3/SD3.5, Wan 2.1/2.2 text-to-video, "
-                         "HunyuanVideo and Qwen-Image models. For SD1.5/SDXL U-Nets use a U-Net cache such as "
-                         "DeepCache.")
+                         "HunyuanVideo, Qwen-Image and LTX-Video models. For SD1.5/SDXL U-Nets use a U-Net cache "
+                         "such as DeepCache.")
     if head + tail >= len(keys):
         raise ValueError(f"DiT block cache: this {arch} model has {len(keys)} blocks; head_blocks + tail_blocks "
                          f"({head} + {tail}) must leave at least one block to cache")
@@ -250,8 +252,7 @@ class TrainFreeCacheQuantCalibrate:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The DiT to calibrate (Flux, Chroma, SD3, Wan, HunyuanVideo, "
-                                           "Qwen-Image), with its "
-                                           "LoRAs applied."}),
+                                           "Qwen-Image, LTX-Video), with its LoRAs applied."}),
             "positive": ("CONDITIONING", {"tooltip": "A typical prompt."}),
             "negative": ("CONDITIONING", {"tooltip": "The negative prompt (used when cfg > 1)."}),
             "latent_image": ("LATENT", {"tooltip": "Latent of the size you will generate; its batch are the "
@@ -334,9 +335,10 @@ class TrainFreeCacheQuantLoad:
 
 
 class TrainFreeDiTCache:
-    DESCRIPTION = ("Block cache for DiTs (Flux, Chroma, SD3, Wan, HunyuanVideo, Qwen-Image): at full steps the "
-                   "middle blocks run and their residual (output - input) is stored; at cached steps they are skipped "
-                   "and the stored residual, corrected by CacheQuant's per-channel map, is added instead. With a "
+    DESCRIPTION = ("Block cache for DiTs (Flux, Chroma, SD3, Wan, HunyuanVideo, Qwen-Image, LTX-Video): at full "
+                   "steps the middle blocks run and their residual (output - input) is stored; at cached steps they "
+                   "are skipped and the stored residual, corrected by CacheQuant's per-channel map, is added instead. "
+                   "With a "
                    "schedule (Calibrate / Load node) the full steps are CacheQuant's dynamic-programming choice; "
                    "without, every interval-th step. After each run it reports the evaluations it cached and the "
                    f"measured speed-up (log and node text). From {PAPER}.")
@@ -348,7 +350,7 @@ class TrainFreeDiTCache:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "A Flux, Chroma, SD3, Wan, HunyuanVideo or Qwen-Image model."}),
+            "model": ("MODEL", {"tooltip": "A Flux, Chroma, SD3, Wan, HunyuanVideo, Qwen-Image or LTX-Video model."}),
             "interval": ("INT", {"default": 3, "min": 1, "max": 20, "tooltip": "Without a schedule: every N-th step "
                                                                                "is full (1 = no caching)."}),
             **SPAN_INPUTS,

@@ -1,4 +1,5 @@
-"""Perturbed-Attention Guidance on chosen layers, as a MODEL patch (UNets, SD3, Flux, Chroma, Qwen-Image, Wan).
+"""Perturbed-Attention Guidance on chosen layers, as a MODEL patch (UNets, SD3, Flux, Chroma, Qwen-Image, Wan,
+LTX-Video).
 
 Like core's PerturbedAttentionGuidance it adds a post-CFG function (a chainable list) that runs one
 extra conditional pass with perturbed options; nothing is installed in the model for the normal
@@ -17,6 +18,7 @@ import uuid
 
 import comfy.ldm.chroma.model as chroma_model
 import comfy.ldm.flux.model as flux_model
+import comfy.ldm.lightricks.model as ltxv_model
 import comfy.ldm.modules.attention as attention
 import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
 import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
@@ -32,7 +34,7 @@ PAPER = "Ahn et al., Self-Rectifying Diffusion Sampling with Perturbed-Attention
 PERTURBED_KEY = "trainfree_perturbed"   # set in transformer_options of the perturbed pass (caches may skip it)
 DIT_KEY = {"double": "double_block", "single": "single_block", "joint": "double_block", "block": "double_block"}
 KINDS_OF = {"unet": ("input", "middle", "output"), "flux": ("double", "single"), "chroma": ("double", "single"),
-            "sd3": ("joint",), "wan": ("block",), "qwen_image": ("block",)}
+            "sd3": ("joint",), "wan": ("block",), "qwen_image": ("block",), "ltxv": ("block",)}
 
 
 def architecture(model) -> str:
@@ -49,9 +51,11 @@ def architecture(model) -> str:
         return "wan"
     if isinstance(dm, qwen_model.QwenImageTransformer2DModel):
         return "qwen_image"
+    if isinstance(dm, ltxv_model.LTXVModel):
+        return "ltxv"
     raise ValueError(f"Perturbed-Attention Guidance (TrainFree) supports UNet models (SD1.x, SD2.x, SDXL), SD3, "
-                     f"Flux, Chroma, Qwen-Image and Wan; this model's network is {type(dm).__name__}. For other "
-                     f"DiTs use core's SkipLayerGuidanceDiT.")
+                     f"Flux, Chroma, Qwen-Image, Wan and LTX-Video; this model's network is {type(dm).__name__}. For "
+                     f"other DiTs use core's SkipLayerGuidanceDiT.")
 
 
 def available_layers(model, arch: str) -> list[tuple[str, int, int | None]]:
@@ -72,7 +76,7 @@ def available_layers(model, arch: str) -> list[tuple[str, int, int | None]]:
                [("single", i, None) for i in range(len(dm.single_blocks))]
     if arch == "sd3":
         return [("joint", i, None) for i in range(len(dm.joint_blocks))]
-    if arch == "qwen_image":
+    if arch in ("qwen_image", "ltxv"):
         return [("block", i, None) for i in range(len(dm.transformer_blocks))]
     return [("block", i, None) for i in range(len(dm.blocks))]
 
@@ -116,7 +120,7 @@ def _plan(arch, kind, index, flipped, args, img_len_box):
     self-attention; or False: leave that attention call alone). Image rows are located by the image token
     count, so a sequence that other patches extend with text tokens (NASA) or call on a sub-sequence is still
     split right, and their extra sub-calls (NASA's negative-text attention) pass through."""
-    if arch == "wan":                               # self-attention first, then cross-attention(s)
+    if arch in ("wan", "ltxv"):                     # self-attention first, then cross-attention(s)
         return lambda call, nq, nk: (lambda n: None) if call == 0 else False
     if arch == "sd3":                               # joint [context; x], then (MMDiT-X) x-only self-attention
         i = args["img"].shape[1]
@@ -206,7 +210,7 @@ class TrainFreePAG:
                    "the self-attention of those layers replaced by the identity, and the result pushed away from it: "
                    "D = CFG + scale (D_cond - D_perturbed). Works with CFG or at cfg 1, with plain KSampler and "
                    "SamplerCustomAdvanced, and chains with other patches. UNets (SD1.x/SDXL), SD3, Flux, Chroma, "
-                   "Qwen-Image and Wan; on "
+                   "Qwen-Image, Wan and LTX-Video; on "
                    f"DiTs with joint text-image attention only the image-image part is perturbed. From {PAPER}.")
     CATEGORY = "trainfree/guidance"
     RETURN_TYPES = ("MODEL",)
@@ -216,8 +220,8 @@ class TrainFreePAG:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The model to patch (UNet, SD3, Flux, Chroma, Qwen-Image or Wan; chains "
-                                          "with other patches)."}),
+            "model": ("MODEL", {"tooltip": "The model to patch (UNet, SD3, Flux, Chroma, Qwen-Image, Wan or "
+                                          "LTX-Video; chains with other patches)."}),
             "scale": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 100.0, "step": 0.01, "round": 0.01,
                                 "tooltip": "PAG scale s. Paper/official defaults: 3.0 together with CFG (4.0), 5.0 at "
                                            "cfg 1. 0 = off (no extra model call)."}),
@@ -226,8 +230,8 @@ class TrainFreePAG:
                                              "'middle.0' on UNets (the paper's mid block, as core's node), the block "
                                              "at half depth on DiTs. UNet: input.N, middle.0, output.N (add .T for one "
                                              "transformer of that block); Flux, Chroma: double.N, single.N; "
-                                             "SD3: joint.N; Wan, Qwen-Image: block.N; ranges like double.2-4. "
-                                             "Unknown names are refused with the list of valid ones."}),
+                                             "SD3: joint.N; Wan, Qwen-Image, LTX-Video: block.N; ranges like "
+                                             "double.2-4. Unknown names are refused with the list of valid ones."}),
             "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
                                         "tooltip": "Start of the sampling range where PAG is applied (0 = first step). "
                                                    "The paper guides every step."}),

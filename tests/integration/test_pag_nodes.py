@@ -16,7 +16,7 @@ def _sample(comfyui, model, arch="sd15", cfg=4.0, steps=4, batch=1, sampler="eul
     import comfy.sample
 
     tiny = _tiny(comfyui)
-    frames = {"wan": (2,), "qwen_image": (1,)}.get(arch, ())
+    frames = {"wan": (2,), "qwen_image": (1,), "ltxv": (2,)}.get(arch, ())
     shape = (batch, model.get_model_object("latent_format").latent_channels) + frames + size
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(4))
     return comfy.sample.sample(model, noise, steps, cfg, sampler, "normal", tiny.conditioning(arch, pos_seed, batch),
@@ -36,7 +36,8 @@ def test_middle_block_equals_cores_node(comfyui, arch, cfg):
     assert not torch.equal(ours, _sample(comfyui, base, arch, cfg))
 
 
-@pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3", "flux", "wan", "chroma", "chroma_radiance", "qwen_image"])
+@pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3", "flux", "wan", "chroma", "chroma_radiance", "qwen_image",
+                                  "ltxv"])
 def test_scale_zero_is_unpatched_and_guidance_changes_the_result(comfyui, arch):
     base = _tiny(comfyui).build(arch)
     plain = _sample(comfyui, base, arch)
@@ -73,7 +74,8 @@ def test_only_the_chosen_unet_layers_are_perturbed(comfyui):
                                                   ("chroma", "double.1, single.0", 2), ("chroma", "single.1", 1),
                                                   ("chroma_radiance", "single.0-1", 2),
                                                   ("qwen_image", "block.0, block.2", 2),
-                                                  ("sd3", "joint.0-1", 2), ("wan", "block.1", 1)])
+                                                  ("sd3", "joint.0-1", 2), ("wan", "block.1", 1),
+                                                  ("ltxv", "block.0, block.2", 2)])
 def test_dit_layers_are_perturbed_once_per_step(comfyui, monkeypatch, arch, layers, per_pass):
     base = _tiny(comfyui).build(arch)
     mod = comfyui.module_of("TrainFreePAG")
@@ -88,7 +90,7 @@ def test_dit_layers_are_perturbed_once_per_step(comfyui, monkeypatch, arch, laye
     monkeypatch.setattr(mod, "_perturbed_attention", spy)
     _sample(comfyui, _pag(comfyui, base, 2.0, layers), arch, steps=3)
     assert len(seen) == 3 * per_pass
-    if arch == "wan":
+    if arch in ("wan", "ltxv"):
         assert all(r is None for r in seen)                 # pure self-attention: output = V
         return
     txt = _tiny(comfyui).COND_SHAPES[arch][0]
@@ -98,24 +100,31 @@ def test_dit_layers_are_perturbed_once_per_step(comfyui, monkeypatch, arch, laye
     assert len(seen) == 2 * per_pass and all(r == (txt, txt + 15) for r in seen), seen       # 3 x 5 patches
 
 
-def test_wan_perturbed_pass_is_self_attention_replaced_by_v(comfyui):
+@pytest.mark.parametrize("arch", ["wan", "ltxv"])
+def test_perturbed_pass_is_self_attention_replaced_by_v(comfyui, arch):
     """Independent check: the perturbed prediction equals the model whose block-0 self-attention returns o(v(x))."""
     tiny = _tiny(comfyui)
-    base = tiny.build("wan")
+    base = tiny.build(arch)
     mod = comfyui.module_of("TrainFreePAG")
-    x = torch.randn(1, 16, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 16 if arch == "wan" else 128, 2, 8, 8, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor([0.7])
-    ctx = tiny.conditioning("wan", 1)[0][0]
-    opts = mod.perturbed_options(base.model_options, "wan", [("block", 0, None)])
+    ctx, extra = tiny.conditioning(arch, 1)[0]
+    extra = {"attention_mask": extra["attention_mask"], "frame_rate": 25} if arch == "ltxv" else {}
+    opts = mod.perturbed_options(base.model_options, arch, [("block", 0, None)])
 
     def run(to):
-        return base.model.apply_model(x, sigma, c_crossattn=ctx, transformer_options=dict(to))
+        return base.model.apply_model(x, sigma, c_crossattn=ctx, transformer_options=dict(to), **extra)
 
     ours = run(opts["transformer_options"])
     plain = run(base.model_options["transformer_options"])
-    attn = base.model.diffusion_model.blocks[0].self_attn
     monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.setattr(attn, "forward", lambda x, freqs, transformer_options={}: attn.o(attn.v(x)))
+    if arch == "wan":
+        attn = base.model.diffusion_model.blocks[0].self_attn
+        monkeypatch.setattr(attn, "forward", lambda x, freqs, transformer_options={}: attn.o(attn.v(x)))
+    else:
+        attn = base.model.diffusion_model.transformer_blocks[0].attn1
+        monkeypatch.setattr(attn, "forward", lambda x, context=None, mask=None, pe=None, transformer_options={}:
+                            attn.to_out(attn.to_v(x)))
     try:
         manual = run(base.model_options["transformer_options"])
     finally:

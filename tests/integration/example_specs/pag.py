@@ -6,7 +6,7 @@ NOTE = ("Perturbed-Attention Guidance on chosen layers: one extra model call per
         "the chosen layers replaced by the identity; the result is pushed away from it. Paper defaults: scale 3 "
         "with CFG 4 (scale 5 at cfg 1), SD1.5/SDXL layer middle.0 (empty 'layers' = that default; DiTs: the block "
         "at half depth). Layers: input.N / middle.0 / output.N (UNet), double.N / single.N (Flux, Chroma), joint.N "
-        "(SD3), block.N (Wan, Qwen-Image).")
+        "(SD3), block.N (Wan, Qwen-Image, LTX-Video).")
 
 
 def _graph(b):
@@ -14,4 +14,4 @@ def _graph(b):
 
 
 GRAPHS = {"pag": _graph}
-ARCHS = {"pag": ["sd15", "sdxl", "sd3", "flux", "chroma", "qwen_image"]}
+ARCHS = {"pag": ["sd15", "sdxl", "sd3", "flux", "chroma", "qwen_image", "ltxv"]}

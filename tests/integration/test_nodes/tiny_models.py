@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import torch
 
-ARCHS = ("sd15", "sdxl", "sd3", "flux", "wan", "chroma", "chroma_radiance", "qwen_image", "hunyuan_video")
+ARCHS = ("sd15", "sdxl", "sd3", "flux", "wan", "chroma", "chroma_radiance", "qwen_image", "hunyuan_video", "ltxv")
 # spatial (and temporal) dimensions of each arch's latent, after batch and channels
 LATENT_DIMS = {"sd15": 2, "sdxl": 2, "sd3": 2, "flux": 2, "wan": 3, "chroma": 2, "chroma_radiance": 2, "qwen_image": 3,
-               "hunyuan_video": 3}
+               "hunyuan_video": 3, "ltxv": 3}
 # name: (base arch, zsnr) of the v-prediction variants
 VARIANTS = {"sd15_v": ("sd15", False), "sdxl_vzsnr": ("sdxl", True)}
 CHOICES = ARCHS + tuple(VARIANTS)
@@ -27,7 +27,7 @@ CHOICES = ARCHS + tuple(VARIANTS)
 # vector but, built on Flux, its conditioning must carry one)
 COND_SHAPES = {"sd15": (77, 64, None), "sdxl": (77, 64, 32), "sd3": (77, 64, 32), "flux": (16, 64, 32),
                "wan": (16, 64, None), "chroma": (16, 64, 32), "chroma_radiance": (16, 64, 32),
-               "qwen_image": (16, 64, None),
+               "qwen_image": (16, 64, None), "ltxv": (16, 64, None),
                "hunyuan_video": (16, 64, 32)}
 
 _UNET = {
@@ -75,6 +75,9 @@ def _config(arch):
                                  "nerf_hidden_size": 16, "nerf_mlp_ratio": 2, "nerf_depth": 1, "nerf_max_freqs": 4,
                                  "nerf_tile_size": 0, "nerf_final_head_type": "conv",
                                  "nerf_embedder_dtype": torch.float32})
+    elif arch == "ltxv":                # LTX-Video: 128-channel video latent, one token per latent voxel
+        cfg = sm.LTXV({"image_model": "ltxv", "in_channels": 128, "cross_attention_dim": 64, "attention_head_dim": 32,
+                       "num_attention_heads": 2, "caption_channels": 64, "num_layers": 3})
     elif arch == "hunyuan_video":
         cfg = sm.HunyuanVideo({"image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32,
                                "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 2,
@@ -161,4 +164,6 @@ def conditioning(arch: str, seed: int = 0, batch: int = 1):
         extra["pooled_output"] = torch.randn(batch, pooled, generator=g)
     if arch == "sdxl":
         extra.update(width=64, height=64, crop_w=0, crop_h=0, target_width=64, target_height=64)
+    if arch == "ltxv":          # its T5 encoder's padding mask (all real tokens here)
+        extra["attention_mask"] = torch.ones(batch, tokens, dtype=torch.long)
     return [[cond, extra]]
