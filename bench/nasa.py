@@ -4,8 +4,8 @@
 
 The claim measured (SNOOPI, arXiv 2412.02687): with NASA a 1-4 step model at cfg 1 steers away from what the
 negative prompt describes. On randomly initialised ComfyUI models (the test suite's tiny SD1.5, SDXL, SD3, Flux, Wan,
-Chroma, Qwen-Image, real ComfyUI classes) "what the negative prompt describes" is taken as x_neg, the sample of the
-negative prompt itself (same noise, same steps, cfg 1). For each method, in one run and side by side:
+Chroma, Qwen-Image, LTX-Video, real ComfyUI classes) "what the negative prompt describes" is taken as x_neg, the
+sample of the negative prompt itself (same noise, same steps, cfg 1). For each method, in one run and side by side:
   away   = |x - x_neg| / |x_pos - x_neg|      (> 1: farther from the negative's sample than the plain prompt's)
   change = |x - x_pos| / |x_pos - x_neg|      (how much the image moved at all)
   NFE    = network evaluations per step (CFG with the negative as its unconditional prompt: 2; NASA: 1)
@@ -55,7 +55,7 @@ def measure(arch, steps, seeds, size, model=None, cond=None):
     model = model or tiny.build(arch)
     cond = cond or (lambda s: tiny.conditioning(arch, s))
     c = model.get_model_object("latent_format").latent_channels
-    frames = {"wan": (2,), "qwen_image": (1,)}.get(arch, ())
+    frames = {"wan": (2,), "qwen_image": (1,), "ltxv": (2,)}.get(arch, ())
     methods = {"cfg 1 (prompt only)": None, "NASA a=0.1": 0.1, "NASA a=0.5": 0.5, "CFG 1.5 (neg as uncond)": 1.5,
                "CFG 3 (neg as uncond)": 3.0}
     acc = {m: [0.0, 0.0, float("inf")] for m in methods}     # away, change (means), fastest run
@@ -100,7 +100,8 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--size", type=int, default=8, help="latent side (tiny models)")
-    ap.add_argument("--archs", nargs="+", default=["sd15", "sdxl", "sd3", "flux", "wan", "chroma", "qwen_image"])
+    ap.add_argument("--archs", nargs="+",
+                    default=["sd15", "sdxl", "sd3", "flux", "wan", "chroma", "qwen_image", "ltxv"])
     ap.add_argument("--wide", action="store_true", help="also time wider random SD1.5 UNet and Flux DiT (32x32 latent), interleaved, fastest of 5")
     a = ap.parse_args(argv)
     _setup()

@@ -13,7 +13,9 @@ positive text alone: Chroma's text positions are all 0, Qwen's count up from a s
 latent size (read by a DIFFUSION_MODEL wrapper), and the negative gets the positions a negative-prompt pass
 would give it.
 Wan (text-to-video): each block's patch appends the negative (through ``text_embedding``) to the block's
-context; the block's own cross-attention projects both, and its override splits the keys.
+context; the block's own cross-attention projects both, and its override splits the keys. LTX-Video: the same
+(through ``caption_projection``), and the negative's padding mask is appended to the cross-attention mask, which
+the override splits with the keys.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 
 import comfy.ldm.chroma.model as chroma_model
 import comfy.ldm.flux.model as flux_model
+import comfy.ldm.lightricks.model as ltxv_model
 import comfy.ldm.modules.attention as attention
 import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
 import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
@@ -275,13 +278,60 @@ def _wan_block_patch(prev, text_call, dm, neg, alpha, window):
     return patch
 
 
+def _additive(mask, dtype):
+    """A 0/1 padding mask (batch, tokens) -> the additive (batch, 1, 1, tokens) form LTX-Video's attention takes."""
+    if torch.is_floating_point(mask):
+        return mask.to(dtype).reshape(mask.shape[0], 1, 1, -1)
+    return (mask - 1).to(dtype).reshape(mask.shape[0], 1, 1, -1) * torch.finfo(dtype).max
+
+
+def _ltxv_block_patch(prev, dm, neg, neg_mask, alpha, window):
+    """LTX-Video: append the projected negative to the block's context and its padding mask (None: all real tokens)
+    to the block's cross-attention mask; in the cross-attention call (the block's second) split keys and mask."""
+    def patch(args, extra):
+        ctx, mask = args["txt"], args.get("attention_mask")
+        b = ctx.shape[0]
+        neg_emb = _to_batch(dm.caption_projection(neg.get(ctx.device, ctx.dtype)), b)
+        t_neg = neg_emb.shape[1]
+        if mask is not None or neg_mask is not None:
+            dtype = mask.dtype if mask is not None else ctx.dtype
+            neg_add = (_to_batch(_additive(neg_mask.to(ctx.device), dtype), b) if neg_mask is not None
+                       else torch.zeros(b, 1, 1, t_neg, dtype=dtype, device=ctx.device))
+            pos_add = mask if mask is not None else torch.zeros(b, 1, 1, ctx.shape[1], dtype=dtype, device=ctx.device)
+            mask = torch.cat([pos_add.expand(b, *pos_add.shape[1:]), neg_add], dim=-1)
+        to = dict(args["transformer_options"])
+        earlier = to.get("optimized_attention_override")
+        calls = [0]
+
+        def override(func, *a, **kw):
+            calls[0] += 1
+            if calls[0] != 2:
+                return _call(earlier, func, *a, **kw)
+            q, k, v = a[:3]
+            heads = a[3] if len(a) > 3 else kw.pop("heads")
+            m = kw.pop("mask", a[4] if len(a) > 4 else None)
+            rows = _rows(to, q.shape[0], q.device, window)
+
+            def attend(mk):
+                return lambda q_, k_, v_: _call(earlier, func, q_, k_, v_, heads, **dict(kw, mask=mk))
+            m_pos = m[..., :-t_neg] if m is not None else None
+            m_neg = m[rows][..., -t_neg:] if m is not None else None
+            return nasa_math.cross_nasa_attention(q, k[:, :-t_neg], v[:, :-t_neg], k[rows][:, -t_neg:],
+                                                  v[rows][:, -t_neg:], alpha, rows, attend(m_neg), attend(m_pos))
+
+        to["optimized_attention_override"] = override
+        new_args = dict(args, txt=torch.cat([ctx, neg_emb], dim=1), attention_mask=mask, transformer_options=to)
+        return prev(new_args, extra) if prev is not None else extra["original_block"](new_args)
+    return patch
+
+
 class TrainFreeNASA:
     DESCRIPTION = ("NASA, negative-away steer attention: a negative prompt for 1-4 step distilled models run at cfg 1. "
                    "In every cross-attention layer the attention to the negative prompt is subtracted: "
                    "Z = Attn(Q, K+, V+) - alpha Attn(Q, K-, V-); no extra model call. UNets (SD1.x, SD2.x, SDXL and "
                    "their one-step/LCM/Lightning/DMD2 distillations), Flux, Chroma, SD3 and Qwen-Image (joint "
-                   "attention: the negative tokens ride along as extra text tokens the prompt never sees) and Wan "
-                   f"text-to-video. From {PAPER}.")
+                   "attention: the negative tokens ride along as extra text tokens the prompt never sees), Wan "
+                   f"text-to-video and LTX-Video. From {PAPER}.")
     CATEGORY = "trainfree/guidance"
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The model with the negative prompt applied in cross-attention; sample it at cfg 1.",)
@@ -291,7 +341,7 @@ class TrainFreeNASA:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model to patch: a UNet (SD1.x/SD2.x/SDXL family), Flux, Chroma, SD3, "
-                                           "Qwen-Image or Wan text-to-video. Place it "
+                                           "Qwen-Image, Wan text-to-video or LTX-Video. Place it "
                                            "after other nodes that replace cross-attention (IPAdapter); it chains."}),
             "negative": ("CONDITIONING", {"tooltip": "The negative prompt (from the same text encoder as the positive). "
                                                      "The paper uses a generic 'worst quality, low quality, ...'."}),
@@ -338,6 +388,15 @@ class TrainFreeNASA:
                 m.set_model_patch_replace(_wan_block_patch(dit.get(("double_block", i)), text_call, dm, neg, alpha,
                                                            window), "dit", "double_block", i)
             return (m,)
+        if arch == "ltxv":
+            pad = negative[0][1].get("attention_mask")
+            if pad is not None and tuple(pad.shape) != tuple(neg_t.shape[:2]):
+                raise ValueError(f"NASA: the negative's attention mask {tuple(pad.shape)} does not match its "
+                                 f"{tuple(neg_t.shape[:2])} tokens")
+            for i in range(len(dm.transformer_blocks)):
+                m.set_model_patch_replace(_ltxv_block_patch(dit.get(("double_block", i)), dm, neg, pad, alpha,
+                                                            window), "dit", "double_block", i)
+            return (m,)
         box, t_neg, widen = {}, neg_t.shape[1], None
         if arch in ("flux", "chroma"):
             blocks = [("double_block", i) for i in range(len(dm.double_blocks))] + \
@@ -376,6 +435,8 @@ def _architecture(dm):
         return "chroma", dm.txt_in.in_features
     if isinstance(dm, qwen_model.QwenImageTransformer2DModel):
         return "qwen_image", dm.txt_in.in_features
+    if isinstance(dm, ltxv_model.LTXVModel):
+        return "ltxv", dm.caption_projection.linear_1.in_features
     if isinstance(dm, mmdit.MMDiT):
         if getattr(dm, "context_processor", None) is not None or not hasattr(dm.context_embedder, "in_features"):
             raise ValueError("NASA: this MMDiT variant processes its text context before the blocks; not supported")
@@ -385,8 +446,8 @@ def _architecture(dm):
                 isinstance(dm.blocks[0].cross_attn, wan_model.WanI2VCrossAttention):
             raise ValueError("NASA: only Wan text-to-video models are supported (this one has image cross-attention)")
         return "wan", dm.text_embedding[0].in_features
-    raise ValueError(f"NASA (TrainFree) supports UNet models (SD1.x, SD2.x, SDXL), Flux, Chroma, SD3, Qwen-Image and "
-                     f"Wan text-to-video; this model's network is {type(dm).__name__}.")
+    raise ValueError(f"NASA (TrainFree) supports UNet models (SD1.x, SD2.x, SDXL), Flux, Chroma, SD3, Qwen-Image, "
+                     f"Wan text-to-video and LTX-Video; this model's network is {type(dm).__name__}.")
 
 
 NODES = {"TrainFreeNASA": (TrainFreeNASA, "NASA negative prompt at cfg 1 (TrainFree)")}

@@ -353,7 +353,7 @@ def test_a_flux_controlnet_keeps_its_window_on_cached_steps(comfyui):
         assert effect > 0.05 and 0.8 < with_cache / effect < 1.25, (window, effect, with_cache)
 
 
-@pytest.mark.parametrize("arch", ["sd3", "chroma", "qwen_image"])
+@pytest.mark.parametrize("arch", ["sd3", "chroma", "qwen_image", "ltxv"])
 @pytest.mark.parametrize("tail", [0, 1])
 def test_nasa_then_the_cache_from_the_first_block(comfyui, caplog, arch, tail):
     """NASA on SD3, Chroma and Qwen-Image appends its negative tokens inside the first block (Chroma, Qwen: and

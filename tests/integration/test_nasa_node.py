@@ -12,11 +12,11 @@ def _nasa(comfyui, model, negative, alpha=0.5, start=0.0, end=1.0):
     return comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeNASA"]().patch(model, negative, alpha, start, end)[0]
 
 
-DITS = ("sd3", "flux", "wan", "chroma", "chroma_radiance", "qwen_image")
+DITS = ("sd3", "flux", "wan", "chroma", "chroma_radiance", "qwen_image", "ltxv")
 
 
 def _channels(arch):
-    return {"chroma_radiance": 3}.get(arch, 16 if arch in DITS else 4)
+    return {"chroma_radiance": 3, "ltxv": 128}.get(arch, 16 if arch in DITS else 4)
 
 
 def _sample(model, pos, neg, noise, steps=4, cfg=1.0, seed=4):
@@ -27,11 +27,12 @@ def _sample(model, pos, neg, noise, steps=4, cfg=1.0, seed=4):
 
 
 def _noise(arch, batch=1, seed=4):
-    shape = (batch, _channels(arch)) + {"wan": (2,), "qwen_image": (1,)}.get(arch, ()) + (8, 8)
+    shape = (batch, _channels(arch)) + {"wan": (2,), "qwen_image": (1,), "ltxv": (2,)}.get(arch, ()) + (8, 8)
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3", "flux", "wan", "chroma", "chroma_radiance", "qwen_image"])
+@pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3", "flux", "wan", "chroma", "chroma_radiance", "qwen_image",
+                                  "ltxv"])
 def test_alpha_zero_and_an_empty_range_leave_the_model_alone(comfyui, arch):
     tiny = _tiny(comfyui)
     base = tiny.build(arch)
@@ -64,8 +65,46 @@ def test_negative_equal_to_positive_scales_the_cross_attention_by_one_minus_alph
     torch.testing.assert_close(seen[1], 0.7 * seen[0], rtol=1e-6, atol=1e-6)
 
 
+def _ltxv_first_cross_attention(comfyui, model_negative, pos, noise):
+    """The input of LTX-Video's first cross-attention output projection (Z, before to_out), one step."""
+    tiny = _tiny(comfyui)
+    base = tiny.build("ltxv")
+    first = base.model.diffusion_model.transformer_blocks[0].attn2.to_out[0]
+    seen = []
+    hook = first.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].clone()))
+    try:
+        model = base if model_negative is None else _nasa(comfyui, base, model_negative, 0.3)
+        _sample(model, pos, pos, noise, steps=1)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def test_ltxv_negative_equal_to_positive_scales_the_cross_attention_by_one_minus_alpha(comfyui):
+    tiny = _tiny(comfyui)
+    pos, noise = tiny.conditioning("ltxv", 1), _noise("ltxv")
+    plain = _ltxv_first_cross_attention(comfyui, None, pos, noise)
+    torch.testing.assert_close(_ltxv_first_cross_attention(comfyui, pos, pos, noise), 0.7 * plain, rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_ltxv_negative_padding_is_masked_out(comfyui):
+    """A negative padded to 16 tokens with its mask marking 7 as padding acts exactly like its 9 real tokens alone
+    (LTX-Video's T5 pads prompts; the mask must reach the negative's keys); without the mask the padding counts."""
+    tiny = _tiny(comfyui)
+    pos, noise = tiny.conditioning("ltxv", 1), _noise("ltxv")
+    t = tiny.conditioning("ltxv", 2)[0][0]
+    pad = torch.tensor([[1] * 9 + [0] * 7])
+    padded = _ltxv_first_cross_attention(comfyui, [[t, {"attention_mask": pad}]], pos, noise)
+    real = _ltxv_first_cross_attention(comfyui, [[t[:, :9], {"attention_mask": torch.ones(1, 9, dtype=torch.long)}]],
+                                       pos, noise)
+    torch.testing.assert_close(padded, real, rtol=1e-5, atol=1e-6)
+    unmasked = _ltxv_first_cross_attention(comfyui, [[t, {}]], pos, noise)
+    assert (unmasked - real).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("arch,least", [("sd15", 1.1), ("sdxl", 1.1), ("flux", 1.0), ("wan", 1.05), ("chroma", 1.3),
-                                        ("chroma_radiance", 1.3), ("qwen_image", 1.3)])
+                                        ("chroma_radiance", 1.3), ("qwen_image", 1.3), ("ltxv", 1.3)])
 @pytest.mark.parametrize("steps", [1, 4])
 def test_the_sample_moves_away_from_the_negative_prompts_sample(comfyui, arch, least, steps):
     """The paper's claim on a model where it can be measured: at cfg 1, |x_NASA - x_neg| / |x_pos - x_neg| > 1,
@@ -127,7 +166,7 @@ def test_joint_attention_carries_the_negative_as_its_own_text_stream(comfyui, ar
     torch.testing.assert_close(got[0][:, t:], want_neg[0], rtol=0, atol=1e-5 * scale)
 
 
-@pytest.mark.parametrize("arch", ["sd15", "sd3", "flux", "wan", "chroma", "qwen_image"])
+@pytest.mark.parametrize("arch", ["sd15", "sd3", "flux", "wan", "chroma", "qwen_image", "ltxv"])
 def test_batch_with_different_prompts_and_negatives_equals_single_runs(comfyui, arch):
     tiny = _tiny(comfyui)
     base = tiny.build(arch)
@@ -144,7 +183,7 @@ def test_batch_with_different_prompts_and_negatives_equals_single_runs(comfyui, 
     assert not torch.allclose(shared[1], both[1])
 
 
-@pytest.mark.parametrize("arch", ["sd15", "sd3", "flux", "wan", "chroma", "qwen_image"])
+@pytest.mark.parametrize("arch", ["sd15", "sd3", "flux", "wan", "chroma", "qwen_image", "ltxv"])
 def test_with_cfg_only_the_conditional_branch_is_steered(comfyui, arch):
     tiny = _tiny(comfyui)
     base = tiny.build(arch)
@@ -218,13 +257,13 @@ def test_refusals_at_queue_time(comfyui):
     tiny = _tiny(comfyui)
     odd = tiny.build("sd15")
     odd.model.diffusion_model = torch.nn.Identity()
-    with pytest.raises(ValueError, match="supports UNet models .* Flux, Chroma, SD3, Qwen-Image and Wan text-to-video"):
+    with pytest.raises(ValueError, match="supports UNet models .* Flux, Chroma, SD3, Qwen-Image, Wan text-to-video and LTX-Video"):
         _nasa(comfyui, odd, tiny.conditioning("sd15", 2))
     with pytest.raises(ValueError, match="this model's network is HunyuanVideo"):
         _nasa(comfyui, tiny.build("hunyuan_video"), tiny.conditioning("hunyuan_video", 2))
     with pytest.raises(ValueError, match="32 features per token, this model's text input takes 64"):
         _nasa(comfyui, tiny.build("sd15"), [[torch.zeros(1, 77, 32), {}]])
-    for arch in ("sd3", "flux", "wan", "chroma", "qwen_image"):
+    for arch in ("sd3", "flux", "wan", "chroma", "qwen_image", "ltxv"):
         with pytest.raises(ValueError, match="features per token"):
             _nasa(comfyui, tiny.build(arch), [[torch.zeros(1, 16, 48), {}]])
     from prompts import ksampler
