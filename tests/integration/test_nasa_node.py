@@ -257,7 +257,7 @@ def test_refusals_at_queue_time(comfyui):
     tiny = _tiny(comfyui)
     odd = tiny.build("sd15")
     odd.model.diffusion_model = torch.nn.Identity()
-    with pytest.raises(ValueError, match="supports UNet .* Flux, Chroma, SD3, Qwen-Image, Wan text-to-video and LTX-Video"):
+    with pytest.raises(ValueError, match="supports UNet .* Chroma, SD3, Qwen-Image, Wan text-to-video and LTX-Video"):
         _nasa(comfyui, odd, tiny.conditioning("sd15", 2))
     with pytest.raises(ValueError, match="this model's network is HunyuanVideo"):
         _nasa(comfyui, tiny.build("hunyuan_video"), tiny.conditioning("hunyuan_video", 2))
