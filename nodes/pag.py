@@ -1,5 +1,5 @@
 """Perturbed-Attention Guidance on chosen layers, as a MODEL patch (UNets, SD3, Flux, Chroma, Qwen-Image, Wan,
-LTX-Video).
+LTX-Video, HunyuanVideo / HunyuanImage 2.1).
 
 Like core's PerturbedAttentionGuidance it adds a post-CFG function (a chainable list) that runs one
 extra conditional pass with perturbed options; nothing is installed in the model for the normal
@@ -9,7 +9,9 @@ perturbed pass's options, calls the previous occupant (or the original block) wi
 ``transformer_options["optimized_attention_override"]`` set for that block; the override chains to
 any earlier override for the attention calls it does not perturb. Flux and Chroma single blocks see one
 [txt; img] sequence: the image length is recorded in the perturbed pass (Flux: a ``post_input`` patch; Chroma,
-which has none: a DIFFUSION_MODEL wrapper counting the latent's patches).
+which has none: a DIFFUSION_MODEL wrapper counting the latent's patches). HunyuanVideo puts the image first,
+in its double blocks' joint attention and in the single blocks' [img; txt]; its single blocks take the text length
+recorded at the first double block (image tokens vary with its reference-latent and video variants).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import uuid
 
 import comfy.ldm.chroma.model as chroma_model
 import comfy.ldm.flux.model as flux_model
+import comfy.ldm.hunyuan_video.model as hunyuan_model
 import comfy.ldm.lightricks.model as ltxv_model
 import comfy.ldm.modules.attention as attention
 import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
@@ -34,7 +37,8 @@ PAPER = "Ahn et al., Self-Rectifying Diffusion Sampling with Perturbed-Attention
 PERTURBED_KEY = "trainfree_perturbed"   # set in transformer_options of the perturbed pass (caches may skip it)
 DIT_KEY = {"double": "double_block", "single": "single_block", "joint": "double_block", "block": "double_block"}
 KINDS_OF = {"unet": ("input", "middle", "output"), "flux": ("double", "single"), "chroma": ("double", "single"),
-            "sd3": ("joint",), "wan": ("block",), "qwen_image": ("block",), "ltxv": ("block",)}
+            "sd3": ("joint",), "wan": ("block",), "qwen_image": ("block",), "ltxv": ("block",),
+            "hunyuan_video": ("double", "single")}
 
 
 def architecture(model) -> str:
@@ -53,9 +57,11 @@ def architecture(model) -> str:
         return "qwen_image"
     if isinstance(dm, ltxv_model.LTXVModel):
         return "ltxv"
+    if isinstance(dm, hunyuan_model.HunyuanVideo):  # also HunyuanImage 2.1
+        return "hunyuan_video"
     raise ValueError(f"Perturbed-Attention Guidance (TrainFree) supports UNet models (SD1.x, SD2.x, SDXL), SD3, "
-                     f"Flux, Chroma, Qwen-Image, Wan and LTX-Video; this model's network is {type(dm).__name__}. For "
-                     f"other DiTs use core's SkipLayerGuidanceDiT.")
+                     f"Flux, Chroma, Qwen-Image, Wan, LTX-Video and HunyuanVideo; this model's network is "
+                     f"{type(dm).__name__}. For other DiTs use core's SkipLayerGuidanceDiT.")
 
 
 def available_layers(model, arch: str) -> list[tuple[str, int, int | None]]:
@@ -71,7 +77,7 @@ def available_layers(model, arch: str) -> list[tuple[str, int, int | None]]:
                 idx = 0 if kind == "middle" else int(parts[1])
                 out.append((kind, idx, int(parts[parts.index("transformer_blocks") + 1])))
         return out
-    if arch in ("flux", "chroma"):
+    if arch in ("flux", "chroma", "hunyuan_video"):
         return [("double", i, None) for i in range(len(dm.double_blocks))] + \
                [("single", i, None) for i in range(len(dm.single_blocks))]
     if arch == "sd3":
@@ -129,6 +135,9 @@ def _plan(arch, kind, index, flipped, args, img_len_box):
     if kind == "double" or arch == "qwen_image":   # one joint attention over [txt; img] (Flux: maybe [img; txt])
         i = args["img"].shape[1]
         return lambda call, nq, nk: (lambda n: (0, i) if flipped else (n - i, n)) if call == 0 else False
+    if arch == "hunyuan_video":                    # single block: [img; txt]
+        t = img_len_box.get("txt")
+        return lambda call, nq, nk: (lambda n: (0, n - t)) if call == 0 else False
     i = img_len_box.get("img")                     # single block: [txt; img] as one sequence
     return lambda call, nq, nk: (lambda n: (n - i, n)) if call == 0 else False
 
@@ -190,7 +199,7 @@ def perturbed_options(model_options, arch, layers, flipped=frozenset()):
             box["img"] = io["img"].shape[1]
             return io
         patches["post_input"] = list(patches.get("post_input", [])) + [record]
-    elif any(k == "single" for k, _, _ in layers):                  # Chroma: one token per latent patch
+    elif any(k == "single" for k, _, _ in layers) and arch == "chroma":   # one token per latent patch
 
         def count_patches(executor, x, *args, **kwargs):
             p = executor.class_obj.patch_size
@@ -202,7 +211,16 @@ def perturbed_options(model_options, arch, layers, flipped=frozenset()):
     for kind, idx, _ in layers:
         key = (DIT_KEY[kind], idx)
         dit[key] = _block_patch(dit.get(key), arch, kind, idx, kind == "double" and idx in flipped, box)
+    if arch == "hunyuan_video" and any(k == "single" for k, _, _ in layers):   # the text length, at double block 0
+        dit[("double_block", 0)] = _record_txt(dit.get(("double_block", 0)), box)
     return opts
+
+
+def _record_txt(prev, box):
+    def patch(args, extra):
+        box["txt"] = args["txt"].shape[1]
+        return prev(args, extra) if prev is not None else extra["original_block"](args)
+    return patch
 
 
 class TrainFreePAG:
@@ -210,7 +228,7 @@ class TrainFreePAG:
                    "the self-attention of those layers replaced by the identity, and the result pushed away from it: "
                    "D = CFG + scale (D_cond - D_perturbed). Works with CFG or at cfg 1, with plain KSampler and "
                    "SamplerCustomAdvanced, and chains with other patches. UNets (SD1.x/SDXL), SD3, Flux, Chroma, "
-                   "Qwen-Image, Wan and LTX-Video; on "
+                   "Qwen-Image, Wan, LTX-Video and HunyuanVideo; on "
                    f"DiTs with joint text-image attention only the image-image part is perturbed. From {PAPER}.")
     CATEGORY = "trainfree/guidance"
     RETURN_TYPES = ("MODEL",)
@@ -220,8 +238,8 @@ class TrainFreePAG:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The model to patch (UNet, SD3, Flux, Chroma, Qwen-Image, Wan or "
-                                          "LTX-Video; chains with other patches)."}),
+            "model": ("MODEL", {"tooltip": "The model to patch (UNet, SD3, Flux, Chroma, Qwen-Image, Wan, "
+                                          "LTX-Video or HunyuanVideo; chains with other patches)."}),
             "scale": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 100.0, "step": 0.01, "round": 0.01,
                                 "tooltip": "PAG scale s. Paper/official defaults: 3.0 together with CFG (4.0), 5.0 at "
                                            "cfg 1. 0 = off (no extra model call)."}),
@@ -229,8 +247,8 @@ class TrainFreePAG:
                                   "tooltip": "Self-attention layers to perturb, comma separated. Empty = default: "
                                              "'middle.0' on UNets (the paper's mid block, as core's node), the block "
                                              "at half depth on DiTs. UNet: input.N, middle.0, output.N (add .T for one "
-                                             "transformer of that block); Flux, Chroma: double.N, single.N; "
-                                             "SD3: joint.N; Wan, Qwen-Image, LTX-Video: block.N; ranges like "
+                                             "transformer of that block); Flux, Chroma, HunyuanVideo: double.N, "
+                                             "single.N; SD3: joint.N; Wan, Qwen-Image, LTX-Video: block.N; ranges like "
                                              "double.2-4. Unknown names are refused with the list of valid ones."}),
             "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
                                         "tooltip": "Start of the sampling range where PAG is applied (0 = first step). "
@@ -256,7 +274,11 @@ class TrainFreePAG:
         if arch == "unet":   # exact (block, id, transformer) keys: they win over an earlier replace keyed so
             spec = [a for a in available if any(a[:2] == ly[:2] and ly[2] in (None, a[2]) for ly in spec)]
         scale = float(scale)
-        flipped = flipped_blocks(model) if arch == "flux" else frozenset()
+        flipped = frozenset()
+        if arch == "flux":
+            flipped = flipped_blocks(model)
+        elif arch == "hunyuan_video":               # image tokens first in every double block
+            flipped = frozenset(range(len(model.get_model_object("diffusion_model").double_blocks)))
         m = model.clone()
 
         def post_cfg_function(args):

@@ -9,7 +9,7 @@ from probes import count_rows
 from prompts import patched_ksampler
 
 SPANS = {"flux": (1, 1), "sd3": (1, 0), "wan": (1, 0), "chroma": (1, 1), "qwen_image": (1, 1),   # SD3 / Wan: 2 blocks
-         "hunyuan_video": (1, 1), "chroma_radiance": (1, 1), "ltxv": (1, 1)}
+         "hunyuan_video": (1, 1), "chroma_radiance": (1, 1), "ltxv": (1, 1), "hunyuan_image": (1, 1)}
 ARCHS = list(SPANS)
 
 
@@ -51,7 +51,7 @@ def _counting(model, arch):
     """A block replacement on every block that counts the calls reaching the real block (ours chains to it)."""
     calls = []
     dm = model.get_model_object("diffusion_model")
-    if arch in ("flux", "chroma", "hunyuan_video", "chroma_radiance"):
+    if arch in ("flux", "chroma", "hunyuan_video", "chroma_radiance", "hunyuan_image"):
         keys = [("double_block", i) for i in range(len(dm.double_blocks))]
         keys += [("single_block", i) for i in range(len(dm.single_blocks))]
     else:

@@ -21,10 +21,10 @@ CHAINS = {
              ("TrainFreePAG", {"scale": 2.0, "layers": "", "start_percent": 0.0, "end_percent": 1.0}),
              ("TrainFreeDiTCache", {"interval": 3, "head_blocks": 1, "tail_blocks": 1})],
 }
-CHAINS["chroma"] = CHAINS["qwen_image"] = CHAINS["flux"]
+CHAINS["chroma"] = CHAINS["qwen_image"] = CHAINS["hunyuan_video"] = CHAINS["flux"]
 CACHED = {"sd15": r"DeepCache: (\d+) of \d+ UNet calls used the shallow branch",   # the caches' own reports
           "flux": r"DiT block cache .*: \d+ full and (\d+) cached evaluations"}
-CACHED["chroma"] = CACHED["qwen_image"] = CACHED["flux"]
+CACHED["chroma"] = CACHED["qwen_image"] = CACHED["hunyuan_video"] = CACHED["flux"]
 
 
 def _prompt(arch, chain, steps=9, cfg=4.0):
@@ -36,7 +36,7 @@ def _run(comfyui, prompt, caplog):
     return (stats["text"][0], stats["sum"][0]), log
 
 
-@pytest.mark.parametrize("arch", ["sd15", "flux", "chroma", "qwen_image"])
+@pytest.mark.parametrize("arch", ["sd15", "flux", "chroma", "qwen_image", "hunyuan_video"])
 @pytest.mark.parametrize("order", ["guidance first", "cache first"])
 def test_two_guidance_nodes_and_a_cache_all_act(comfyui, caplog, arch, order):
     chain = CHAINS[arch] if order == "guidance first" else CHAINS[arch][::-1]

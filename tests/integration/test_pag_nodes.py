@@ -16,7 +16,7 @@ def _sample(comfyui, model, arch="sd15", cfg=4.0, steps=4, batch=1, sampler="eul
     import comfy.sample
 
     tiny = _tiny(comfyui)
-    frames = {"wan": (2,), "qwen_image": (1,), "ltxv": (2,)}.get(arch, ())
+    frames = {"wan": (2,), "qwen_image": (1,), "ltxv": (2,), "hunyuan_video": (1,)}.get(arch, ())
     shape = (batch, model.get_model_object("latent_format").latent_channels) + frames + size
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(4))
     return comfy.sample.sample(model, noise, steps, cfg, sampler, "normal", tiny.conditioning(arch, pos_seed, batch),
@@ -37,7 +37,7 @@ def test_middle_block_equals_cores_node(comfyui, arch, cfg):
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3", "flux", "wan", "chroma", "chroma_radiance", "qwen_image",
-                                  "ltxv"])
+                                  "ltxv", "hunyuan_video", "hunyuan_image"])
 def test_scale_zero_is_unpatched_and_guidance_changes_the_result(comfyui, arch):
     base = _tiny(comfyui).build(arch)
     plain = _sample(comfyui, base, arch)
@@ -75,7 +75,10 @@ def test_only_the_chosen_unet_layers_are_perturbed(comfyui):
                                                   ("chroma_radiance", "single.0-1", 2),
                                                   ("qwen_image", "block.0, block.2", 2),
                                                   ("sd3", "joint.0-1", 2), ("wan", "block.1", 1),
-                                                  ("ltxv", "block.0, block.2", 2)])
+                                                  ("ltxv", "block.0, block.2", 2),
+                                                  ("hunyuan_video", "double.1, single.0", 2),
+                                                  ("hunyuan_video", "single.1", 1),
+                                                  ("hunyuan_image", "double.0, single.1", 2)])
 def test_dit_layers_are_perturbed_once_per_step(comfyui, monkeypatch, arch, layers, per_pass):
     base = _tiny(comfyui).build(arch)
     mod = comfyui.module_of("TrainFreePAG")
@@ -94,10 +97,13 @@ def test_dit_layers_are_perturbed_once_per_step(comfyui, monkeypatch, arch, laye
         assert all(r is None for r in seen)                 # pure self-attention: output = V
         return
     txt = _tiny(comfyui).COND_SHAPES[arch][0]
-    assert all(r is not None and r[0] == txt and r[1] == txt + 16 for r in seen)   # 8x8 latent, patch 2 -> 16
-    seen.clear()            # a second run at another (odd) size: the image rows follow it
-    _sample(comfyui, _pag(comfyui, base, 2.0, layers), arch, steps=2, size=(6, 9))
-    assert len(seen) == 2 * per_pass and all(r == (txt, txt + 15) for r in seen), seen       # 3 x 5 patches
+    hunyuan = arch.startswith("hunyuan")           # image tokens first
+    n, m = (64, 60) if arch == "hunyuan_image" else (16, 15)    # 8x8 latent, patch 2 (HunyuanImage: 1) -> 16 (64)
+    assert all(r == ((0, n) if hunyuan else (txt, txt + n)) for r in seen), seen
+    seen.clear()            # a second run at another size: the image rows follow it (6x9: 3 x 5 patches, padded;
+    # HunyuanVideo itself takes even sizes only: 6x10)
+    _sample(comfyui, _pag(comfyui, base, 2.0, layers), arch, steps=2, size=(6, 10) if hunyuan else (6, 9))
+    assert len(seen) == 2 * per_pass and all(r == ((0, m) if hunyuan else (txt, txt + m)) for r in seen), seen
 
 
 @pytest.mark.parametrize("arch", ["wan", "ltxv"])
@@ -194,11 +200,11 @@ def test_refusals_at_queue_time(comfyui):
         _pag(comfyui, tiny.build("qwen_image"), 3.0, "double.0")
     with pytest.raises(ValueError, match=r"block\.0, block\.1, block\.2$"):
         _pag(comfyui, tiny.build("qwen_image"), 3.0, "block.3")
-    with pytest.raises(ValueError, match="supports UNet models .*network is HunyuanVideo.*SkipLayerGuidanceDiT"):
-        _pag(comfyui, tiny.build("hunyuan_video"), 3.0)
+    with pytest.raises(ValueError, match=r"do not apply to this hunyuan_video model; it takes double\.N, single\.N"):
+        _pag(comfyui, tiny.build("hunyuan_video"), 3.0, "block.0")
     odd = tiny.build("sd15")
     odd.model.diffusion_model = torch.nn.Identity()
-    with pytest.raises(ValueError, match="supports UNet models"):
+    with pytest.raises(ValueError, match="supports UNet models .*network is Identity.*SkipLayerGuidanceDiT"):
         _pag(comfyui, odd, 3.0)
     from prompts import ksampler
 

@@ -5,8 +5,8 @@ SOCKETS = {"TrainFreePAG": ([("model", "MODEL")], [("MODEL", "MODEL")])}
 NOTE = ("Perturbed-Attention Guidance on chosen layers: one extra model call per step with the self-attention of "
         "the chosen layers replaced by the identity; the result is pushed away from it. Paper defaults: scale 3 "
         "with CFG 4 (scale 5 at cfg 1), SD1.5/SDXL layer middle.0 (empty 'layers' = that default; DiTs: the block "
-        "at half depth). Layers: input.N / middle.0 / output.N (UNet), double.N / single.N (Flux, Chroma), joint.N "
-        "(SD3), block.N (Wan, Qwen-Image, LTX-Video).")
+        "at half depth). Layers: input.N / middle.0 / output.N (UNet), double.N / single.N (Flux, Chroma, "
+        "HunyuanVideo), joint.N (SD3), block.N (Wan, Qwen-Image, LTX-Video).")
 
 
 def _graph(b):
@@ -14,4 +14,4 @@ def _graph(b):
 
 
 GRAPHS = {"pag": _graph}
-ARCHS = {"pag": ["sd15", "sdxl", "sd3", "flux", "chroma", "qwen_image", "ltxv"]}
+ARCHS = {"pag": ["sd15", "sdxl", "sd3", "flux", "chroma", "qwen_image", "ltxv", "hunyuan_video"]}

@@ -5,8 +5,9 @@ They use the real ``comfy.supported_models`` configs, ``BaseModel`` subclasses, 
 hook, wrapper and patch a node installs runs exactly as with a real checkpoint. They build in
 milliseconds and sample an 8x8 latent in a fraction of a second on one CPU thread.
 
-"wan" is a Wan 2.1 text-to-video DiT: its latent is 5-D ``[B, 16, T, H, W]`` (``LATENT_DIMS``); "chroma_radiance"
-works in pixel space (3 channels).
+"wan" is a Wan 2.1 text-to-video DiT: its latent is 5-D ``[B, 16, T, H, W]`` (``LATENT_DIMS``), as are those of
+"qwen_image" (T = 1), "hunyuan_video" and "ltxv" (128 channels); "chroma_radiance" works in pixel space (3 channels);
+"hunyuan_image" (HunyuanImage 2.1) has 64 channels and patch size 1.
 
 ``VARIANTS`` are v-prediction UNets, built as their base arch with core's ModelSamplingDiscrete applied: "sd15_v"
 (SD2.x-style v-prediction) and "sdxl_vzsnr" (v-prediction with zero terminal SNR, as the v-pred SDXL finetunes;
@@ -16,10 +17,11 @@ from __future__ import annotations
 
 import torch
 
-ARCHS = ("sd15", "sdxl", "sd3", "flux", "wan", "chroma", "chroma_radiance", "qwen_image", "hunyuan_video", "ltxv")
+ARCHS = ("sd15", "sdxl", "sd3", "flux", "wan", "chroma", "chroma_radiance", "qwen_image", "hunyuan_video", "hunyuan_image",
+         "ltxv")
 # spatial (and temporal) dimensions of each arch's latent, after batch and channels
 LATENT_DIMS = {"sd15": 2, "sdxl": 2, "sd3": 2, "flux": 2, "wan": 3, "chroma": 2, "chroma_radiance": 2, "qwen_image": 3,
-               "hunyuan_video": 3, "ltxv": 3}
+               "hunyuan_video": 3, "hunyuan_image": 2, "ltxv": 3}
 # name: (base arch, zsnr) of the v-prediction variants
 VARIANTS = {"sd15_v": ("sd15", False), "sdxl_vzsnr": ("sdxl", True)}
 CHOICES = ARCHS + tuple(VARIANTS)
@@ -28,7 +30,7 @@ CHOICES = ARCHS + tuple(VARIANTS)
 COND_SHAPES = {"sd15": (77, 64, None), "sdxl": (77, 64, 32), "sd3": (77, 64, 32), "flux": (16, 64, 32),
                "wan": (16, 64, None), "chroma": (16, 64, 32), "chroma_radiance": (16, 64, 32),
                "qwen_image": (16, 64, None), "ltxv": (16, 64, None),
-               "hunyuan_video": (16, 64, 32)}
+               "hunyuan_video": (16, 64, 32), "hunyuan_image": (16, 64, None)}
 
 _UNET = {
     "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
@@ -75,6 +77,12 @@ def _config(arch):
                                  "nerf_hidden_size": 16, "nerf_mlp_ratio": 2, "nerf_depth": 1, "nerf_max_freqs": 4,
                                  "nerf_tile_size": 0, "nerf_final_head_type": "conv",
                                  "nerf_embedder_dtype": torch.float32})
+    elif arch == "hunyuan_image":       # HunyuanImage 2.1: HunyuanVideo's network on 2-D latents, 2-D rotary
+        cfg = sm.HunyuanImage21({"image_model": "hunyuan_video", "in_channels": 64, "out_channels": 64,
+                                 "vec_in_dim": None, "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 2.0,
+                                 "num_heads": 2, "depth": 2, "depth_single_blocks": 2, "axes_dim": [16, 16],
+                                 "theta": 256, "patch_size": [1, 1], "qkv_bias": True, "guidance_embed": False,
+                                 "byt5": False, "meanflow": False})
     elif arch == "ltxv":                # LTX-Video: 128-channel video latent, one token per latent voxel
         cfg = sm.LTXV({"image_model": "ltxv", "in_channels": 128, "cross_attention_dim": 64, "attention_head_dim": 32,
                        "num_attention_heads": 2, "caption_channels": 64, "num_layers": 3})
