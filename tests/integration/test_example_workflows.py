@@ -47,6 +47,16 @@ def test_every_node_has_an_example(comfyui):
     assert set(comfyui.pack().NODE_CLASS_MAPPINGS) <= used
 
 
+# the examples that are not tied to one family (samplers, calibrations, guidance) also run on the other DiT families
+OTHERS = [(p, a) for p in EXAMPLES if p.stem not in ARCHS
+          for a in ("sd3", "chroma", "chroma_radiance", "qwen_image", "wan", "hunyuan_video", "hunyuan_image", "ltxv")]
+
+
+@pytest.mark.parametrize("path,arch", OTHERS, ids=[f"{p.stem}-{a}" for p, a in OTHERS])
+def test_family_independent_example_runs_on_other_dit_families(comfyui, path: Path, arch):
+    _run_example(comfyui, path, arch)
+
+
 HALF = [(p, a) for p, a in CASES if a != "sdxl_vzsnr"]
 
 
