@@ -188,20 +188,17 @@ def test_chains_with_adaptive_guidance_a_cache_and_an_earlier_block_patch(comfyu
 
 def test_refusals_at_queue_time(comfyui):
     tiny = _tiny(comfyui)
-    with pytest.raises(ValueError, match=r"no attention layer output\.9.*input\.1, input\.3, middle\.0, output\.0, output\.1"):
-        _pag(comfyui, tiny.build("sd15"), 3.0, "output.9")
-    with pytest.raises(ValueError, match=r"do not apply to this unet model"):
-        _pag(comfyui, tiny.build("sd15"), 3.0, "double.0")
-    with pytest.raises(ValueError, match=r"double\.0, double\.1, single\.0, single\.1"):
-        _pag(comfyui, tiny.build("flux"), 3.0, "double.5")
-    with pytest.raises(ValueError, match="not understood"):
-        _pag(comfyui, tiny.build("sd3"), 3.0, "joint 1")
-    with pytest.raises(ValueError, match=r"do not apply to this qwen_image model; it takes block\.N"):
-        _pag(comfyui, tiny.build("qwen_image"), 3.0, "double.0")
-    with pytest.raises(ValueError, match=r"block\.0, block\.1, block\.2$"):
-        _pag(comfyui, tiny.build("qwen_image"), 3.0, "block.3")
-    with pytest.raises(ValueError, match=r"do not apply to this hunyuan_video model; it takes double\.N, single\.N"):
-        _pag(comfyui, tiny.build("hunyuan_video"), 3.0, "block.0")
+    refused = [("sd15", "output.9", r"no attention layer output\.9.*input\.1, input\.3, middle\.0, output\.0, "
+                                    r"output\.1"),
+               ("sd15", "double.0", r"do not apply to this unet model"),
+               ("flux", "double.5", r"double\.0, double\.1, single\.0, single\.1"),
+               ("sd3", "joint 1", "not understood"),
+               ("qwen_image", "double.0", r"do not apply to this qwen_image model; it takes block\.N"),
+               ("qwen_image", "block.3", r"block\.0, block\.1, block\.2$"),
+               ("hunyuan_video", "block.0", r"do not apply to this hunyuan_video model; it takes double\.N, single\.N")]
+    for arch, layers, message in refused:
+        with pytest.raises(ValueError, match=message):
+            _pag(comfyui, tiny.build(arch), 3.0, layers)
     odd = tiny.build("sd15")
     odd.model.diffusion_model = torch.nn.Identity()
     with pytest.raises(ValueError, match="supports UNet models .*network is Identity.*SkipLayerGuidanceDiT"):
