@@ -305,18 +305,18 @@ def test_the_window_follows_a_shift_node_placed_after_nasa(comfyui, monkeypatch)
     nasa_mod = comfyui.module_of("TrainFreeNASA")
     shift = comfyui.nodes.NODE_CLASS_MAPPINGS["ModelSamplingSD3"]()
     base, neg = tiny.build("sd3"), tiny.conditioning("sd3", 7, 1)
-    real = nasa_mod._rows
+    real = nasa_mod._Window.rows
 
     def active(model):
         seen = []
 
-        def spy(to, batch, device, window):
-            rows = real(to, batch, device, window)
+        def spy(window, to, batch, device):
+            rows = real(window, to, batch, device)
             seen.append((round(float(to["sigmas"].max()), 4), bool(rows.any())))
             return rows
-        monkeypatch.setattr(nasa_mod, "_rows", spy)
+        monkeypatch.setattr(nasa_mod._Window, "rows", spy)
         _sample(model, tiny.conditioning("sd3", 1), neg, _noise("sd3"), steps=8)
-        monkeypatch.setattr(nasa_mod, "_rows", real)
+        monkeypatch.setattr(nasa_mod._Window, "rows", real)
         return sorted({s for s, on in seen if on}, reverse=True), sorted({s for s, _ in seen}, reverse=True)
 
     after, steps = active(shift.patch(_nasa(comfyui, base, neg, 0.5, 0.0, 0.5), 6.0)[0])

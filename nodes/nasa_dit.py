@@ -1,0 +1,263 @@
+"""NASA's DiT patches (the node and the UNet path: nodes/nasa.py).
+
+Flux: a ``post_input`` patch (a list) appends the negative prompt, through the model's own ``txt_in``, as extra
+text tokens, and a ``patches_replace["dit"]`` patch on every double and single block (chaining earlier ones) sets
+an attention override for that block that keeps the positive stream blind to those tokens (see guidance/nasa.py).
+SD3: the same, the negative (through ``context_embedder``) appended to the text stream by the first joint block's
+patch. Chroma (no ``post_input`` patches) and Qwen-Image: as SD3 (through ``txt_in``; Qwen: ``txt_norm`` then
+``txt_in``), and every block's patch widens the rotary table it is handed, which the model computed for the
+positive text alone: Chroma's text positions are all 0, Qwen's count up from a start that depends on the latent
+size (read by a DIFFUSION_MODEL wrapper), and the negative gets the positions a negative-prompt pass would give it.
+Wan (text-to-video): each block's patch appends the negative (through ``text_embedding``) to the block's context;
+the block's own cross-attention projects both, and its override splits the keys. LTX-Video: the same (through
+``caption_projection``), and the negative's padding mask is appended to the cross-attention mask, which the
+override splits with the keys.
+
+``window`` is the node's _Window: its ``rows(transformer_options, batch, device)`` says which rows to steer.
+"""
+from __future__ import annotations
+
+import torch
+
+import comfy.ldm.wan.model as wan_model
+import comfy.patcher_extension as pe
+
+from ..guidance import nasa as nasa_math
+
+
+def _to_batch(t, batch):
+    """A negative's rows for a forward of ``batch`` rows: batch 1 for all, else cycled (item i of each chunk)."""
+    return t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 else t[torch.arange(batch, device=t.device) % t.shape[0]]
+
+
+def _call(earlier, func, *a, **kw):
+    return earlier(func, *a, **kw) if earlier is not None else func(*a, **kw)
+
+
+def _joint_block_patch(prev, neg_len, box, alpha, window, extend=None, widen=None):
+    """Flux / Chroma double and single blocks, SD3 and Qwen-Image joint blocks: the block's first attention call is
+    the joint one over [positive text; negative text; image]; later calls (SD3.5 MMDiT-X image self-attention) pass
+    through. ``extend(args)`` (first block) appends the negative tokens to the text stream; ``widen(args)`` gives the
+    rotary table rows for them."""
+    def patch(args, extra):
+        if extend is not None:
+            args = extend(args)
+        if widen is not None:
+            args = widen(args)
+        to = dict(args["transformer_options"])
+        earlier = to.get("optimized_attention_override")
+        calls = [0]
+
+        def override(func, *a, **kw):
+            calls[0] += 1
+            if calls[0] > 1:
+                return _call(earlier, func, *a, **kw)
+            if kw.get("mask", a[4] if len(a) > 4 else None) is not None:
+                raise RuntimeError("NASA (TrainFree) on joint attention does not support attention masks in the "
+                                   "conditioning")
+            q, k, v = a[:3]
+            heads = a[3] if len(a) > 3 else kw.pop("heads")
+            if not kw.get("skip_reshape", False):
+                q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+            want_heads_out = kw.get("skip_output_reshape", False)
+            sub = dict(kw, skip_reshape=True, skip_output_reshape=True)
+            rows = window.rows(to, q.shape[0], q.device)
+            out = nasa_math.joint_nasa_attention(q, k, v, box["t_pos"], neg_len, alpha, rows,
+                                                 lambda q_, k_, v_: _call(earlier, func, q_, k_, v_, heads, **sub))
+            if want_heads_out:
+                return out
+            b, h, n, d = out.shape
+            return out.transpose(1, 2).reshape(b, n, h * d)
+
+        to["optimized_attention_override"] = override
+        new_args = dict(args, transformer_options=to)
+        return prev(new_args, extra) if prev is not None else extra["original_block"](new_args)
+    if extend is not None:   # for a block cache wrapped around this block: widen its input first, then the rest
+        patch.extend_input, patch.after_extend = extend, _joint_block_patch(prev, neg_len, box, alpha, window,
+                                                                            widen=widen)
+    return patch
+
+
+def _flux_post_input(dm, neg, box):
+    def post_input(io):
+        txt = io["txt"]
+        box["t_pos"] = txt.shape[1]
+        extra = _to_batch(dm.txt_in(neg.get(txt.device, txt.dtype)), txt.shape[0])
+        out = dict(io, txt=torch.cat([txt, extra], dim=1))
+        ids = io.get("txt_ids")
+        if ids is not None:
+            out["txt_ids"] = torch.cat([ids, torch.zeros(ids.shape[0], extra.shape[1], *ids.shape[2:],
+                                                         dtype=ids.dtype, device=ids.device)], dim=1)
+        return out
+    return post_input
+
+
+def _text_extend(embed, neg, box):
+    """First block (SD3, Chroma, Qwen-Image): the negative, through the model's own text input layers ``embed``,
+    appended to the text stream."""
+    def extend(args):
+        txt = args["txt"]
+        box["t_pos"] = txt.shape[1]
+        extra = _to_batch(embed(neg.get(txt.device, txt.dtype)), txt.shape[0])
+        return dict(args, txt=torch.cat([txt, extra], dim=1))
+    return extend
+
+
+def _pe_widen(seq_dim, rows_for, neg_len, box):
+    """The block's rotary table with ``rows_for(pe, t_neg)`` inserted after the positive text's rows, when the table
+    is ``neg_len`` rows short of the block's sequence (double blocks: text + image; single: the joined stream)."""
+    def widen(args):
+        pe = args.get("pe")
+        if pe is None:
+            return args
+        n = args["img"].shape[1] + (args["txt"].shape[1] if "txt" in args else 0)
+        have = pe.shape[seq_dim]
+        if have == n:
+            return args
+        if have + neg_len != n:
+            raise RuntimeError(f"NASA (TrainFree): a rotary table of {have} positions for a sequence of {n} tokens "
+                               f"({neg_len} negative); another patch changed the token count")
+        t = box["t_pos"]
+        rows = rows_for(pe, neg_len).to(pe)
+        return dict(args, pe=torch.cat([pe.narrow(seq_dim, 0, t), rows, pe.narrow(seq_dim, t, have - t)], seq_dim))
+    return widen
+
+
+def _chroma_rows(pe, t_neg):
+    """Chroma gives every text token position 0 (txt_ids are zeros): the negative's rows repeat the first row."""
+    return pe.narrow(2, 0, 1).expand(*pe.shape[:2], t_neg, *pe.shape[3:])
+
+
+def _qwen_start(box):
+    """DIFFUSION_MODEL wrapper: Qwen-Image's first text position for this latent size (its _forward's txt_start)."""
+    def wrapper(executor, x, *args, **kwargs):
+        p = executor.class_obj.patch_size
+        box["txt_start"] = round(max(((x.shape[-1] + p // 2) // p) // 2, ((x.shape[-2] + p // 2) // p) // 2))
+        return executor(x, *args, **kwargs)
+    return wrapper
+
+
+def _qwen_rows(dm, box):
+    """The negative's rows: positions txt_start, txt_start + 1, ... on all three axes, as the positive's."""
+    def rows_for(pe, t_neg):
+        start = box["txt_start"]
+        ids = torch.arange(start, start + t_neg, device=pe.device).reshape(1, -1, 1).repeat(pe.shape[0], 1, 3)
+        return dm.pe_embedder(ids).squeeze(1).unsqueeze(2)
+    return rows_for
+
+
+def _wan_block_patch(prev, text_call, dm, neg, alpha, window):
+    """Wan: append the embedded negative to the block's context; in the text cross-attention call split the keys
+    into positive and negative parts (the module's own k / norm_k / v projected both)."""
+    def patch(args, extra):
+        ctx = args["txt"]
+        neg_emb = _to_batch(dm.text_embedding(neg.get(ctx.device, ctx.dtype)), ctx.shape[0])
+        t_neg = neg_emb.shape[1]
+        to = dict(args["transformer_options"])
+        earlier = to.get("optimized_attention_override")
+        calls = [0]
+
+        def override(func, *a, **kw):
+            calls[0] += 1
+            if calls[0] - 1 != text_call:
+                return _call(earlier, func, *a, **kw)
+            q, k, v = a[:3]
+            heads = a[3] if len(a) > 3 else kw.pop("heads")
+            rows = window.rows(to, q.shape[0], q.device)
+
+            def attend(q_, k_, v_):
+                return _call(earlier, func, q_, k_, v_, heads, **kw)
+            return nasa_math.cross_nasa_attention(q, k[:, :-t_neg], v[:, :-t_neg], k[rows][:, -t_neg:],
+                                                  v[rows][:, -t_neg:], alpha, rows, attend)
+
+        to["optimized_attention_override"] = override
+        new_args = dict(args, txt=torch.cat([ctx, neg_emb], dim=1), transformer_options=to)
+        return prev(new_args, extra) if prev is not None else extra["original_block"](new_args)
+    return patch
+
+
+def _additive(mask, dtype):
+    """A 0/1 padding mask (batch, tokens) -> the additive (batch, 1, 1, tokens) form LTX-Video's attention takes."""
+    if torch.is_floating_point(mask):
+        return mask.to(dtype).reshape(mask.shape[0], 1, 1, -1)
+    return (mask - 1).to(dtype).reshape(mask.shape[0], 1, 1, -1) * torch.finfo(dtype).max
+
+
+def _ltxv_block_patch(prev, dm, neg, neg_mask, alpha, window):
+    """LTX-Video: append the projected negative to the block's context and its padding mask (None: all real tokens)
+    to the block's cross-attention mask; in the cross-attention call (the block's second) split keys and mask."""
+    def patch(args, extra):
+        ctx, mask = args["txt"], args.get("attention_mask")
+        b = ctx.shape[0]
+        neg_emb = _to_batch(dm.caption_projection(neg.get(ctx.device, ctx.dtype)), b)
+        t_neg = neg_emb.shape[1]
+        if mask is not None or neg_mask is not None:
+            dtype = mask.dtype if mask is not None else ctx.dtype
+            neg_add = (_to_batch(_additive(neg_mask.to(ctx.device), dtype), b) if neg_mask is not None
+                       else torch.zeros(b, 1, 1, t_neg, dtype=dtype, device=ctx.device))
+            pos_add = mask if mask is not None else torch.zeros(b, 1, 1, ctx.shape[1], dtype=dtype, device=ctx.device)
+            mask = torch.cat([pos_add.expand(b, *pos_add.shape[1:]), neg_add], dim=-1)
+        to = dict(args["transformer_options"])
+        earlier = to.get("optimized_attention_override")
+        calls = [0]
+
+        def override(func, *a, **kw):
+            calls[0] += 1
+            if calls[0] != 2:
+                return _call(earlier, func, *a, **kw)
+            q, k, v = a[:3]
+            heads = a[3] if len(a) > 3 else kw.pop("heads")
+            m = kw.pop("mask", a[4] if len(a) > 4 else None)
+            rows = window.rows(to, q.shape[0], q.device)
+
+            def attend(mk):
+                return lambda q_, k_, v_: _call(earlier, func, q_, k_, v_, heads, **dict(kw, mask=mk))
+            m_pos = m[..., :-t_neg] if m is not None else None
+            m_neg = m[rows][..., -t_neg:] if m is not None else None
+            return nasa_math.cross_nasa_attention(q, k[:, :-t_neg], v[:, :-t_neg], k[rows][:, -t_neg:],
+                                                  v[rows][:, -t_neg:], alpha, rows, attend(m_neg), attend(m_pos))
+
+        to["optimized_attention_override"] = override
+        new_args = dict(args, txt=torch.cat([ctx, neg_emb], dim=1), attention_mask=mask, transformer_options=to)
+        return prev(new_args, extra) if prev is not None else extra["original_block"](new_args)
+    return patch
+
+
+def patch_dit(m, arch, dm, neg, negative, alpha, window, dit):
+    """Install NASA's block patches on the clone ``m`` of a DiT of family ``arch`` (network ``dm``): ``neg`` the
+    negative's device cache, ``negative`` its first CONDITIONING entry, ``dit`` the block patches already there."""
+    if arch == "wan":
+        text_call = 2 if isinstance(dm.blocks[0].cross_attn, wan_model.WanI2VCrossAttention) else 1
+        for i in range(len(dm.blocks)):
+            m.set_model_patch_replace(_wan_block_patch(dit.get(("double_block", i)), text_call, dm, neg, alpha,
+                                                       window), "dit", "double_block", i)
+        return
+    if arch == "ltxv":
+        pad = negative[1].get("attention_mask")
+        if pad is not None and tuple(pad.shape) != tuple(negative[0].shape[:2]):
+            raise ValueError(f"NASA: the negative's attention mask {tuple(pad.shape)} does not match its "
+                             f"{tuple(negative[0].shape[:2])} tokens")
+        for i in range(len(dm.transformer_blocks)):
+            m.set_model_patch_replace(_ltxv_block_patch(dit.get(("double_block", i)), dm, neg, pad, alpha,
+                                                        window), "dit", "double_block", i)
+        return
+    box, t_neg, widen = {}, negative[0].shape[1], None
+    if arch in ("flux", "chroma"):
+        blocks = [("double_block", i) for i in range(len(dm.double_blocks))] + \
+                 [("single_block", i) for i in range(len(dm.single_blocks))]
+    else:
+        blocks = [("double_block", i) for i in range(len(dm.transformer_blocks if arch == "qwen_image"
+                                                         else dm.joint_blocks))]
+    if arch == "flux":
+        m.set_model_patch(_flux_post_input(dm, neg, box), "post_input")
+    elif arch == "chroma":
+        widen = _pe_widen(2, _chroma_rows, t_neg, box)
+    elif arch == "qwen_image":
+        m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "trainfree_nasa", _qwen_start(box))
+        widen = _pe_widen(1, _qwen_rows(dm, box), t_neg, box)
+    embed = {"sd3": lambda t: dm.context_embedder(t), "chroma": lambda t: dm.txt_in(t),
+             "qwen_image": lambda t: dm.txt_in(dm.txt_norm(t))}.get(arch)
+    for kind, i in blocks:
+        extend = _text_extend(embed, neg, box) if embed is not None and (kind, i) == ("double_block", 0) else None
+        m.set_model_patch_replace(_joint_block_patch(dit.get((kind, i)), t_neg, box, alpha, window, extend, widen),
+                                  "dit", kind, i)
