@@ -125,9 +125,13 @@ class _Config:
                 full[i] = 1
             return SpanRun(first, last, full, img_first=img_first)
         if len(s.full) != steps:
+            part = s.keys.get("steps_range")
+            what = f"steps {part.replace(':', '-')} of {s.keys.get('steps')} (KSamplerAdvanced)" if part else \
+                f"{len(s.full)} steps"
             raise calibration.CalibrationError(
-                f"DiT block cache: {s.name} was calibrated for {len(s.full)} steps, this run has {steps} steps; "
-                f"calibrate for {steps} steps (CacheQuant Calibrate node) or sample with {len(s.full)} steps")
+                f"DiT block cache: {s.name} was calibrated for {what}, this run has {steps} steps; calibrate for "
+                f"this run's steps (CacheQuant Calibrate node; start_at_step / end_at_step for a KSamplerAdvanced "
+                f"part) or sample with {len(s.full)} steps")
         return SpanRun(first, last, s.full, s.corr, img_first=img_first)
 
 
@@ -275,6 +279,16 @@ class TrainFreeCacheQuantCalibrate:
                                                                        "objective; off = the paper's)."}),
             "name": ("STRING", {"default": "my_dit_cache", "tooltip": "File name under models/trainfree/cache_quant."}),
             "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Calibrate again even if a matching file exists."}),
+        }, "optional": {
+            "start_at_step": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip": "As KSamplerAdvanced: the "
+                                      "first step this model samples, for two-model runs (Wan 2.2's high- and "
+                                      "low-noise experts, a refiner). The schedule then fits that KSamplerAdvanced's "
+                                      "steps only."}),
+            "end_at_step": ("INT", {"default": 10000, "min": 0, "max": 10000, "tooltip": "As KSamplerAdvanced: the "
+                                    "step this model stops at (10000: the last). Calibrated with leftover noise, as a "
+                                    "first expert hands it on."}),
+            "add_noise": ("BOOLEAN", {"default": True, "tooltip": "As KSamplerAdvanced's add_noise: off for a second "
+                                      "expert, whose latent_image is then the first expert's output."}),
         }}
 
     @classmethod
@@ -282,18 +296,26 @@ class TrainFreeCacheQuantCalibrate:
         return written_state(METHOD, name)        # runs again when its file was deleted or replaced
 
     def calibrate(self, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, interval,
-                  head_blocks, tail_blocks, correction, name, overwrite, step_weighting=True):
+                  head_blocks, tail_blocks, correction, name, overwrite, step_weighting=True, start_at_step=0,
+                  end_at_step=10000, add_noise=True):
         path = calibration.file_in(method_dir(METHOD), name)
         arch, span = dit_span(model, head_blocks, tail_blocks)
         check_alone(model.model_options)
         latent = empty_latent_for(model, latent_image)
         ms = model.get_model_object("model_sampling")          # KSampler's own step count (ddim_uniform: more)
-        run_steps = len(scheduler_sigmas(ms, scheduler, steps, sampler_name)) - 1
+        total = len(scheduler_sigmas(ms, scheduler, steps, sampler_name)) - 1
+        first, last = int(start_at_step), min(int(end_at_step), total)
+        if first >= last:
+            raise ValueError(f"CacheQuant Calibrate: start_at_step ({start_at_step}) must be below end_at_step "
+                             f"({end_at_step}) and the run's {total} steps")
+        run_steps = last - first
         full_steps = math.ceil(run_steps / interval)
         keys = {"model": model_fingerprint(model), "prediction": prediction_key(ms), "steps": steps, "arch": arch,
                 "span": f"{head_blocks}:{tail_blocks}", "interval": interval, "correction": bool(correction),
                 "weighted": bool(step_weighting), "sampler": sampler_name, "scheduler": scheduler,
                 "cfg": f"{cfg:g}", "latent": "x".join(map(str, latent.shape)), "seed": seed}
+        if run_steps < total or not add_noise:     # a KSamplerAdvanced part of the run (files before: whole runs)
+            keys.update(steps_range=f"{first}:{last}", add_noise=bool(add_noise))
         found = reuse(path, METHOD, keys, overwrite)
         wrote(path)
         if found is not None:
@@ -301,9 +323,10 @@ class TrainFreeCacheQuantCalibrate:
         calibrator = Calibrator(run_steps, group_bounds(run_steps, full_steps)[1])
         patched = apply_cache(model, _Config(arch, span, calibrator=calibrator))
         progress = Progress(run_steps)                           # also stops at Cancel
-        noise = comfy.sample.prepare_noise(latent, seed)
+        noise = comfy.sample.prepare_noise(latent, seed) if add_noise else torch.zeros_like(latent)
         comfy.sample.sample(patched, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                            callback=progress.tick, disable_pbar=True, seed=seed)
+                            start_step=first, last_step=last, force_full_denoise=False, callback=progress.tick,
+                            disable_pbar=True, seed=seed)
         out = calibrator.solve(full_steps, bool(correction), bool(step_weighting))
         calibrator.history.clear()
         save(path, out, METHOD, keys)

@@ -312,8 +312,16 @@ def _same(a, b) -> bool:
     return a.shape == b.shape and torch.allclose(a.to(b), b, rtol=1e-3, atol=1e-5)
 
 
-def _sigmas_note(ms, scheduler, sigmas, sampler_name):
-    """None when ``sigmas`` are the calibrated scheduler's (through KSampler or BasicScheduler), else a hint."""
+def _sigmas_note(ms, scheduler, sigmas, sampler_name, keys=None):
+    """None when ``sigmas`` are the calibrated scheduler's (through KSampler or BasicScheduler), else a hint. A
+    calibration of a KSamplerAdvanced step range (``keys["steps_range"]``) expects that part of the steps, the last
+    sigma with its leftover noise or 0."""
+    if keys and keys.get("steps_range"):
+        first, last = (int(v) for v in str(keys["steps_range"]).split(":"))
+        part = scheduler_sigmas(ms, scheduler, int(keys["steps"]), sampler_name)[first:last + 1]
+        if _same(part, sigmas) or _same(torch.cat([part[:-1], part.new_zeros(1)]), sigmas):
+            return None
+        return f"calibrated for steps {first}-{last} of {keys['steps']}; another step range, denoise or custom SIGMAS"
     n = len(sigmas) - 1
     counts = [k for k in (n - 1, n, n + 1) if k >= 1]
     dropped = sampler_name in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS
@@ -346,7 +354,7 @@ def warn_if_other_run(name: str, keys: dict, guider, sampler=None, sigmas=None) 
         if sigmas is None or len(sigmas) < 2 or scheduler not in comfy.samplers.SCHEDULER_NAMES:
             return
         ms = guider.model_patcher.get_model_object("model_sampling")
-        note = _sigmas_note(ms, scheduler, sigmas.detach().cpu(), keys.get("sampler"))
+        note = _sigmas_note(ms, scheduler, sigmas.detach().cpu(), keys.get("sampler"), keys)
         if note:
             log.warning("trainfree: %s was calibrated for the %r scheduler's sigmas; these sigmas differ (%s), so it "
                         "may fit them less well", name, scheduler, note)

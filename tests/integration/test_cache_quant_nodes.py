@@ -375,3 +375,44 @@ def test_nasa_then_the_cache_from_the_first_block(comfyui, caplog, arch, tail):
     assert "5 cached evaluations" in caplog.text
     rel = float((out - ref).norm() / ref.norm())
     assert 0 < rel < 0.1
+
+
+def test_two_expert_run_calibrated_per_step_range(comfyui, models_dir, caplog):
+    """Wan 2.2-style: a high-noise model samples steps 0-4 of 8 with leftover noise, a low-noise model steps 4-8 from
+    its output (KSamplerAdvanced's step ranges, add_noise off for the second); each expert's schedule is calibrated
+    for its own part with start_at_step / end_at_step and fits that part only."""
+    import comfy.sample
+
+    tiny = _tiny(comfyui)
+    high, low = tiny.build("wan", 0), tiny.build("wan", 1)
+    pos, neg = tiny.conditioning("wan", 1), tiny.conditioning("wan", 2)
+    latent = comfy.sample.fix_empty_latent_channels(high, torch.zeros(1, 4, 12, 12))
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(5))
+    cal = _node(comfyui, "TrainFreeCacheQuantCalibrate")
+
+    def part(model, x, z, first, last):
+        return comfy.sample.sample(model, z, 8, 3.0, "euler", "simple", pos, neg, x, start_step=first, last_step=last,
+                                   force_full_denoise=False, seed=5, disable_pbar=True)
+
+    def calibrate(model, x, first, last, add_noise, name):
+        return cal.calibrate(model, pos, neg, {"samples": x}, 5, 8, 3.0, "euler", "simple", 2, 1, 0, True, name, True,
+                             start_at_step=first, end_at_step=last, add_noise=add_noise)[0]
+
+    ref1 = part(high, latent, noise, 0, 4)
+    ref2 = part(low, ref1, torch.zeros_like(ref1), 4, 8)
+    sch_high = calibrate(high, latent, 0, 4, True, "high")
+    sch_low = calibrate(low, ref1, 4, 8, False, "low")
+    assert len(sch_high.full) == len(sch_low.full) == 4 and sum(sch_high.full) == sum(sch_low.full) == 2
+    assert sch_high.keys["steps_range"] == "0:4" and sch_low.keys["steps_range"] == "4:8"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="trainfree"):
+        out1 = part(_node(comfyui, "TrainFreeDiTCache").patch(high, 2, 1, 0, schedule=sch_high)[0], latent, noise, 0, 4)
+        out2 = part(_node(comfyui, "TrainFreeDiTCache").patch(low, 2, 1, 0, schedule=sch_low)[0], out1,
+                    torch.zeros_like(out1), 4, 8)
+    assert caplog.text.count("2 full and 2 cached evaluations") == 2, caplog.text
+    assert "less well" not in caplog.text                        # each part's sigmas are the calibrated ones
+    assert 0 < float((out2 - ref2).norm() / ref2.norm()) < 0.1
+    with pytest.raises(ValueError, match=r"calibrated for steps 0-4 of 8 \(KSamplerAdvanced\), this run has 8 steps"):
+        _sample(comfyui, _cache(comfyui, high, "wan", schedule=sch_high), "wan", steps=8)
+    with pytest.raises(ValueError, match="start_at_step .4. must be below end_at_step .4."):
+        calibrate(high, latent, 4, 4, True, "empty")

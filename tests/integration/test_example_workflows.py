@@ -104,3 +104,16 @@ def test_examples_are_served_as_templates(comfyui):
     custom = comfyui.folder_paths.get_folder_paths("custom_nodes")[0]
     found = glob.glob(os.path.join(custom, "*", "example_workflows", "*.json"))
     assert {Path(f).name for f in found} >= {p.name for p in EXAMPLES}
+
+
+def test_a_calibration_workflow_saved_before_its_optional_inputs_existed_still_runs(comfyui):
+    """CacheQuant Calibrate gained start_at_step / end_at_step / add_noise (optional, appended last): a workflow
+    saved before has no values for them; the editor gives them their defaults, which calibrate the whole run."""
+    ui = json.loads((ROOT / "example_workflows" / "cache_quant_calibrate_and_sample.json").read_text())
+    node = next(n for n in ui["nodes"] if n["type"] == "TrainFreeCacheQuantCalibrate")
+    node["widgets_values"] = node["widgets_values"][:-3]
+    api = ui_to_api(ui, comfyui.nodes.NODE_CLASS_MAPPINGS)
+    inputs = api[str(node["id"])]["inputs"]
+    assert (inputs["start_at_step"], inputs["end_at_step"], inputs["add_noise"]) == (0, 10000, True)
+    ok, outputs, err = comfyui.run(_for_test(api, "flux"))
+    assert ok, err

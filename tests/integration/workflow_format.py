@@ -1,6 +1,7 @@
 """The two workflow formats: UI (what example_workflows ship and the editor saves) and API (what
 the executor runs). ``ui_to_api`` maps widget values with ComfyUI's real INPUT_TYPES, as the
-frontend does, so a shipped file that drifts from the node definitions fails the tests."""
+frontend does, so a shipped file that drifts from the node definitions fails the tests. An optional widget a file
+saved before it existed has no value for takes its default, as in the editor."""
 from __future__ import annotations
 
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
@@ -30,8 +31,12 @@ def ui_to_api(ui: dict, node_classes: dict) -> dict:
         linked = {i["name"]: i["link"] for i in node.get("inputs", []) if i.get("link") is not None}
         values = list(node.get("widgets_values", []))
         inputs = {}
+        optional = spec.get("optional", {})
         for name, s in ordered:
             if _is_widget(s):
+                if not values and name in optional and len(s) > 1 and "default" in s[1]:
+                    inputs[name] = s[1]["default"]
+                    continue
                 if not values:
                     raise ValueError(f"node {node['id']} ({node['type']}): no widget value for {name!r}")
                 inputs[name] = values.pop(0)

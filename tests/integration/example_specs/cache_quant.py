@@ -42,7 +42,7 @@ def _graph(b, cache_widgets, extra, note, prefix):
              (10, 0, 11, "images")]
     if extra == "calibrate":
         specs.append((13, "TrainFreeCacheQuantCalibrate", [0, "fixed", STEPS, CFG, SAMPLER, SCHEDULER, 3, 1, 1, True,
-                                                           True, NAME, False], (800, 60)))
+                                                           True, NAME, False, 0, 10000, True], (800, 60)))
         wires += [(1, 0, 13, "model"), (2, 0, 13, "positive"), (3, 0, 13, "negative"), (4, 0, 13, "latent_image"),
                   (13, 0, 5, "schedule")]
     elif extra == "load":
