@@ -22,9 +22,9 @@ import torch
 
 from .. import calibration
 from ..caching.cache_quant import Calibrator, SpanRun, group_bounds, uniform_schedule
-from .calibration_support import (Progress, empty_latent_for, list_files, load_named, loaded_state, method_dir,
-                                  model_fingerprint, prediction_key, refuse_mismatch, reuse, save, scheduler_sigmas,
-                                  warn_if_other_run, written_state, wrote)
+from .calibration_support import (STEP_RANGE_INPUTS, Progress, empty_latent_for, list_files, load_named, loaded_state,
+                                  method_dir, model_fingerprint, prediction_key, refuse_mismatch, reuse, save,
+                                  scheduler_sigmas, step_range, warn_if_other_run, written_state, wrote)
 from .ui_support import compile_note, report_run
 
 KEY = "trainfree_dit_cache"
@@ -279,17 +279,7 @@ class TrainFreeCacheQuantCalibrate:
                                                                        "objective; off = the paper's)."}),
             "name": ("STRING", {"default": "my_dit_cache", "tooltip": "File name under models/trainfree/cache_quant."}),
             "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Calibrate again even if a matching file exists."}),
-        }, "optional": {
-            "start_at_step": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip": "As KSamplerAdvanced: the "
-                                      "first step this model samples, for two-model runs (Wan 2.2's high- and "
-                                      "low-noise experts, a refiner). The schedule then fits that KSamplerAdvanced's "
-                                      "steps only."}),
-            "end_at_step": ("INT", {"default": 10000, "min": 0, "max": 10000, "tooltip": "As KSamplerAdvanced: the "
-                                    "step this model stops at (10000: the last). Calibrated with leftover noise, as a "
-                                    "first expert hands it on."}),
-            "add_noise": ("BOOLEAN", {"default": True, "tooltip": "As KSamplerAdvanced's add_noise: off for a second "
-                                      "expert, whose latent_image is then the first expert's output."}),
-        }}
+        }, "optional": {**STEP_RANGE_INPUTS}}
 
     @classmethod
     def IS_CHANGED(cls, name=None, **_):
@@ -304,10 +294,7 @@ class TrainFreeCacheQuantCalibrate:
         latent = empty_latent_for(model, latent_image)
         ms = model.get_model_object("model_sampling")          # KSampler's own step count (ddim_uniform: more)
         total = len(scheduler_sigmas(ms, scheduler, steps, sampler_name)) - 1
-        first, last = int(start_at_step), min(int(end_at_step), total)
-        if first >= last:
-            raise ValueError(f"CacheQuant Calibrate: start_at_step ({start_at_step}) must be below end_at_step "
-                             f"({end_at_step}) and the run's {total} steps")
+        first, last = step_range("CacheQuant Calibrate", start_at_step, end_at_step, total)
         run_steps = last - first
         full_steps = math.ceil(run_steps / interval)
         keys = {"model": model_fingerprint(model), "prediction": prediction_key(ms), "steps": steps, "arch": arch,

@@ -341,6 +341,28 @@ def _sigmas_note(ms, scheduler, sigmas, sampler_name, keys=None):
     return "another scheduler, denoise < 1 or custom SIGMAS"
 
 
+# optional inputs of the calibrations that fit one KSamplerAdvanced's part of the steps (two-model runs)
+STEP_RANGE_INPUTS = {
+    "start_at_step": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip": "As KSamplerAdvanced: the first step "
+                              "this model samples, for two-model runs (Wan 2.2's high- and low-noise experts, a "
+                              "refiner). The calibration then fits that KSamplerAdvanced's steps only."}),
+    "end_at_step": ("INT", {"default": 10000, "min": 0, "max": 10000, "tooltip": "As KSamplerAdvanced: the step this "
+                            "model stops at (10000: the last). Calibrated with leftover noise, as a first expert "
+                            "hands it on."}),
+    "add_noise": ("BOOLEAN", {"default": True, "tooltip": "As KSamplerAdvanced's add_noise: off for a second expert, "
+                              "whose latent_image is then the first expert's output."}),
+}
+
+
+def step_range(what: str, start_at_step, end_at_step, total: int) -> tuple[int, int]:
+    """(first, last) step of a KSamplerAdvanced part of a ``total``-step run, or a ValueError."""
+    first, last = int(start_at_step), min(int(end_at_step), total)
+    if first >= last:
+        raise ValueError(f"{what}: start_at_step ({start_at_step}) must be below end_at_step ({end_at_step}) and "
+                         f"the run's {total} steps")
+    return first, last
+
+
 def warn_if_other_run(name: str, keys: dict, guider, sampler=None, sigmas=None) -> None:
     """Log each setting of this sampling run (CFG, sampler, scheduler's sigmas) that differs from the ones the
     calibration ``keys`` were made for: allowed, but the calibration fits them less well. Never raises."""

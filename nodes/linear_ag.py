@@ -14,9 +14,9 @@ from .. import calibration
 from ..calibration import CalibrationError
 from ..guidance.linear_ag import Calibrator, LinearAG, estimated_steps
 from ..samplers.common import STEP_SIGMA
-from .calibration_support import (Progress, empty_latent_for, list_files, load_named, loaded_state, method_dir,
-                                  model_keys, refuse_mismatch, reuse, save, scheduler_sigmas, settings_key,
-                                  warn_if_other_run, written_state, wrote)
+from .calibration_support import (STEP_RANGE_INPUTS, Progress, empty_latent_for, list_files, load_named, loaded_state,
+                                  method_dir, model_keys, refuse_mismatch, reuse, save, scheduler_sigmas, settings_key,
+                                  step_range, warn_if_other_run, written_state, wrote)
 from .cond_layout import other_guider, other_guider_text
 from .ui_support import report_run, ui_text
 
@@ -112,17 +112,20 @@ class TrainFreeLinearAGCalibrate:
                                                                             "models/trainfree/linear_ag."}),
             "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Calibrate again even if a matching file "
                                                                    "exists."}),
-        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+        }, "optional": {**STEP_RANGE_INPUTS}, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
     def IS_CHANGED(cls, name=None, **_):
         return written_state(METHOD, name)        # runs again when its file was deleted or replaced
 
     def calibrate(self, model, positive, negative, latent_image, steps, cfg, sampler_name, scheduler, history, seed,
-                  name, overwrite, unique_id=None):
+                  name, overwrite, unique_id=None, start_at_step=0, end_at_step=10000, add_noise=True):
         path = calibration.file_in(method_dir(METHOD), name)
         ms = model.get_model_object("model_sampling")
         sigmas = scheduler_sigmas(ms, scheduler, steps, sampler_name).to(torch.float64)   # as KSampler samples
+        first, last = step_range("LinearAG Calibrate", start_at_step, end_at_step, len(sigmas) - 1)
+        partial = last - first < len(sigmas) - 1 or not add_noise
+        sigmas = sigmas[first:last + 1]
         if len(sigmas) - 1 <= int(history):
             raise ValueError(f"LinearAG: {len(sigmas) - 1} steps leave no step with {history} earlier ones to fit; "
                              "use more steps or a smaller history")
@@ -133,6 +136,8 @@ class TrainFreeLinearAGCalibrate:
         keys = {**model_keys(model), "scheduler": scheduler,
                 "steps": int(steps), "history": int(history), "cfg": f"{float(cfg):g}", "sampler": sampler_name,
                 "settings": settings_key(seed=seed, latent="x".join(map(str, latent.shape)))}
+        if partial:                                  # a KSamplerAdvanced part of the run (files before: whole runs)
+            keys.update(steps_range=f"{first}:{last}", add_noise=bool(add_noise))
         cached = reuse(path, METHOD, keys, overwrite)
         wrote(path)
         if cached is not None:
@@ -140,9 +145,10 @@ class TrainFreeLinearAGCalibrate:
         calibrator, seen = Calibrator(len(sigmas) - 1, history), set()    # ddim_uniform: KSampler runs more steps
         m = model.clone()
         m.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, KEY + "_calibrate", _recorder(calibrator, seen))
-        noise = comfy.sample.prepare_noise(latent, seed)
+        noise = comfy.sample.prepare_noise(latent, seed) if add_noise else torch.zeros_like(latent)
         progress = Progress(len(sigmas) - 1)
         comfy.sample.sample(m, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent, seed=seed,
+                            start_step=first, last_step=last, force_full_denoise=False,
                             callback=lambda *a: progress.tick(), disable_pbar=True)
         coef, r2 = calibrator.solve()
         if not bool((r2 == r2).any()):
@@ -223,11 +229,16 @@ def _outer_sample(executor, noise, latent_image, sampler, sigmas, *args, **kwarg
     proto = original["transformer_options"][KEY]
     rec = proto.record
     _refuse_other_model(rec, guider.model_patcher)       # the model sampled: a LoRA added after the node counts
-    same = sigmas.shape[-1] == rec.sigmas.shape[-1] and torch.allclose(
-        sigmas.detach().to("cpu", torch.float64), rec.sigmas.to(torch.float64), rtol=1e-4, atol=1e-6)
+    run = sigmas.detach().to("cpu", torch.float64)
+    want = rec.sigmas.to(torch.float64)
+    if rec.keys.get("steps_range") and run.shape[-1] > 1 and float(run[-1]) == 0:   # leftover noise disabled
+        want = torch.cat([want[:-1], want.new_zeros(1)])
+    same = run.shape[-1] == want.shape[-1] and torch.allclose(run, want, rtol=1e-4, atol=1e-6)
     if not same:
+        part = rec.keys.get("steps_range")
+        part = f" (steps {part.replace(':', '-')} of {rec.keys['steps']}, KSamplerAdvanced)" if part else ""
         raise CalibrationError(
-            f"LinearAG coefficients {rec.name} were calibrated for {rec.steps} steps of the "
+            f"LinearAG coefficients {rec.name} were calibrated for {rec.steps} steps{part} of the "
             f"{rec.keys.get('scheduler', '?')!r} scheduler (sigmas {float(rec.sigmas[0]):.4g} ... "
             f"{float(rec.sigmas[-2]):.4g}); this run samples {sigmas.shape[-1] - 1} steps (sigmas "
             f"{float(sigmas[0]):.4g} ... {float(sigmas[-2]) if sigmas.shape[-1] > 1 else 0:.4g}). Sample with the "

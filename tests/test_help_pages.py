@@ -27,7 +27,7 @@ def _module_defs(tree):
 
 def _dict_keys(node: ast.Dict, dicts) -> set:
     """String keys of a dict literal; ``**NAME`` entries (e.g. cache_quant's SPAN_INPUTS) resolved to the module's
-    dict literal of that name."""
+    dict literal of that name, or to one of another nodes/ module (calibration_support's STEP_RANGE_INPUTS)."""
     keys = set()
     for k, v in zip(node.keys, node.values):
         if k is None:                                     # **spread
@@ -69,10 +69,13 @@ def _input_names(function: ast.FunctionDef, functions, dicts, seen=()) -> set:
 def _nodes() -> dict:
     """{node id: (display name, {input names}, module file)} from the ``NODES = {...}`` literals of nodes/*.py."""
     nodes = {}
-    for path in sorted((ROOT / "nodes").glob("*.py")):
+    paths = sorted((ROOT / "nodes").glob("*.py"))
+    shared = {k: v for path in paths for k, v in _module_defs(ast.parse(path.read_text()))[2].items()}
+    for path in paths:
         tree = ast.parse(path.read_text())
-        classes, functions, dicts = _module_defs(tree)
-        table = dicts.get("NODES")
+        classes, functions, own = _module_defs(tree)
+        dicts = {**shared, **own}
+        table = own.get("NODES")
         if table is None:
             continue
         for key, value in zip(table.keys, table.values):

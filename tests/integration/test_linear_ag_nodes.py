@@ -141,3 +141,39 @@ def test_samplers_that_drop_the_penultimate_sigma_and_two_calls_per_step(comfyui
         model, rows = count_rows(_patch(comfyui, base, rec))
         assert torch.isfinite(_sample(comfyui, model, sampler=sampler)).all()
         assert rows == calls, (sampler, rows)
+
+
+def test_two_expert_run_calibrated_per_step_range(comfyui, models_dir, caplog):
+    """Two models over steps 0-4 and 4-8 of 8 (KSamplerAdvanced; add_noise off for the second): each calibrated for its
+    part with start_at_step / end_at_step, each replaces negative-prompt evaluations in its part, with the first
+    part's leftover noise kept or not; a whole run is refused with the first part's coefficients."""
+    import comfy.sample
+
+    tiny = _tiny(comfyui)
+    high, low = tiny.build("sd15", 0), tiny.build("sd15", 1)
+    pos, neg = tiny.conditioning("sd15", 1, 4), tiny.conditioning("sd15", 2)
+    latent = torch.zeros(4, 4, 8, 8)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(5))
+    cal = _node(comfyui, "TrainFreeLinearAGCalibrate")
+
+    def part(model, x, z, first, last, leftover=True):
+        return comfy.sample.sample(model, z, 8, 4.0, "euler", "normal", pos, neg, x, start_step=first, last_step=last,
+                                   force_full_denoise=not leftover, seed=5, disable_pbar=True)
+
+    def calibrate(model, x, first, last, add_noise, name):
+        return cal.calibrate(model, pos, neg, {"samples": x}, 8, 4.0, "euler", "normal", 1, 5, name, True,
+                             start_at_step=first, end_at_step=last, add_noise=add_noise)[0]
+
+    rec_high = calibrate(high, latent, 0, 4, True, "high")
+    stage1 = part(high, latent, noise, 0, 4)
+    rec_low = calibrate(low, stage1, 4, 8, False, "low")
+    assert rec_high.steps == rec_low.steps == 4 and rec_high.keys["steps_range"] == "0:4"
+    assert float(rec_high.r2[1:].min()) > 0.99 and float(rec_low.r2[1:].min()) > 0.99
+    with caplog.at_level(logging.INFO, logger="trainfree"):
+        caplog.clear()
+        out1 = part(_patch(comfyui, high, rec_high), latent, noise, 0, 4)
+        part(_patch(comfyui, high, rec_high), latent, noise, 0, 4, leftover=False)   # last sigma 0: also its part
+        part(_patch(comfyui, low, rec_low), out1, torch.zeros_like(out1), 4, 8)
+    assert caplog.text.count("LinearAG replaced 8 of 16 unconditional evaluations") == 3, caplog.text   # 4 rows x 4
+    with pytest.raises(ValueError, match=r"calibrated for 4 steps \(steps 0-4 of 8, KSamplerAdvanced\)"):
+        _sample(comfyui, _patch(comfyui, high, rec_high), batch=4)

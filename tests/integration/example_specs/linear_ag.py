@@ -35,8 +35,8 @@ def _graph(b, load, note, prefix):
     if load:
         specs.append((5, "TrainFreeLinearAGLoad", [FILE + ".safetensors"], (400, 760)))
     else:
-        specs.append((5, "TrainFreeLinearAGCalibrate", [20, 7.5, "euler", "normal", 2, 0, "fixed", FILE, False],
-                      (400, 760)))
+        specs.append((5, "TrainFreeLinearAGCalibrate", [20, 7.5, "euler", "normal", 2, 0, "fixed", FILE, False, 0,
+                                                        10000, True], (400, 760)))
         specs.append((8, "EmptyLatentImage", [512, 512, 8], (20, 760)))
         wires += [(1, 0, 5, "model"), (2, 0, 5, "positive"), (3, 0, 5, "negative"), (8, 0, 5, "latent_image")]
     return b._assemble(specs, wires)
