@@ -54,14 +54,12 @@ def measure(arch, steps, seeds, size, model=None, cond=None):
 
     model = model or tiny.build(arch)
     cond = cond or (lambda s: tiny.conditioning(arch, s))
-    c = model.get_model_object("latent_format").latent_channels
-    frames = {"wan": (2,), "qwen_image": (1,), "ltxv": (2,)}.get(arch, ())
     methods = {"cfg 1 (prompt only)": None, "NASA a=0.1": 0.1, "NASA a=0.5": 0.5, "CFG 1.5 (neg as uncond)": 1.5,
                "CFG 3 (neg as uncond)": 3.0}
     acc = {m: [0.0, 0.0, float("inf")] for m in methods}     # away, change (means), fastest run
     for seed in range(seeds):
         pos, neg = cond(1000 + seed), cond(2000 + seed)
-        shape = (1, c) + frames + (size, size)
+        shape = tiny.latent_shape(arch, 1, (size, size))
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
         x_pos, _ = _sample(model, pos, pos, noise, steps, 1.0)
         x_neg, _ = _sample(model, neg, neg, noise, steps, 1.0)

@@ -191,15 +191,15 @@ def perturbed_options(model_options, arch, layers, flipped=frozenset()):
     to[PERTURBED_KEY] = "pag"
     replace = to["patches_replace"] = dict(to.get("patches_replace", {}))
     dit = replace["dit"] = dict(replace.get("dit", {}))
-    box = {}
-    if any(k == "single" for k, _, _ in layers) and arch == "flux":   # the image length the single blocks see
+    box, single = {}, any(k == "single" for k, _, _ in layers)
+    if single and arch == "flux":                   # the image length the single blocks see
         patches = to["patches"] = dict(to.get("patches", {}))
 
         def record(io):
             box["img"] = io["img"].shape[1]
             return io
         patches["post_input"] = list(patches.get("post_input", [])) + [record]
-    elif any(k == "single" for k, _, _ in layers) and arch == "chroma":   # one token per latent patch
+    elif single and arch == "chroma":              # one token per latent patch
 
         def count_patches(executor, x, *args, **kwargs):
             p = executor.class_obj.patch_size
@@ -211,7 +211,7 @@ def perturbed_options(model_options, arch, layers, flipped=frozenset()):
     for kind, idx, _ in layers:
         key = (DIT_KEY[kind], idx)
         dit[key] = _block_patch(dit.get(key), arch, kind, idx, kind == "double" and idx in flipped, box)
-    if arch == "hunyuan_video" and any(k == "single" for k, _, _ in layers):   # the text length, at double block 0
+    if single and arch == "hunyuan_video":         # the text length, recorded at double block 0
         dit[("double_block", 0)] = _record_txt(dit.get(("double_block", 0)), box)
     return opts
 

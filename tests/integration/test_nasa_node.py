@@ -2,6 +2,7 @@
 effect (farther from the negative prompt's sample), batches, CFG rows, composition, refusals."""
 import pytest
 import torch
+from test_nodes import tiny_models
 
 
 def _tiny(comfyui):
@@ -15,10 +16,6 @@ def _nasa(comfyui, model, negative, alpha=0.5, start=0.0, end=1.0):
 DITS = ("sd3", "flux", "wan", "chroma", "chroma_radiance", "qwen_image", "ltxv")
 
 
-def _channels(arch):
-    return {"chroma_radiance": 3, "ltxv": 128}.get(arch, 16 if arch in DITS else 4)
-
-
 def _sample(model, pos, neg, noise, steps=4, cfg=1.0, seed=4):
     import comfy.sample
 
@@ -27,7 +24,7 @@ def _sample(model, pos, neg, noise, steps=4, cfg=1.0, seed=4):
 
 
 def _noise(arch, batch=1, seed=4):
-    shape = (batch, _channels(arch)) + {"wan": (2,), "qwen_image": (1,), "ltxv": (2,)}.get(arch, ()) + (8, 8)
+    shape = tiny_models.latent_shape(arch, batch)
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 

@@ -16,8 +16,7 @@ def _sample(comfyui, model, arch="sd15", cfg=4.0, steps=4, batch=1, sampler="eul
     import comfy.sample
 
     tiny = _tiny(comfyui)
-    frames = {"wan": (2,), "qwen_image": (1,), "ltxv": (2,), "hunyuan_video": (1,)}.get(arch, ())
-    shape = (batch, model.get_model_object("latent_format").latent_channels) + frames + size
+    shape = tiny.latent_shape(arch, batch, size)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(4))
     return comfy.sample.sample(model, noise, steps, cfg, sampler, "normal", tiny.conditioning(arch, pos_seed, batch),
                                tiny.conditioning(arch, neg_seed, batch), torch.zeros(shape), seed=4, disable_pbar=True)

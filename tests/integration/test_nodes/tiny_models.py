@@ -22,6 +22,8 @@ ARCHS = ("sd15", "sdxl", "sd3", "flux", "wan", "chroma", "chroma_radiance", "qwe
 # spatial (and temporal) dimensions of each arch's latent, after batch and channels
 LATENT_DIMS = {"sd15": 2, "sdxl": 2, "sd3": 2, "flux": 2, "wan": 3, "chroma": 2, "chroma_radiance": 2, "qwen_image": 3,
                "hunyuan_video": 3, "hunyuan_image": 2, "ltxv": 3}
+# frames of the 5-D latents the tests sample (Qwen-Image, an image model, keeps a frame axis of 1)
+FRAMES = {"wan": 2, "ltxv": 2, "qwen_image": 1, "hunyuan_video": 1}
 # name: (base arch, zsnr) of the v-prediction variants
 VARIANTS = {"sd15_v": ("sd15", False), "sdxl_vzsnr": ("sdxl", True)}
 CHOICES = ARCHS + tuple(VARIANTS)
@@ -159,6 +161,13 @@ def patcher(cfg, seed: int = 0, dtype: torch.dtype = torch.float32):
     model.diffusion_model.eval()
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
+
+
+def latent_shape(arch: str, batch: int = 1, size=(8, 8)) -> tuple:
+    """The shape of a latent of ``arch`` (its channels; a frame axis where it has one) with spatial ``size``."""
+    base = VARIANTS.get(arch, (arch,))[0]
+    frames = (FRAMES[base],) if base in FRAMES else ()
+    return (batch, _config(base).latent_format.latent_channels) + frames + tuple(size)
 
 
 def conditioning(arch: str, seed: int = 0, batch: int = 1):
