@@ -22,6 +22,8 @@ Our choices where the paper is silent:
   cross-attention of the image queries over the negative text tokens only
   (``joint_nasa_attention``). The negative tokens themselves attend to [negative text; image]
   (what a negative-prompt pass would do), so their stream evolves block by block like a text stream.
+  HunyuanVideo orders its joint sequence [image; text]: the negative tokens go last; a padding mask over
+  the keys (its prompts' attention mask) is cut to each attention's keys.
 """
 from __future__ import annotations
 
@@ -69,27 +71,46 @@ def cross_nasa_attention(q, k_pos, v_pos, k_neg, v_neg, alpha: float, rows: torc
     return steer_rows(z_pos, rows, attend(q[rows], k_neg, v_neg), alpha)
 
 
+def _keys(mask, idx):
+    """The part of an additive key mask (last dim: keys, broadcast over the queries) for the keys ``idx``."""
+    return None if mask is None else mask.index_select(-1, idx.to(mask.device))
+
+
 def joint_nasa_attention(q, k, v, t_pos: int, t_neg: int, alpha: float, rows: torch.Tensor,
-                         attend: Callable) -> torch.Tensor:
-    """Joint attention over [positive text (t_pos); negative text (t_neg); image] in (B, H, N, D).
+                         attend: Callable, image_first: int | None = None, key_mask=None) -> torch.Tensor:
+    """Joint attention over [positive text (t_pos); negative text (t_neg); image] in (B, H, N, D), or, with
+    ``image_first`` = the image token count, over [image; positive text; negative text] (HunyuanVideo).
 
     Positive-text and image rows attend to [positive text; image] exactly as without the negative
     tokens; negative-text rows attend to [negative text; image]; image rows of ``rows`` then get
-    - alpha * (attention of their queries over the negative text only). ``attend(q, k, v)`` works on
-    (B, H, N, D) and returns (B, H, Nq, D)."""
-    n = q.shape[2]
-    a, b = t_pos, t_pos + t_neg
-    if not (0 <= a <= b <= n):
-        raise ValueError(f"text tokens {t_pos} + {t_neg} do not fit a sequence of {n}")
-    keep = torch.cat([torch.arange(0, a), torch.arange(b, n)]).to(q.device)
-    pos = attend(q[:, :, keep], k[:, :, keep], v[:, :, keep])          # ordinary joint attention
+    - alpha * (attention of their queries over the negative text only). ``attend(q, k, v, mask)`` works on
+    (B, H, N, D) and returns (B, H, Nq, D); ``key_mask`` (None, or an additive mask over the N keys whose
+    query dimension is 1: a padding mask) is cut to each call's keys."""
+    n, dev = q.shape[2], q.device
+    if key_mask is not None and key_mask.ndim >= 2 and key_mask.shape[-2] != 1:
+        raise ValueError(f"NASA: a mask of shape {tuple(key_mask.shape)} is not a key (padding) mask")
+    if image_first is None:
+        a, b, ok = t_pos, t_pos + t_neg, 0 <= t_pos <= t_pos + t_neg <= n
+    else:
+        a, b = image_first + t_pos, n
+        ok = min(image_first, t_pos, t_neg) >= 0 and image_first + t_pos + t_neg == n
+    if not ok:
+        raise ValueError(f"text tokens {t_pos} + {t_neg} do not fit a sequence of {n}"
+                         + ("" if image_first is None else f" with {image_first} image tokens"))
+    image = torch.arange(b, n, device=dev) if image_first is None else torch.arange(0, image_first, device=dev)
+    neg = torch.arange(a, b, device=dev)
+    keep = torch.cat([torch.arange(0, a, device=dev), torch.arange(b, n, device=dev)])
+    pos = attend(q[:, :, keep], k[:, :, keep], v[:, :, keep], _keys(key_mask, keep))   # ordinary joint attention
     out = torch.empty(pos.shape[0], pos.shape[1], n, pos.shape[3], dtype=pos.dtype, device=pos.device)
     out[:, :, keep] = pos
-    neg_keys = torch.cat([torch.arange(a, b), torch.arange(b, n)]).to(q.device)
-    if b > a:
-        out[:, :, a:b] = attend(q[:, :, a:b], k[:, :, neg_keys], v[:, :, neg_keys])
-    if alpha != 0.0 and b > a and bool(rows.any()) and n > b:
-        z_neg = attend(q[rows][:, :, b:], k[rows][:, :, a:b], v[rows][:, :, a:b])
-        img = out[:, :, b:]
-        out[:, :, b:] = steer_rows(img, rows, z_neg, alpha)
+    if b == a:
+        return out
+    neg_keys = torch.cat([neg, image])
+    out[:, :, a:b] = attend(q[:, :, a:b], k[:, :, neg_keys], v[:, :, neg_keys], _keys(key_mask, neg_keys))
+    if alpha != 0.0 and bool(rows.any()) and image.numel():
+        m = _keys(key_mask, neg)
+        if m is not None and m.ndim >= 3 and m.shape[0] == q.shape[0] > 1:
+            m = m[rows.to(m.device)]
+        z_neg = attend(q[rows][:, :, image], k[rows][:, :, a:b], v[rows][:, :, a:b], m)
+        out[:, :, image] = steer_rows(out[:, :, image], rows, z_neg, alpha)
     return out

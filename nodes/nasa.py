@@ -2,7 +2,7 @@
 
 UNet: an ``attn2`` replace on every cross-attention layer (chaining any earlier replace, which then
 computes Z+); the negative prompt's keys and values come from the layer's own ``to_k``/``to_v`` at run
-time (LoRA-patched weights included). DiTs (Flux, Chroma, SD3, Qwen-Image, Wan, LTX-Video): block patches
+time (LoRA-patched weights included). DiTs (Flux, Chroma, SD3, Qwen-Image, Wan, LTX-Video, HunyuanVideo): block patches
 that carry the negative as extra text tokens or context, in nodes/nasa_dit.py.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 
 import comfy.ldm.chroma.model as chroma_model
 import comfy.ldm.flux.model as flux_model
+import comfy.ldm.hunyuan_video.model as hunyuan_model
 import comfy.ldm.lightricks.model as ltxv_model
 import comfy.ldm.modules.attention as attention
 import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
@@ -120,9 +121,9 @@ class TrainFreeNASA:
     DESCRIPTION = ("NASA, negative-away steer attention: a negative prompt for 1-4 step distilled models run at cfg 1. "
                    "In every cross-attention layer the attention to the negative prompt is subtracted: "
                    "Z = Attn(Q, K+, V+) - alpha Attn(Q, K-, V-); no extra model call. UNets (SD1.x, SD2.x, SDXL and "
-                   "their one-step/LCM/Lightning/DMD2 distillations), Flux, Chroma, SD3 and Qwen-Image (joint "
-                   "attention: the negative tokens ride along as extra text tokens the prompt never sees), Wan "
-                   f"text-to-video and LTX-Video. From {PAPER}.")
+                   "their one-step/LCM/Lightning/DMD2 distillations), Flux, Chroma, SD3, Qwen-Image and "
+                   "HunyuanVideo / HunyuanImage 2.1 (joint attention: the negative tokens ride along as extra text "
+                   f"tokens the prompt never sees), Wan text-to-video and LTX-Video. From {PAPER}.")
     CATEGORY = "trainfree/guidance"
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The model with the negative prompt applied in cross-attention; sample it at cfg 1.",)
@@ -132,7 +133,8 @@ class TrainFreeNASA:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model to patch: a UNet (SD1.x/SD2.x/SDXL family), Flux, Chroma, SD3, "
-                                           "Qwen-Image, Wan text-to-video or LTX-Video. Place it "
+                                           "Qwen-Image, Wan text-to-video, LTX-Video, HunyuanVideo or "
+                                           "HunyuanImage 2.1. Place it "
                                            "after other nodes that replace cross-attention (IPAdapter); it chains."}),
             "negative": ("CONDITIONING", {"tooltip": "The negative prompt (from the same text encoder as the positive). "
                                                      "The paper uses a generic 'worst quality, low quality, ...'."}),
@@ -193,6 +195,8 @@ def _architecture(dm):
         return "qwen_image", dm.txt_in.in_features
     if isinstance(dm, ltxv_model.LTXVModel):
         return "ltxv", dm.caption_projection.linear_1.in_features
+    if isinstance(dm, hunyuan_model.HunyuanVideo):   # also HunyuanImage 2.1
+        return "hunyuan_video", dm.txt_in.input_embedder.in_features
     if isinstance(dm, mmdit.MMDiT):
         if getattr(dm, "context_processor", None) is not None or not hasattr(dm.context_embedder, "in_features"):
             raise ValueError("NASA: this MMDiT variant processes its text context before the blocks; not supported")
@@ -203,7 +207,7 @@ def _architecture(dm):
             raise ValueError("NASA: only Wan text-to-video models are supported (this one has image cross-attention)")
         return "wan", dm.text_embedding[0].in_features
     raise ValueError(f"NASA (TrainFree) supports UNet models (SD1.x, SD2.x, SDXL), Flux, Chroma, SD3, Qwen-Image, "
-                     f"Wan text-to-video and LTX-Video; this model's network is {type(dm).__name__}.")
+                     f"Wan text-to-video, LTX-Video and HunyuanVideo; this model's network is {type(dm).__name__}.")
 
 
 NODES = {"TrainFreeNASA": (TrainFreeNASA, "NASA negative prompt at cfg 1 (TrainFree)")}

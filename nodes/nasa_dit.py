@@ -11,7 +11,9 @@ size (read by a DIFFUSION_MODEL wrapper), and the negative gets the positions a 
 Wan (text-to-video): each block's patch appends the negative (through ``text_embedding``) to the block's context;
 the block's own cross-attention projects both, and its override splits the keys. LTX-Video: the same (through
 ``caption_projection``), and the negative's padding mask is appended to the cross-attention mask, which the
-override splits with the keys.
+override splits with the keys. HunyuanVideo (and HunyuanImage 2.1): as Chroma, but the negative goes through the
+timestep-conditioned token refiner ``txt_in`` (timesteps read by a DIFFUSION_MODEL wrapper), the joint sequence is
+[image; positive text; negative text], and each block's patch widens the prompts' padding mask with the rotary table.
 
 ``window`` is the node's _Window: its ``rows(transformer_options, batch, device)`` says which rows to steer.
 """
@@ -34,11 +36,12 @@ def _call(earlier, func, *a, **kw):
     return earlier(func, *a, **kw) if earlier is not None else func(*a, **kw)
 
 
-def _joint_block_patch(prev, neg_len, box, alpha, window, extend=None, widen=None):
+def _joint_block_patch(prev, neg_len, box, alpha, window, extend=None, widen=None, image_first=False):
     """Flux / Chroma double and single blocks, SD3 and Qwen-Image joint blocks: the block's first attention call is
-    the joint one over [positive text; negative text; image]; later calls (SD3.5 MMDiT-X image self-attention) pass
-    through. ``extend(args)`` (first block) appends the negative tokens to the text stream; ``widen(args)`` gives the
-    rotary table rows for them."""
+    the joint one over [positive text; negative text; image] (HunyuanVideo, ``image_first``: [image; positive text;
+    negative text], with its prompts' padding mask over the keys); later calls (SD3.5 MMDiT-X image self-attention)
+    pass through. ``extend(args)`` (first block) appends the negative tokens to the text stream; ``widen(args)``
+    gives the rotary table rows (HunyuanVideo: and the mask) for them."""
     def patch(args, extra):
         if extend is not None:
             args = extend(args)
@@ -47,12 +50,16 @@ def _joint_block_patch(prev, neg_len, box, alpha, window, extend=None, widen=Non
         to = dict(args["transformer_options"])
         earlier = to.get("optimized_attention_override")
         calls = [0]
+        n_img = None
+        if image_first:     # double blocks: img holds the image tokens; single blocks: the joined [img; txt]
+            n_img = args["img"].shape[1] - (0 if "txt" in args else box["t_pos"] + neg_len)
 
         def override(func, *a, **kw):
             calls[0] += 1
             if calls[0] > 1:
                 return _call(earlier, func, *a, **kw)
-            if kw.get("mask", a[4] if len(a) > 4 else None) is not None:
+            mask = kw.pop("mask", a[4] if len(a) > 4 else None)
+            if mask is not None and not image_first:
                 raise RuntimeError("NASA (TrainFree) on joint attention does not support attention masks in the "
                                    "conditioning")
             q, k, v = a[:3]
@@ -62,8 +69,9 @@ def _joint_block_patch(prev, neg_len, box, alpha, window, extend=None, widen=Non
             want_heads_out = kw.get("skip_output_reshape", False)
             sub = dict(kw, skip_reshape=True, skip_output_reshape=True)
             rows = window.rows(to, q.shape[0], q.device)
-            out = nasa_math.joint_nasa_attention(q, k, v, box["t_pos"], neg_len, alpha, rows,
-                                                 lambda q_, k_, v_: _call(earlier, func, q_, k_, v_, heads, **sub))
+            out = nasa_math.joint_nasa_attention(
+                q, k, v, box["t_pos"], neg_len, alpha, rows,
+                lambda q_, k_, v_, m_: _call(earlier, func, q_, k_, v_, heads, **dict(sub, mask=m_)), n_img, mask)
             if want_heads_out:
                 return out
             b, h, n, d = out.shape
@@ -74,7 +82,7 @@ def _joint_block_patch(prev, neg_len, box, alpha, window, extend=None, widen=Non
         return prev(new_args, extra) if prev is not None else extra["original_block"](new_args)
     if extend is not None:   # for a block cache wrapped around this block: widen its input first, then the rest
         patch.extend_input, patch.after_extend = extend, _joint_block_patch(prev, neg_len, box, alpha, window,
-                                                                            widen=widen)
+                                                                            widen=widen, image_first=image_first)
     return patch
 
 
@@ -144,6 +152,69 @@ def _qwen_rows(dm, box):
         ids = torch.arange(start, start + t_neg, device=pe.device).reshape(1, -1, 1).repeat(pe.shape[0], 1, 3)
         return dm.pe_embedder(ids).squeeze(1).unsqueeze(2)
     return rows_for
+
+
+def _hunyuan_inputs(box):
+    """DIFFUSION_MODEL wrapper (HunyuanVideo, HunyuanImage 2.1): the timesteps and model-level transformer_options of
+    this forward, which the model's token refiner ``txt_in`` takes with the text."""
+    def wrapper(executor, x, timestep, *args, **kwargs):
+        box["timesteps"] = timestep
+        box["to"] = kwargs.get("transformer_options", args[-1] if args and isinstance(args[-1], dict) else {})
+        try:
+            return executor(x, timestep, *args, **kwargs)
+        finally:
+            box.pop("timesteps", None)
+            box.pop("to", None)
+    return wrapper
+
+
+def _padding(mask, dtype):
+    """A prompt's attention mask (batch, tokens) as HunyuanVideo's forward makes it: additive; None if it masks
+    nothing (its text encoder drops such masks too)."""
+    if mask is None:
+        return None
+    if not torch.is_floating_point(mask):
+        return None if bool(mask.all()) else (mask - 1).to(dtype) * torch.finfo(dtype).max
+    return None if not bool(mask.any()) else mask.to(dtype)
+
+
+def _hunyuan_extend(dm, neg, neg_mask, box):
+    """First double block: the negative through the model's own token refiner ``txt_in`` (this forward's timesteps,
+    the negative's padding mask), appended to the text stream."""
+    def extend(args):
+        txt = args["txt"]
+        b = txt.shape[0]
+        box["t_pos"] = txt.shape[1]
+        add = _padding(neg_mask, txt.dtype)
+        add = None if add is None else _to_batch(add.to(txt.device), b)
+        extra = dm.txt_in(_to_batch(neg.get(txt.device, txt.dtype), b), box["timesteps"], add,
+                          transformer_options=box["to"])
+        return dict(args, txt=torch.cat([txt, extra], dim=1))
+    return extend
+
+
+def _hunyuan_widen(neg_len, neg_mask, box):
+    """Every block's rotary table and key mask, which the model made for [image; positive text], widened for the
+    negative tokens at the end: rotary rows as every text token's (position 0), mask: the negative's padding."""
+    def widen(args):
+        x = args["img"]
+        n = x.shape[1] + (args["txt"].shape[1] if "txt" in args else 0)
+        out, pe, mask = dict(args), args.get("pe"), args.get("attention_mask")
+        if pe is not None and pe.shape[2] != n:
+            if pe.shape[2] + neg_len != n:
+                raise RuntimeError(f"NASA (TrainFree): a rotary table of {pe.shape[2]} positions for a sequence of "
+                                   f"{n} tokens ({neg_len} negative); another patch changed the token count")
+            last = pe.narrow(2, pe.shape[2] - 1, 1)
+            out["pe"] = torch.cat([pe, last.expand(*last.shape[:2], neg_len, *last.shape[3:])], 2)
+        add = _padding(neg_mask, x.dtype)
+        if (mask is None and add is None) or (mask is not None and mask.shape[-1] == n):
+            return out
+        pos = mask.reshape(mask.shape[0], 1, -1) if mask is not None else x.new_zeros(1, 1, n - neg_len)
+        negp = x.new_zeros(1, 1, neg_len) if add is None else _to_batch(add.to(x.device), x.shape[0]).unsqueeze(1)
+        rows = max(pos.shape[0], negp.shape[0])
+        out["attention_mask"] = torch.cat([pos.expand(rows, 1, -1), negp.to(pos.dtype).expand(rows, 1, -1)], -1)
+        return out
+    return widen
 
 
 def _wan_block_patch(prev, text_call, dm, neg, alpha, window):
@@ -242,6 +313,20 @@ def patch_dit(m, arch, dm, neg, negative, alpha, window, dit):
                                                         window), "dit", "double_block", i)
         return
     box, t_neg, widen = {}, negative[0].shape[1], None
+    if arch == "hunyuan_video":
+        pad = negative[1].get("attention_mask")
+        if pad is not None and tuple(pad.shape) != tuple(negative[0].shape[:2]):
+            raise ValueError(f"NASA: the negative's attention mask {tuple(pad.shape)} does not match its "
+                             f"{tuple(negative[0].shape[:2])} tokens")
+        m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "trainfree_nasa", _hunyuan_inputs(box))
+        widen, extend = _hunyuan_widen(t_neg, pad, box), _hunyuan_extend(dm, neg, pad, box)
+        blocks = [("double_block", i) for i in range(len(dm.double_blocks))] + \
+                 [("single_block", i) for i in range(len(dm.single_blocks))]
+        for kind, i in blocks:
+            m.set_model_patch_replace(_joint_block_patch(dit.get((kind, i)), t_neg, box, alpha, window,
+                                                         extend if (kind, i) == ("double_block", 0) else None, widen,
+                                                         image_first=True), "dit", kind, i)
+        return
     if arch in ("flux", "chroma"):
         blocks = [("double_block", i) for i in range(len(dm.double_blocks))] + \
                  [("single_block", i) for i in range(len(dm.single_blocks))]

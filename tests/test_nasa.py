@@ -8,9 +8,9 @@ import torch
 from trainfree.guidance import nasa
 
 
-def _attn(q, k, v):
+def _attn(q, k, v, mask=None):
     s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    return torch.softmax(s, -1) @ v
+    return torch.softmax(s if mask is None else s + mask, -1) @ v
 
 
 def _rand(*shape, seed=0):
@@ -70,6 +70,36 @@ def test_joint_attention_keeps_the_positive_stream_blind_to_the_negative_tokens(
     assert torch.equal(zero[:, :, keep], plain)
     with pytest.raises(ValueError):
         nasa.joint_nasa_attention(q, k, v, 8, 4, 0.4, rows, _attn)
+
+
+def test_joint_attention_image_first_with_a_padding_mask():
+    """HunyuanVideo's order [image; positive text; negative text], its prompts' padding masks over the keys: every
+    part equals the attention a sequence without the other prompt's tokens computes, with the mask cut to its keys
+    (an additive -1e9 on the masked keys of each prompt)."""
+    ni, tp, tn = 5, 3, 4
+    q, k, v = (_rand(2, 2, ni + tp + tn, 4, seed=s) for s in range(3))
+    mask = torch.zeros(1, 1, ni + tp + tn, dtype=torch.float64)
+    mask[..., ni + tp - 1] = mask[..., -2:] = -1e9          # the last positive and the last two negative tokens
+    rows = torch.tensor([False, True])
+    out = nasa.joint_nasa_attention(q, k, v, tp, tn, 0.3, rows, _attn, image_first=ni, key_mask=mask)
+    pos, neg = list(range(ni + tp)), list(range(ni + tp, ni + tp + tn))
+    plain = _attn(q[:, :, pos], k[:, :, pos], v[:, :, pos], mask[..., pos])
+    assert torch.equal(out[:, :, ni:ni + tp], plain[:, :, ni:])                   # positive text rows
+    assert torch.equal(out[:1, :, :ni], plain[:1, :, :ni])                        # image rows, unselected row
+    z_neg = _attn(q[1:, :, :ni], k[1:, :, neg], v[1:, :, neg], mask[..., neg])
+    torch.testing.assert_close(out[1:, :, :ni], plain[1:, :, :ni] - 0.3 * z_neg, rtol=0, atol=1e-14)
+    nk = neg + list(range(ni))
+    torch.testing.assert_close(out[:, :, ni + tp:], _attn(q[:, :, neg], k[:, :, nk], v[:, :, nk], mask[..., nk]),
+                               rtol=0, atol=1e-14)                                 # negative rows: [neg text; image]
+    unmasked = nasa.joint_nasa_attention(q, k, v, tp, tn, 0.3, rows, _attn, image_first=ni)
+    assert (unmasked - out).abs().max() > 1e-3                                    # the mask matters
+    per_row = mask.expand(2, 1, 1, -1).clone()                                     # a mask per batch row
+    torch.testing.assert_close(nasa.joint_nasa_attention(q, k, v, tp, tn, 0.3, rows, _attn, ni, per_row), out,
+                               rtol=0, atol=1e-14)
+    with pytest.raises(ValueError, match="with 5 image tokens"):
+        nasa.joint_nasa_attention(q, k, v, tp, tn + 1, 0.3, rows, _attn, image_first=ni)
+    with pytest.raises(ValueError, match="not a key"):
+        nasa.joint_nasa_attention(q, k, v, tp, tn, 0.3, rows, _attn, ni, torch.zeros(1, 1, 12, 12))
 
 
 def test_steering_lowers_the_alignment_with_the_negative_features():

@@ -13,7 +13,7 @@ def _nasa(comfyui, model, negative, alpha=0.5, start=0.0, end=1.0):
     return comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeNASA"]().patch(model, negative, alpha, start, end)[0]
 
 
-DITS = ("sd3", "flux", "wan", "chroma", "chroma_radiance", "qwen_image", "ltxv")
+DITS = ("sd3", "flux", "wan", "chroma", "chroma_radiance", "qwen_image", "ltxv", "hunyuan_video", "hunyuan_image")
 
 
 def _sample(model, pos, neg, noise, steps=4, cfg=1.0, seed=4):
@@ -28,8 +28,7 @@ def _noise(arch, batch=1, seed=4):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3", "flux", "wan", "chroma", "chroma_radiance", "qwen_image",
-                                  "ltxv"])
+@pytest.mark.parametrize("arch", ["sd15", "sdxl", *DITS])
 def test_alpha_zero_and_an_empty_range_leave_the_model_alone(comfyui, arch):
     tiny = _tiny(comfyui)
     base = tiny.build(arch)
@@ -101,14 +100,15 @@ def test_ltxv_negative_padding_is_masked_out(comfyui):
 
 
 @pytest.mark.parametrize("arch,least", [("sd15", 1.1), ("sdxl", 1.1), ("flux", 1.0), ("wan", 1.05), ("chroma", 1.3),
-                                        ("chroma_radiance", 1.3), ("qwen_image", 1.3), ("ltxv", 1.3)])
+                                        ("chroma_radiance", 1.3), ("qwen_image", 1.3), ("ltxv", 1.3),
+                                        ("hunyuan_video", 1.0), ("hunyuan_image", 1.3)])
 @pytest.mark.parametrize("steps", [1, 4])
 def test_the_sample_moves_away_from_the_negative_prompts_sample(comfyui, arch, least, steps):
     """The paper's claim on a model where it can be measured: at cfg 1, |x_NASA - x_neg| / |x_pos - x_neg| > 1,
     x_neg being the sample of the negative prompt itself (alpha 0.5, per seed; measured 1.22-1.38 on the UNets,
     1.00-1.12 on Flux, 1.78 on average on Wan, 1.48-1.83 on Chroma, 1.44-1.88 on Chroma Radiance, 1.57-1.70 on
-    Qwen-Image; see bench/nasa.py). Tiny random SD3 shows no such effect (1.00:
-    NASA moves its sample sideways), so it is not asserted there."""
+    Qwen-Image; HunyuanVideo about as Flux, HunyuanImage 2.1 above 2; see bench/nasa.py). Tiny random SD3 shows
+    no such effect (1.00: NASA moves its sample sideways), so it is not asserted there."""
     tiny = _tiny(comfyui)
     base = tiny.build(arch)
     ratios = []
@@ -120,7 +120,7 @@ def test_the_sample_moves_away_from_the_negative_prompts_sample(comfyui, arch, l
     assert min(ratios) > least and sum(ratios) / 3 > least + 0.02, ratios
 
 
-@pytest.mark.parametrize("arch", ["sd3", "flux", "chroma", "qwen_image"])
+@pytest.mark.parametrize("arch", ["sd3", "flux", "chroma", "qwen_image", "hunyuan_video", "hunyuan_image"])
 @pytest.mark.parametrize("neg_tokens", [16, 9, 27])
 def test_joint_attention_carries_the_negative_as_its_own_text_stream(comfyui, arch, neg_tokens):
     """At a vanishing alpha, after the first block, the negative's tokens in NASA's text stream are what the
@@ -128,42 +128,64 @@ def test_joint_attention_carries_the_negative_as_its_own_text_stream(comfyui, ar
     two streams share the image tokens but never attend to each other (from the second block on, the negative's
     tokens see the positive's image stream, by design). (The text stream's modulation comes from the pooled
     vector of the positive prompt, so the negative here shares it.) A negative shorter or longer than the positive
-    (16 tokens) checks the rotary positions it gets (Qwen-Image: counting up from a start set by the latent size)."""
+    (16 tokens) checks the rotary positions it gets (Qwen-Image: counting up from a start set by the latent size) and
+    (HunyuanVideo) that the token refiner pools the negative's own tokens at this step's timesteps."""
     tiny = _tiny(comfyui)
     base = tiny.build(arch)
-    block = 0
     pos = tiny.conditioning(arch, 1)
     neg_t = tiny.conditioning(arch, 2)[0][0]
     neg = [[torch.cat([neg_t, neg_t], 1)[:, :neg_tokens], dict(pos[0][1])]]
-
-    def spied(model):
-        seen = []
-        m = model.clone()
-        prev = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {}).get(
-            ("double_block", block))
-
-        def spy(args, extra):
-            out = prev(args, extra) if prev is not None else extra["original_block"](args)
-            seen.append(out["txt"].clone())
-            return out
-        m.set_model_patch_replace(spy, "dit", "double_block", block)
-        return m, seen
-
-    m_nasa, got = spied(_nasa(comfyui, base, neg, 1e-7))
-    m_pos, want_pos = spied(base)
-    m_neg, want_neg = spied(base)
     noise = _noise(arch)
-    _sample(m_nasa, pos, pos, noise, steps=1)
-    _sample(m_pos, pos, pos, noise, steps=1)
-    _sample(m_neg, neg, neg, noise, steps=1)
-    t = want_pos[0].shape[1]
-    assert got[0].shape[1] == t + want_neg[0].shape[1]
-    scale = float(want_pos[0].abs().max())
-    torch.testing.assert_close(got[0][:, :t], want_pos[0], rtol=0, atol=1e-5 * scale)
-    torch.testing.assert_close(got[0][:, t:], want_neg[0], rtol=0, atol=1e-5 * scale)
+    got = _first_block_out(_nasa(comfyui, base, neg, 1e-7), pos, noise)
+    want_pos, want_neg = _first_block_out(base, pos, noise), _first_block_out(base, neg, noise)
+    t = want_pos["txt"].shape[1]
+    assert got["txt"].shape[1] == t + want_neg["txt"].shape[1]
+    scale = float(want_pos["txt"].abs().max())
+    torch.testing.assert_close(got["txt"][:, :t], want_pos["txt"], rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(got["txt"][:, t:], want_neg["txt"], rtol=0, atol=1e-5 * scale)
 
 
-@pytest.mark.parametrize("arch", ["sd15", "sd3", "flux", "wan", "chroma", "qwen_image", "ltxv"])
+def _first_block_out(model, cond, noise, block=0):
+    """The first double block's output streams (img, txt) in a one-step cfg-1 sample of ``cond``."""
+    seen = []
+    m = model.clone()
+    prev = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {}).get(("double_block", block))
+
+    def spy(args, extra):
+        out = prev(args, extra) if prev is not None else extra["original_block"](args)
+        seen.append({k: out[k].clone() for k in ("img", "txt")})
+        return out
+    m.set_model_patch_replace(spy, "dit", "double_block", block)
+    _sample(m, cond, cond, noise, steps=1)
+    return seen[0]
+
+
+@pytest.mark.parametrize("arch", ["hunyuan_video", "hunyuan_image"])
+def test_hunyuan_prompts_padding_masks_reach_their_own_streams(comfyui, arch):
+    """HunyuanVideo's prompts may come with a padding mask (its text encoder keeps one when a prompt is padded): the
+    token refiner and every joint attention mask the padded keys. With a padded positive (4 of 16 tokens) and a
+    padded negative (7 of 16), NASA's first double block (alpha vanishing) gives the positive's text and image streams
+    of the positive's own forward and the negative's text stream of the negative's own forward, each with its mask;
+    dropping the negative's mask changes its stream."""
+    tiny = _tiny(comfyui)
+    base = tiny.build(arch)
+    pos_t, neg_t = tiny.conditioning(arch, 1)[0], tiny.conditioning(arch, 2)[0][0]
+    pos = [[pos_t[0], dict(pos_t[1], attention_mask=torch.tensor([[1] * 12 + [0] * 4]))]]
+    neg = [[neg_t, dict(pos_t[1], attention_mask=torch.tensor([[1] * 9 + [0] * 7]))]]
+    noise = _noise(arch)
+    got = _first_block_out(_nasa(comfyui, base, neg, 1e-7), pos, noise)
+    want_pos, want_neg = _first_block_out(base, pos, noise), _first_block_out(base, neg, noise)
+    scale = float(want_pos["txt"].abs().max())
+    torch.testing.assert_close(got["txt"][:, :16], want_pos["txt"], rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(got["img"], want_pos["img"], rtol=0, atol=1e-5 * float(want_pos["img"].abs().max()))
+    torch.testing.assert_close(got["txt"][:, 16:], want_neg["txt"], rtol=0, atol=1e-5 * scale)
+    unmasked = _first_block_out(_nasa(comfyui, base, [[neg_t, dict(pos_t[1])]], 1e-7), pos, noise)
+    assert (unmasked["txt"][:, 16:] - want_neg["txt"]).abs().max() > 1e-3 * scale
+    with pytest.raises(ValueError, match=r"attention mask \(1, 9\) does not match its \(1, 16\) tokens"):
+        _nasa(comfyui, base, [[neg_t, {"attention_mask": torch.ones(1, 9, dtype=torch.long)}]])
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sd3", "flux", "wan", "chroma", "qwen_image", "ltxv", "hunyuan_video"])
 def test_batch_with_different_prompts_and_negatives_equals_single_runs(comfyui, arch):
     tiny = _tiny(comfyui)
     base = tiny.build(arch)
@@ -180,7 +202,7 @@ def test_batch_with_different_prompts_and_negatives_equals_single_runs(comfyui, 
     assert not torch.allclose(shared[1], both[1])
 
 
-@pytest.mark.parametrize("arch", ["sd15", "sd3", "flux", "wan", "chroma", "qwen_image", "ltxv"])
+@pytest.mark.parametrize("arch", ["sd15", "sd3", "flux", "wan", "chroma", "qwen_image", "ltxv", "hunyuan_video"])
 def test_with_cfg_only_the_conditional_branch_is_steered(comfyui, arch):
     tiny = _tiny(comfyui)
     base = tiny.build(arch)
@@ -208,7 +230,7 @@ def test_empty_negative_and_composition_with_pag_adaptive_guidance_and_a_cache(c
 
     tiny = _tiny(comfyui)
     nodes = comfyui.nodes.NODE_CLASS_MAPPINGS
-    for arch in ("sd15", "flux", "sd3", "chroma", "qwen_image"):
+    for arch in ("sd15", "flux", "sd3", "chroma", "qwen_image", "hunyuan_video"):
         base = tiny.build(arch)
         pos, noise = tiny.conditioning(arch, 1), _noise(arch)
         empty = [[torch.zeros_like(pos[0][0]), {}]]                  # a ConditioningZeroOut negative
@@ -218,7 +240,7 @@ def test_empty_negative_and_composition_with_pag_adaptive_guidance_and_a_cache(c
         elif arch == "flux":      # Flux's txt_in has a bias: a zero prompt is still a prompt
             assert torch.isfinite(zeroed).all() and not torch.allclose(zeroed, plain)
         layers = {"sd15": "middle.0", "flux": "double.1, single.0", "sd3": "joint.0-1", "chroma": "double.1, single.0",
-                  "qwen_image": "block.0-1"}[arch]
+                  "qwen_image": "block.0-1", "hunyuan_video": "double.0, single.0"}[arch]
         for first in ("nasa", "pag"):         # SD3: PAG once took NASA's negative-text sub-calls for image ones
             if first == "pag":
                 both = _nasa(comfyui, nodes["TrainFreePAG"]().patch(base, 2.0, layers, 0.0, 1.0)[0],
@@ -241,26 +263,29 @@ def test_empty_negative_and_composition_with_pag_adaptive_guidance_and_a_cache(c
 
     monkeypatch.setattr(pag_mod, "_perturbed_attention", spy)
     for arch, layers in (("flux", "double.0, single.1"), ("chroma", "double.0, single.1"),
-                         ("qwen_image", "block.0, block.2")):
-        seen.clear()
-        base = tiny.build(arch)
-        model = nodes["TrainFreePAG"]().patch(_nasa(comfyui, base, tiny.conditioning(arch, 2)), 2.0, layers, 0.0,
-                                              1.0)[0]
-        _sample(model, tiny.conditioning(arch, 1), tiny.conditioning(arch, 1), _noise(arch), steps=2)
-        assert seen == [(16, 32)] * 4, arch    # PAG sees the positive sequence [16 text; 16 image] inside NASA's split
+                         ("qwen_image", "block.0, block.2"), ("hunyuan_video", "double.0, single.1")):
+        for pag_first in (False, True):
+            seen.clear()
+            base = tiny.build(arch)
+            neg = tiny.conditioning(arch, 2)
+            model = nodes["TrainFreePAG"]().patch(_nasa(comfyui, base, neg) if not pag_first else base, 2.0, layers,
+                                                  0.0, 1.0)[0]
+            model = _nasa(comfyui, model, neg) if pag_first else model
+            _sample(model, tiny.conditioning(arch, 1), tiny.conditioning(arch, 1), _noise(arch), steps=2)
+            # PAG sees the positive sequence [16 text; 16 image] (HunyuanVideo: [16 image; 16 text]) inside NASA's split
+            assert seen == [(0, 16) if arch == "hunyuan_video" else (16, 32)] * 4, (arch, pag_first)
 
 
 def test_refusals_at_queue_time(comfyui):
     tiny = _tiny(comfyui)
     odd = tiny.build("sd15")
     odd.model.diffusion_model = torch.nn.Identity()
-    with pytest.raises(ValueError, match="supports UNet .* Chroma, SD3, Qwen-Image, Wan text-to-video and LTX-Video"):
+    with pytest.raises(ValueError, match="supports UNet .* Wan text-to-video, LTX-Video and HunyuanVideo; this "
+                                         "model's network is Identity"):
         _nasa(comfyui, odd, tiny.conditioning("sd15", 2))
-    with pytest.raises(ValueError, match="this model's network is HunyuanVideo"):
-        _nasa(comfyui, tiny.build("hunyuan_video"), tiny.conditioning("hunyuan_video", 2))
     with pytest.raises(ValueError, match="32 features per token, this model's text input takes 64"):
         _nasa(comfyui, tiny.build("sd15"), [[torch.zeros(1, 77, 32), {}]])
-    for arch in ("sd3", "flux", "wan", "chroma", "qwen_image", "ltxv"):
+    for arch in ("sd3", "flux", "wan", "chroma", "qwen_image", "ltxv", "hunyuan_video"):
         with pytest.raises(ValueError, match="features per token"):
             _nasa(comfyui, tiny.build(arch), [[torch.zeros(1, 16, 48), {}]])
     from prompts import ksampler
