@@ -69,7 +69,8 @@ def dit_span(model, head: int, tail: int):
         keys = [("double_block", i) for i in range(len(getattr(dm, blocks)))]
     else:
         raise ValueError(f"DiT block cache: {type(model.model).__name__} ({type(dm).__name__}) is not supported; it "
-                         "caches the transformer blocks of Flux, Chroma, SD3/SD3.5, Wan 2.1/2.2 text-to-video, "
+                         "caches the transformer blocks of Flux, Chroma, SD3/SD3.5, Wan 2.1/2.2 (text- and "
+                         "image-to-video), "
                          "HunyuanVideo, Qwen-Image and LTX-Video models. For SD1.5/SDXL U-Nets use a U-Net cache "
                          "such as DeepCache.")
     if head + tail >= len(keys):

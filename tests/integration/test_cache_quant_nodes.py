@@ -9,7 +9,8 @@ from probes import count_rows
 from prompts import patched_ksampler
 
 SPANS = {"flux": (1, 1), "sd3": (1, 0), "wan": (1, 0), "chroma": (1, 1), "qwen_image": (1, 1),   # SD3 / Wan: 2 blocks
-         "hunyuan_video": (1, 1), "chroma_radiance": (1, 1), "ltxv": (1, 1), "hunyuan_image": (1, 1)}
+         "hunyuan_video": (1, 1), "chroma_radiance": (1, 1), "ltxv": (1, 1), "hunyuan_image": (1, 1),
+         "wan_i2v": (1, 0)}
 ARCHS = list(SPANS)
 
 
@@ -55,7 +56,7 @@ def _counting(model, arch):
         keys = [("double_block", i) for i in range(len(dm.double_blocks))]
         keys += [("single_block", i) for i in range(len(dm.single_blocks))]
     else:
-        blocks = {"sd3": "joint_blocks", "wan": "blocks", "qwen_image": "transformer_blocks",
+        blocks = {"sd3": "joint_blocks", "wan": "blocks", "wan_i2v": "blocks", "qwen_image": "transformer_blocks",
                   "ltxv": "transformer_blocks"}[arch]
         keys = [("double_block", i) for i in range(len(getattr(dm, blocks)))]
     m = model.clone()

@@ -13,7 +13,8 @@ def _nasa(comfyui, model, negative, alpha=0.5, start=0.0, end=1.0):
     return comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeNASA"]().patch(model, negative, alpha, start, end)[0]
 
 
-DITS = ("sd3", "flux", "wan", "chroma", "chroma_radiance", "qwen_image", "ltxv", "hunyuan_video", "hunyuan_image")
+DITS = ("sd3", "flux", "wan", "wan_i2v", "chroma", "chroma_radiance", "qwen_image", "ltxv", "hunyuan_video",
+        "hunyuan_image")
 
 
 def _sample(model, pos, neg, noise, steps=4, cfg=1.0, seed=4):
@@ -61,6 +62,34 @@ def test_negative_equal_to_positive_scales_the_cross_attention_by_one_minus_alph
     torch.testing.assert_close(seen[1], 0.7 * seen[0], rtol=1e-6, atol=1e-6)
 
 
+def test_wan_image_to_video_steers_the_text_attention_and_leaves_the_image_attention_alone(comfyui):
+    """Wan 2.1 image-to-video's cross-attention adds an attention over the start image's CLIP-vision tokens to the one
+    over the text: o(Z_text + Z_image). With negative = positive, NASA's first block gives o's input
+    (1 - alpha) Z_text + Z_image, Z_text and Z_image being the plain model's two cross-attention outputs."""
+    tiny = _tiny(comfyui)
+    base = tiny.build("wan_i2v")
+    pos, noise = tiny.conditioning("wan_i2v", 1), _noise("wan_i2v")
+    o_in, calls = [], []
+    hook = base.model.diffusion_model.blocks[0].cross_attn.o.register_forward_hook(
+        lambda mod, inp, out: o_in.append(inp[0].clone()))
+    plain = base.clone()
+
+    def record(func, *a, **kw):
+        out = func(*a, **kw)
+        calls.append(out.clone())
+        return out
+    plain.model_options["transformer_options"]["optimized_attention_override"] = record
+    try:
+        _sample(plain, pos, pos, noise, steps=1)
+        _sample(_nasa(comfyui, base, pos, 0.3), pos, pos, noise, steps=1)
+    finally:
+        hook.remove()
+    z_image, z_text = calls[1], calls[2]           # block 0: self-attention, image, text
+    assert z_image.shape == z_text.shape and (z_image - z_text).abs().max() > 1e-3
+    torch.testing.assert_close(o_in[0], z_text + z_image, rtol=0, atol=1e-6)
+    torch.testing.assert_close(o_in[1], 0.7 * z_text + z_image, rtol=1e-5, atol=1e-6)
+
+
 def _ltxv_first_cross_attention(comfyui, model_negative, pos, noise):
     """The input of LTX-Video's first cross-attention output projection (Z, before to_out), one step."""
     tiny = _tiny(comfyui)
@@ -101,13 +130,14 @@ def test_ltxv_negative_padding_is_masked_out(comfyui):
 
 @pytest.mark.parametrize("arch,least", [("sd15", 1.1), ("sdxl", 1.1), ("flux", 1.0), ("wan", 1.05), ("chroma", 1.3),
                                         ("chroma_radiance", 1.3), ("qwen_image", 1.3), ("ltxv", 1.3),
-                                        ("hunyuan_video", 1.0), ("hunyuan_image", 1.3)])
+                                        ("hunyuan_video", 1.0), ("hunyuan_image", 2.0), ("wan_i2v", 1.3)])
 @pytest.mark.parametrize("steps", [1, 4])
 def test_the_sample_moves_away_from_the_negative_prompts_sample(comfyui, arch, least, steps):
     """The paper's claim on a model where it can be measured: at cfg 1, |x_NASA - x_neg| / |x_pos - x_neg| > 1,
     x_neg being the sample of the negative prompt itself (alpha 0.5, per seed; measured 1.22-1.38 on the UNets,
     1.00-1.12 on Flux, 1.78 on average on Wan, 1.48-1.83 on Chroma, 1.44-1.88 on Chroma Radiance, 1.57-1.70 on
-    Qwen-Image; HunyuanVideo about as Flux, HunyuanImage 2.1 above 2; see bench/nasa.py). Tiny random SD3 shows
+    Qwen-Image, 1.04-1.08 on HunyuanVideo, 2.5-2.8 on HunyuanImage 2.1, 1.69-2.12 on Wan image-to-video; see
+    bench/nasa.py). Tiny random SD3 shows
     no such effect (1.00: NASA moves its sample sideways), so it is not asserted there."""
     tiny = _tiny(comfyui)
     base = tiny.build(arch)
@@ -185,7 +215,8 @@ def test_hunyuan_prompts_padding_masks_reach_their_own_streams(comfyui, arch):
         _nasa(comfyui, base, [[neg_t, {"attention_mask": torch.ones(1, 9, dtype=torch.long)}]])
 
 
-@pytest.mark.parametrize("arch", ["sd15", "sd3", "flux", "wan", "chroma", "qwen_image", "ltxv", "hunyuan_video"])
+@pytest.mark.parametrize("arch", ["sd15", "sd3", "flux", "wan", "wan_i2v", "chroma", "qwen_image", "ltxv",
+                                  "hunyuan_video"])
 def test_batch_with_different_prompts_and_negatives_equals_single_runs(comfyui, arch):
     tiny = _tiny(comfyui)
     base = tiny.build(arch)
@@ -202,7 +233,8 @@ def test_batch_with_different_prompts_and_negatives_equals_single_runs(comfyui, 
     assert not torch.allclose(shared[1], both[1])
 
 
-@pytest.mark.parametrize("arch", ["sd15", "sd3", "flux", "wan", "chroma", "qwen_image", "ltxv", "hunyuan_video"])
+@pytest.mark.parametrize("arch", ["sd15", "sd3", "flux", "wan", "wan_i2v", "chroma", "qwen_image", "ltxv",
+                                  "hunyuan_video"])
 def test_with_cfg_only_the_conditional_branch_is_steered(comfyui, arch):
     tiny = _tiny(comfyui)
     base = tiny.build(arch)
@@ -280,12 +312,18 @@ def test_refusals_at_queue_time(comfyui):
     tiny = _tiny(comfyui)
     odd = tiny.build("sd15")
     odd.model.diffusion_model = torch.nn.Identity()
-    with pytest.raises(ValueError, match="supports UNet .* Wan text-to-video, LTX-Video and HunyuanVideo; this "
-                                         "model's network is Identity"):
+    with pytest.raises(ValueError, match="supports UNet .* Wan text- and image-to-video, LTX-Video and HunyuanVideo; "
+                                         "this model's network is Identity"):
         _nasa(comfyui, odd, tiny.conditioning("sd15", 2))
+    import comfy.ldm.wan.model as wan_model
+
+    vace = tiny.build("wan")        # VACE's control blocks cross-attend outside the block patches NASA sets
+    vace.model.diffusion_model.__class__ = wan_model.VaceWanModel
+    with pytest.raises(ValueError, match="this model's network is VaceWanModel"):
+        _nasa(comfyui, vace, tiny.conditioning("wan", 2))
     with pytest.raises(ValueError, match="32 features per token, this model's text input takes 64"):
         _nasa(comfyui, tiny.build("sd15"), [[torch.zeros(1, 77, 32), {}]])
-    for arch in ("sd3", "flux", "wan", "chroma", "qwen_image", "ltxv", "hunyuan_video"):
+    for arch in ("sd3", "flux", "wan", "wan_i2v", "chroma", "qwen_image", "ltxv", "hunyuan_video"):
         with pytest.raises(ValueError, match="features per token"):
             _nasa(comfyui, tiny.build(arch), [[torch.zeros(1, 16, 48), {}]])
     from prompts import ksampler

@@ -35,8 +35,8 @@ def test_middle_block_equals_cores_node(comfyui, arch, cfg):
     assert not torch.equal(ours, _sample(comfyui, base, arch, cfg))
 
 
-@pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3", "flux", "wan", "chroma", "chroma_radiance", "qwen_image",
-                                  "ltxv", "hunyuan_video", "hunyuan_image"])
+@pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3", "flux", "wan", "wan_i2v", "chroma", "chroma_radiance",
+                                  "qwen_image", "ltxv", "hunyuan_video", "hunyuan_image"])
 def test_scale_zero_is_unpatched_and_guidance_changes_the_result(comfyui, arch):
     base = _tiny(comfyui).build(arch)
     plain = _sample(comfyui, base, arch)
@@ -105,17 +105,20 @@ def test_dit_layers_are_perturbed_once_per_step(comfyui, monkeypatch, arch, laye
     assert len(seen) == 2 * per_pass and all(r == ((0, m) if hunyuan else (txt, txt + m)) for r in seen), seen
 
 
-@pytest.mark.parametrize("arch", ["wan", "ltxv"])
+@pytest.mark.parametrize("arch", ["wan", "wan_i2v", "ltxv"])
 def test_perturbed_pass_is_self_attention_replaced_by_v(comfyui, arch):
     """Independent check: the perturbed prediction equals the model whose block-0 self-attention returns o(v(x))."""
     tiny = _tiny(comfyui)
     base = tiny.build(arch)
     mod = comfyui.module_of("TrainFreePAG")
-    x = torch.randn(1, 16 if arch == "wan" else 128, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 128 if arch == "ltxv" else 16, 2, 8, 8, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor([0.7])
-    ctx, extra = tiny.conditioning(arch, 1)[0]
-    extra = {"attention_mask": extra["attention_mask"], "frame_rate": 25} if arch == "ltxv" else {}
-    opts = mod.perturbed_options(base.model_options, arch, [("block", 0, None)])
+    ctx, cond = tiny.conditioning(arch, 1)[0]
+    extra = {"attention_mask": cond["attention_mask"], "frame_rate": 25} if arch == "ltxv" else {}
+    if arch == "wan_i2v":            # no start image latent (mask + zeros), the image's CLIP-vision tokens
+        extra = {"c_concat": torch.zeros(1, 20, 2, 8, 8),
+                 "clip_fea": cond["clip_vision_output"].penultimate_hidden_states}
+    opts = mod.perturbed_options(base.model_options, mod.architecture(base), [("block", 0, None)])
 
     def run(to):
         return base.model.apply_model(x, sigma, c_crossattn=ctx, transformer_options=dict(to), **extra)
@@ -123,7 +126,7 @@ def test_perturbed_pass_is_self_attention_replaced_by_v(comfyui, arch):
     ours = run(opts["transformer_options"])
     plain = run(base.model_options["transformer_options"])
     monkeypatch = pytest.MonkeyPatch()
-    if arch == "wan":
+    if arch.startswith("wan"):
         attn = base.model.diffusion_model.blocks[0].self_attn
         monkeypatch.setattr(attn, "forward", lambda x, freqs, transformer_options={}: attn.o(attn.v(x)))
     else:

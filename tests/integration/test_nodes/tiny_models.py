@@ -6,6 +6,7 @@ hook, wrapper and patch a node installs runs exactly as with a real checkpoint. 
 milliseconds and sample an 8x8 latent in a fraction of a second on one CPU thread.
 
 "wan" is a Wan 2.1 text-to-video DiT: its latent is 5-D ``[B, 16, T, H, W]`` (``LATENT_DIMS``), as are those of
+"wan_i2v" (Wan 2.1 image-to-video: 36 input channels, the image's CLIP-vision tokens in every cross-attention),
 "qwen_image" (T = 1), "hunyuan_video" and "ltxv" (128 channels); "chroma_radiance" works in pixel space (3 channels);
 "hunyuan_image" (HunyuanImage 2.1) has 64 channels and patch size 1.
 
@@ -18,12 +19,12 @@ from __future__ import annotations
 import torch
 
 ARCHS = ("sd15", "sdxl", "sd3", "flux", "wan", "chroma", "chroma_radiance", "qwen_image", "hunyuan_video", "hunyuan_image",
-         "ltxv")
+         "ltxv", "wan_i2v")
 # spatial (and temporal) dimensions of each arch's latent, after batch and channels
 LATENT_DIMS = {"sd15": 2, "sdxl": 2, "sd3": 2, "flux": 2, "wan": 3, "chroma": 2, "chroma_radiance": 2, "qwen_image": 3,
-               "hunyuan_video": 3, "hunyuan_image": 2, "ltxv": 3}
+               "hunyuan_video": 3, "hunyuan_image": 2, "ltxv": 3, "wan_i2v": 3}
 # frames of the 5-D latents the tests sample (Qwen-Image, an image model, keeps a frame axis of 1)
-FRAMES = {"wan": 2, "ltxv": 2, "qwen_image": 1, "hunyuan_video": 1}
+FRAMES = {"wan": 2, "ltxv": 2, "qwen_image": 1, "hunyuan_video": 1, "wan_i2v": 2}
 # name: (base arch, zsnr) of the v-prediction variants
 VARIANTS = {"sd15_v": ("sd15", False), "sdxl_vzsnr": ("sdxl", True)}
 CHOICES = ARCHS + tuple(VARIANTS)
@@ -32,7 +33,8 @@ CHOICES = ARCHS + tuple(VARIANTS)
 COND_SHAPES = {"sd15": (77, 64, None), "sdxl": (77, 64, 32), "sd3": (77, 64, 32), "flux": (16, 64, 32),
                "wan": (16, 64, None), "chroma": (16, 64, 32), "chroma_radiance": (16, 64, 32),
                "qwen_image": (16, 64, None), "ltxv": (16, 64, None),
-               "hunyuan_video": (16, 64, 32), "hunyuan_image": (16, 64, None)}
+               "hunyuan_video": (16, 64, 32), "hunyuan_image": (16, 64, None), "wan_i2v": (16, 64, None)}
+CLIP_VISION_TOKENS = 4          # wan_i2v: the image's CLIP-vision tokens (257 x 1280 in the real model)
 
 _UNET = {
     "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
@@ -65,6 +67,10 @@ def _config(arch):
     elif arch == "wan":
         cfg = sm.WAN21_T2V({"image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "text_len": 16,
                             "in_dim": 16, "dim": 64, "ffn_dim": 128, "freq_dim": 32, "text_dim": 64,
+                            "out_dim": 16, "num_heads": 2, "num_layers": 2, "eps": 1e-6})
+    elif arch == "wan_i2v":     # the image enters as 20 extra input channels (mask + latent) and CLIP-vision tokens
+        cfg = sm.WAN21_I2V({"image_model": "wan2.1", "model_type": "i2v", "patch_size": (1, 2, 2), "text_len": 16,
+                            "in_dim": 36, "dim": 64, "ffn_dim": 128, "freq_dim": 32, "text_dim": 64,
                             "out_dim": 16, "num_heads": 2, "num_layers": 2, "eps": 1e-6})
     elif arch == "chroma":      # its modulation approximator takes 64 inputs (16 + 16 + 32) in every size
         cfg = sm.Chroma({"image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": 64,
@@ -183,4 +189,9 @@ def conditioning(arch: str, seed: int = 0, batch: int = 1):
         extra.update(width=64, height=64, crop_w=0, crop_h=0, target_width=64, target_height=64)
     if arch == "ltxv":          # its T5 encoder's padding mask (all real tokens here)
         extra["attention_mask"] = torch.ones(batch, tokens, dtype=torch.long)
+    if arch == "wan_i2v":       # what WanImageToVideo puts there: CLIPVisionEncode's output of one start image, the
+        import types            # same whatever the prompt (no start image latent: zeros)
+
+        image = torch.randn(1, CLIP_VISION_TOKENS, 1280, generator=torch.Generator().manual_seed(12345))
+        extra["clip_vision_output"] = types.SimpleNamespace(penultimate_hidden_states=image.expand(batch, -1, -1))
     return [[cond, extra]]
