@@ -100,7 +100,7 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=8, help="latent side (tiny models)")
     ap.add_argument("--archs", nargs="+",
                     default=["sd15", "sdxl", "sd3", "flux", "wan", "chroma", "qwen_image", "ltxv", "hunyuan_video",
-                             "hunyuan_image", "wan_i2v"])
+                             "hunyuan_image", "wan_i2v", "wan_vace"])
     ap.add_argument("--wide", action="store_true", help="also time wider random SD1.5 UNet and Flux DiT (32x32 latent), interleaved, fastest of 5")
     a = ap.parse_args(argv)
     _setup()

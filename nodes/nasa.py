@@ -123,7 +123,7 @@ class TrainFreeNASA:
                    "Z = Attn(Q, K+, V+) - alpha Attn(Q, K-, V-); no extra model call. UNets (SD1.x, SD2.x, SDXL and "
                    "their one-step/LCM/Lightning/DMD2 distillations), Flux, Chroma, SD3, Qwen-Image and "
                    "HunyuanVideo / HunyuanImage 2.1 (joint attention: the negative tokens ride along as extra text "
-                   f"tokens the prompt never sees), Wan text- and image-to-video and LTX-Video. From {PAPER}.")
+                   f"tokens the prompt never sees), Wan text- and image-to-video and VACE and LTX-Video. From {PAPER}.")
     CATEGORY = "trainfree/guidance"
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The model with the negative prompt applied in cross-attention; sample it at cfg 1.",)
@@ -133,7 +133,8 @@ class TrainFreeNASA:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model to patch: a UNet (SD1.x/SD2.x/SDXL family), Flux, Chroma, SD3, "
-                                           "Qwen-Image, Wan text- or image-to-video, LTX-Video, HunyuanVideo or "
+                                           "Qwen-Image, Wan text- or image-to-video or VACE, LTX-Video, "
+                                           "HunyuanVideo or "
                                            "HunyuanImage 2.1. Place it "
                                            "after other nodes that replace cross-attention (IPAdapter); it chains."}),
             "negative": ("CONDITIONING", {"tooltip": "The negative prompt (from the same text encoder as the positive). "
@@ -201,13 +202,13 @@ def _architecture(dm):
         if getattr(dm, "context_processor", None) is not None or not hasattr(dm.context_embedder, "in_features"):
             raise ValueError("NASA: this MMDiT variant processes its text context before the blocks; not supported")
         return "sd3", dm.context_embedder.in_features
-    if type(dm) is wan_model.WanModel:     # text-to-video, image-to-video (2.1: CLIP-vision tokens; 2.2), FLF2V
+    if type(dm) in (wan_model.WanModel, wan_model.VaceWanModel):   # t2v, i2v (2.1: CLIP tokens; 2.2), FLF2V, VACE
         if not isinstance(dm.blocks[0].cross_attn, (wan_model.WanT2VCrossAttention, wan_model.WanI2VCrossAttention)):
             raise ValueError(f"NASA: this Wan model's cross-attention ({type(dm.blocks[0].cross_attn).__name__}) is "
                              "not supported")
         return "wan", dm.text_embedding[0].in_features
     raise ValueError(f"NASA (TrainFree) supports UNet models (SD1.x, SD2.x, SDXL), Flux, Chroma, SD3, Qwen-Image, "
-                     f"Wan text- and image-to-video, LTX-Video and HunyuanVideo; this model's network is "
+                     f"Wan text- and image-to-video and VACE, LTX-Video and HunyuanVideo; this model's network is "
                      f"{type(dm).__name__}.")
 
 

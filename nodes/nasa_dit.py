@@ -8,8 +8,9 @@ patch. Chroma (no ``post_input`` patches) and Qwen-Image: as SD3 (through ``txt_
 ``txt_in``), and every block's patch widens the rotary table it is handed, which the model computed for the
 positive text alone: Chroma's text positions are all 0, Qwen's count up from a start that depends on the latent
 size (read by a DIFFUSION_MODEL wrapper), and the negative gets the positions a negative-prompt pass would give it.
-Wan (text- and image-to-video; 2.1's image cross-attention comes first and is left alone): each block's patch
-appends the negative (through ``text_embedding``) to the block's context;
+Wan (text- and image-to-video; 2.1's image cross-attention comes first and is left alone; VACE's control blocks,
+run outside the block patches, keep the positive prompt): each block's patch appends the negative (through
+``text_embedding``) to the block's context;
 the block's own cross-attention projects both, and its override splits the keys. LTX-Video: the same (through
 ``caption_projection``), and the negative's padding mask is appended to the cross-attention mask, which the
 override splits with the keys. HunyuanVideo (and HunyuanImage 2.1): as Chroma, but the negative goes through the

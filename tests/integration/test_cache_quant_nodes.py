@@ -162,6 +162,15 @@ def test_unsupported_models_and_stacked_caches_are_refused(comfyui):
     for arch in ("sd15", "sdxl"):
         with pytest.raises(ValueError, match="not supported.*Flux, Chroma, SD3.*Wan.*HunyuanVideo.*Qwen-Image"):
             _node(comfyui, "TrainFreeDiTCache").patch(tiny.build(arch), 3, 1, 1)
+    with pytest.raises(ValueError, match=r"WAN21_Vace \(VaceWanModel\) is not supported \(VACE adds its control "
+                                         "hints between the blocks"):
+        _node(comfyui, "TrainFreeDiTCache").patch(tiny.build("wan_vace"), 3, 1, 0)
+    import comfy.ldm.wan.model as wan_model
+
+    camera = tiny.build("wan")
+    camera.model.diffusion_model.__class__ = wan_model.CameraWanModel
+    with pytest.raises(ValueError, match=r"\(a Wan variant, CameraWanModel, this cache has not been tested on\)"):
+        _node(comfyui, "TrainFreeDiTCache").patch(camera, 3, 1, 0)
     base = tiny.build("flux")
     for node in (EasyCacheNode, LazyCacheNode):
         with pytest.raises(ValueError, match="EasyCache or LazyCache"):

@@ -13,7 +13,7 @@ def _nasa(comfyui, model, negative, alpha=0.5, start=0.0, end=1.0):
     return comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeNASA"]().patch(model, negative, alpha, start, end)[0]
 
 
-DITS = ("sd3", "flux", "wan", "wan_i2v", "chroma", "chroma_radiance", "qwen_image", "ltxv", "hunyuan_video",
+DITS = ("sd3", "flux", "wan", "wan_i2v", "wan_vace", "chroma", "chroma_radiance", "qwen_image", "ltxv", "hunyuan_video",
         "hunyuan_image")
 
 
@@ -43,6 +43,22 @@ def test_alpha_zero_and_an_empty_range_leave_the_model_alone(comfyui, arch):
         assert torch.equal(off, plain)
     on = _sample(_nasa(comfyui, base, neg, 0.5), pos, neg, noise)
     assert torch.isfinite(on).all() and (on - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["sd15", *DITS])
+def test_a_second_run_at_another_size_equals_a_fresh_model(comfyui, arch):
+    """What NASA reads per forward (Qwen-Image's text start, HunyuanVideo's timesteps and image length, rotary
+    tables) follows the latent size: one patched model sampled at 8x8, 12x12, then 8x8 again gives what a freshly
+    patched model gives at each size."""
+    tiny = _tiny(comfyui)
+    base, neg, pos = tiny.build(arch), tiny.conditioning(arch, 2), tiny.conditioning(arch, 1)
+
+    def noise(size):
+        return torch.randn(tiny_models.latent_shape(arch, 1, (size, size)), generator=torch.Generator().manual_seed(3))
+    model = _nasa(comfyui, base, neg)
+    runs = [_sample(model, pos, pos, noise(n), steps=2) for n in (8, 12, 8)]
+    for n, got in zip((8, 12, 8), runs):
+        assert torch.equal(got, _sample(_nasa(comfyui, base, neg), pos, pos, noise(n), steps=2)), n
 
 
 def test_negative_equal_to_positive_scales_the_cross_attention_by_one_minus_alpha(comfyui):
@@ -90,6 +106,30 @@ def test_wan_image_to_video_steers_the_text_attention_and_leaves_the_image_atten
     torch.testing.assert_close(o_in[1], 0.7 * z_text + z_image, rtol=1e-5, atol=1e-6)
 
 
+def test_wan_vace_steers_the_main_blocks_and_its_control_blocks_keep_the_positive_prompt(comfyui):
+    """VACE's control blocks run between the main blocks, outside the block patches: their cross-attention sees the
+    positive prompt's 16 tokens alone, the main blocks' the positive and the negative's 9, and the negative moves the
+    sample (farther from the negative prompt's own sample)."""
+    tiny = _tiny(comfyui)
+    base = tiny.build("wan_vace")
+    dm = base.model.diffusion_model
+    neg = [[tiny.conditioning("wan_vace", 2)[0][0][:, :9], {}]]
+    seen = {"main": [], "control": []}
+    hooks = [dm.blocks[0].cross_attn.register_forward_hook(
+                 lambda mod, inp, out: seen["main"].append(inp[1].shape[1])),
+             dm.vace_blocks[0].cross_attn.register_forward_hook(
+                 lambda mod, inp, out: seen["control"].append(inp[1].shape[1]))]
+    pos, noise = tiny.conditioning("wan_vace", 1), _noise("wan_vace")
+    try:
+        x = _sample(_nasa(comfyui, base, neg, 0.5), pos, pos, noise, steps=2)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen == {"main": [16 + 9] * 2, "control": [16] * 2}
+    x_pos, x_neg = _sample(base, pos, pos, noise, steps=2), _sample(base, neg, neg, noise, steps=2)
+    assert float((x - x_neg).norm() / (x_pos - x_neg).norm()) > 1.1
+
+
 def _ltxv_first_cross_attention(comfyui, model_negative, pos, noise):
     """The input of LTX-Video's first cross-attention output projection (Z, before to_out), one step."""
     tiny = _tiny(comfyui)
@@ -130,13 +170,15 @@ def test_ltxv_negative_padding_is_masked_out(comfyui):
 
 @pytest.mark.parametrize("arch,least", [("sd15", 1.1), ("sdxl", 1.1), ("flux", 1.0), ("wan", 1.05), ("chroma", 1.3),
                                         ("chroma_radiance", 1.3), ("qwen_image", 1.3), ("ltxv", 1.3),
-                                        ("hunyuan_video", 1.0), ("hunyuan_image", 2.0), ("wan_i2v", 1.3)])
+                                        ("hunyuan_video", 1.0), ("hunyuan_image", 2.0), ("wan_i2v", 1.3),
+                                        ("wan_vace", 1.3)])
 @pytest.mark.parametrize("steps", [1, 4])
 def test_the_sample_moves_away_from_the_negative_prompts_sample(comfyui, arch, least, steps):
     """The paper's claim on a model where it can be measured: at cfg 1, |x_NASA - x_neg| / |x_pos - x_neg| > 1,
     x_neg being the sample of the negative prompt itself (alpha 0.5, per seed; measured 1.22-1.38 on the UNets,
     1.00-1.12 on Flux, 1.78 on average on Wan, 1.48-1.83 on Chroma, 1.44-1.88 on Chroma Radiance, 1.57-1.70 on
-    Qwen-Image, 1.04-1.08 on HunyuanVideo, 2.5-2.8 on HunyuanImage 2.1, 1.69-2.12 on Wan image-to-video; see
+    Qwen-Image, 1.04-1.08 on HunyuanVideo, 2.5-2.8 on HunyuanImage 2.1, 1.69-2.12 on Wan image-to-video, 1.57-1.91
+    on Wan VACE; see
     bench/nasa.py). Tiny random SD3 shows
     no such effect (1.00: NASA moves its sample sideways), so it is not asserted there."""
     tiny = _tiny(comfyui)
@@ -216,7 +258,7 @@ def test_hunyuan_prompts_padding_masks_reach_their_own_streams(comfyui, arch):
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sd3", "flux", "wan", "wan_i2v", "chroma", "qwen_image", "ltxv",
-                                  "hunyuan_video"])
+                                  "hunyuan_video", "wan_vace"])
 def test_batch_with_different_prompts_and_negatives_equals_single_runs(comfyui, arch):
     tiny = _tiny(comfyui)
     base = tiny.build(arch)
@@ -312,15 +354,15 @@ def test_refusals_at_queue_time(comfyui):
     tiny = _tiny(comfyui)
     odd = tiny.build("sd15")
     odd.model.diffusion_model = torch.nn.Identity()
-    with pytest.raises(ValueError, match="supports UNet .* Wan text- and image-to-video, LTX-Video and HunyuanVideo; "
-                                         "this model's network is Identity"):
+    with pytest.raises(ValueError, match="supports UNet .* Wan text- and image-to-video and VACE, LTX-Video and "
+                                         "HunyuanVideo; this model's network is Identity"):
         _nasa(comfyui, odd, tiny.conditioning("sd15", 2))
     import comfy.ldm.wan.model as wan_model
 
-    vace = tiny.build("wan")        # VACE's control blocks cross-attend outside the block patches NASA sets
-    vace.model.diffusion_model.__class__ = wan_model.VaceWanModel
-    with pytest.raises(ValueError, match="this model's network is VaceWanModel"):
-        _nasa(comfyui, vace, tiny.conditioning("wan", 2))
+    camera = tiny.build("wan")      # a variant that feeds its blocks camera features
+    camera.model.diffusion_model.__class__ = wan_model.CameraWanModel
+    with pytest.raises(ValueError, match="this model's network is CameraWanModel"):
+        _nasa(comfyui, camera, tiny.conditioning("wan", 2))
     with pytest.raises(ValueError, match="32 features per token, this model's text input takes 64"):
         _nasa(comfyui, tiny.build("sd15"), [[torch.zeros(1, 77, 32), {}]])
     for arch in ("sd3", "flux", "wan", "wan_i2v", "chroma", "qwen_image", "ltxv", "hunyuan_video"):

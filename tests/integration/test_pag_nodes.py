@@ -35,8 +35,8 @@ def test_middle_block_equals_cores_node(comfyui, arch, cfg):
     assert not torch.equal(ours, _sample(comfyui, base, arch, cfg))
 
 
-@pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3", "flux", "wan", "wan_i2v", "chroma", "chroma_radiance",
-                                  "qwen_image", "ltxv", "hunyuan_video", "hunyuan_image"])
+@pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3", "flux", "wan", "wan_i2v", "wan_vace", "chroma",
+                                  "chroma_radiance", "qwen_image", "ltxv", "hunyuan_video", "hunyuan_image"])
 def test_scale_zero_is_unpatched_and_guidance_changes_the_result(comfyui, arch):
     base = _tiny(comfyui).build(arch)
     plain = _sample(comfyui, base, arch)

@@ -7,6 +7,8 @@ milliseconds and sample an 8x8 latent in a fraction of a second on one CPU threa
 
 "wan" is a Wan 2.1 text-to-video DiT: its latent is 5-D ``[B, 16, T, H, W]`` (``LATENT_DIMS``), as are those of
 "wan_i2v" (Wan 2.1 image-to-video: 36 input channels, the image's CLIP-vision tokens in every cross-attention),
+"wan_vace" (Wan 2.1 VACE: one control block beside block 0, fed an empty control video unless the conditioning holds
+one),
 "qwen_image" (T = 1), "hunyuan_video" and "ltxv" (128 channels); "chroma_radiance" works in pixel space (3 channels);
 "hunyuan_image" (HunyuanImage 2.1) has 64 channels and patch size 1.
 
@@ -19,12 +21,12 @@ from __future__ import annotations
 import torch
 
 ARCHS = ("sd15", "sdxl", "sd3", "flux", "wan", "chroma", "chroma_radiance", "qwen_image", "hunyuan_video", "hunyuan_image",
-         "ltxv", "wan_i2v")
+         "ltxv", "wan_i2v", "wan_vace")
 # spatial (and temporal) dimensions of each arch's latent, after batch and channels
 LATENT_DIMS = {"sd15": 2, "sdxl": 2, "sd3": 2, "flux": 2, "wan": 3, "chroma": 2, "chroma_radiance": 2, "qwen_image": 3,
-               "hunyuan_video": 3, "hunyuan_image": 2, "ltxv": 3, "wan_i2v": 3}
+               "hunyuan_video": 3, "hunyuan_image": 2, "ltxv": 3, "wan_i2v": 3, "wan_vace": 3}
 # frames of the 5-D latents the tests sample (Qwen-Image, an image model, keeps a frame axis of 1)
-FRAMES = {"wan": 2, "ltxv": 2, "qwen_image": 1, "hunyuan_video": 1, "wan_i2v": 2}
+FRAMES = {"wan": 2, "ltxv": 2, "qwen_image": 1, "hunyuan_video": 1, "wan_i2v": 2, "wan_vace": 2}
 # name: (base arch, zsnr) of the v-prediction variants
 VARIANTS = {"sd15_v": ("sd15", False), "sdxl_vzsnr": ("sdxl", True)}
 CHOICES = ARCHS + tuple(VARIANTS)
@@ -33,7 +35,8 @@ CHOICES = ARCHS + tuple(VARIANTS)
 COND_SHAPES = {"sd15": (77, 64, None), "sdxl": (77, 64, 32), "sd3": (77, 64, 32), "flux": (16, 64, 32),
                "wan": (16, 64, None), "chroma": (16, 64, 32), "chroma_radiance": (16, 64, 32),
                "qwen_image": (16, 64, None), "ltxv": (16, 64, None),
-               "hunyuan_video": (16, 64, 32), "hunyuan_image": (16, 64, None), "wan_i2v": (16, 64, None)}
+               "hunyuan_video": (16, 64, 32), "hunyuan_image": (16, 64, None), "wan_i2v": (16, 64, None),
+               "wan_vace": (16, 64, None)}
 CLIP_VISION_TOKENS = 4          # wan_i2v: the image's CLIP-vision tokens (257 x 1280 in the real model)
 
 _UNET = {
@@ -72,6 +75,10 @@ def _config(arch):
         cfg = sm.WAN21_I2V({"image_model": "wan2.1", "model_type": "i2v", "patch_size": (1, 2, 2), "text_len": 16,
                             "in_dim": 36, "dim": 64, "ffn_dim": 128, "freq_dim": 32, "text_dim": 64,
                             "out_dim": 16, "num_heads": 2, "num_layers": 2, "eps": 1e-6})
+    elif arch == "wan_vace":    # control video (16 + 16 latent channels) and its mask (64) enter the control blocks
+        cfg = sm.WAN21_Vace({"image_model": "wan2.1", "model_type": "vace", "patch_size": (1, 2, 2), "text_len": 16,
+                             "in_dim": 16, "dim": 64, "ffn_dim": 128, "freq_dim": 32, "text_dim": 64, "out_dim": 16,
+                             "num_heads": 2, "num_layers": 2, "eps": 1e-6, "vace_layers": 1, "vace_in_dim": 96})
     elif arch == "chroma":      # its modulation approximator takes 64 inputs (16 + 16 + 32) in every size
         cfg = sm.Chroma({"image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": 64,
                          "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2,
