@@ -59,9 +59,12 @@ def architecture(model) -> str:
         return "ltxv"
     if isinstance(dm, hunyuan_model.HunyuanVideo):  # also HunyuanImage 2.1
         return "hunyuan_video"
+    hint = (" Its blocks take no patches in this ComfyUI, so no layer-selecting guidance (core's SkipLayerGuidanceDiT "
+            "neither) reaches them." if type(dm).__name__ == "NextDiT" else
+            " For other DiTs use core's SkipLayerGuidanceDiT.")
     raise ValueError(f"Perturbed-Attention Guidance (TrainFree) supports UNet models (SD1.x, SD2.x, SDXL), SD3, "
                      f"Flux, Chroma, Qwen-Image, Wan, LTX-Video and HunyuanVideo; this model's network is "
-                     f"{type(dm).__name__}. For other DiTs use core's SkipLayerGuidanceDiT.")
+                     f"{type(dm).__name__}.{hint}")
 
 
 def available_layers(model, arch: str) -> list[tuple[str, int, int | None]]:

@@ -50,7 +50,7 @@ def test_every_node_has_an_example(comfyui):
 # the examples that are not tied to one family (samplers, calibrations, guidance) also run on the other DiT families
 OTHERS = [(p, a) for p in EXAMPLES if p.stem not in ARCHS
           for a in ("sd3", "chroma", "chroma_radiance", "qwen_image", "wan", "wan_i2v", "wan_vace",
-                    "hunyuan_video", "hunyuan_image", "ltxv")]
+                    "hunyuan_video", "hunyuan_image", "ltxv", "lumina2")]
 
 
 @pytest.mark.parametrize("path,arch", OTHERS, ids=[f"{p.stem}-{a}" for p, a in OTHERS])

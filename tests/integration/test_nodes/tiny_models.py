@@ -7,10 +7,10 @@ milliseconds and sample an 8x8 latent in a fraction of a second on one CPU threa
 
 "wan" is a Wan 2.1 text-to-video DiT: its latent is 5-D ``[B, 16, T, H, W]`` (``LATENT_DIMS``), as are those of
 "wan_i2v" (Wan 2.1 image-to-video: 36 input channels, the image's CLIP-vision tokens in every cross-attention),
-"wan_vace" (Wan 2.1 VACE: one control block beside block 0, fed an empty control video unless the conditioning holds
-one),
-"qwen_image" (T = 1), "hunyuan_video" and "ltxv" (128 channels); "chroma_radiance" works in pixel space (3 channels);
-"hunyuan_image" (HunyuanImage 2.1) has 64 channels and patch size 1.
+"wan_vace" (Wan 2.1 VACE: one control block beside block 0, fed an empty control video unless the conditioning
+holds one), "qwen_image" (T = 1), "hunyuan_video" and "ltxv" (128 channels); "chroma_radiance" works in pixel space
+(3 channels); "hunyuan_image" (HunyuanImage 2.1) has 64 channels and patch size 1; "lumina2" is Lumina Image 2.0's
+NextDiT (a Gemma text encoder with a padding mask; ComfyUI 0.3.64 gives it no block patches).
 
 ``VARIANTS`` are v-prediction UNets, built as their base arch with core's ModelSamplingDiscrete applied: "sd15_v"
 (SD2.x-style v-prediction) and "sdxl_vzsnr" (v-prediction with zero terminal SNR, as the v-pred SDXL finetunes;
@@ -21,10 +21,10 @@ from __future__ import annotations
 import torch
 
 ARCHS = ("sd15", "sdxl", "sd3", "flux", "wan", "chroma", "chroma_radiance", "qwen_image", "hunyuan_video", "hunyuan_image",
-         "ltxv", "wan_i2v", "wan_vace")
+         "ltxv", "wan_i2v", "wan_vace", "lumina2")
 # spatial (and temporal) dimensions of each arch's latent, after batch and channels
 LATENT_DIMS = {"sd15": 2, "sdxl": 2, "sd3": 2, "flux": 2, "wan": 3, "chroma": 2, "chroma_radiance": 2, "qwen_image": 3,
-               "hunyuan_video": 3, "hunyuan_image": 2, "ltxv": 3, "wan_i2v": 3, "wan_vace": 3}
+               "hunyuan_video": 3, "hunyuan_image": 2, "ltxv": 3, "wan_i2v": 3, "wan_vace": 3, "lumina2": 2}
 # frames of the 5-D latents the tests sample (Qwen-Image, an image model, keeps a frame axis of 1)
 FRAMES = {"wan": 2, "ltxv": 2, "qwen_image": 1, "hunyuan_video": 1, "wan_i2v": 2, "wan_vace": 2}
 # name: (base arch, zsnr) of the v-prediction variants
@@ -36,7 +36,7 @@ COND_SHAPES = {"sd15": (77, 64, None), "sdxl": (77, 64, 32), "sd3": (77, 64, 32)
                "wan": (16, 64, None), "chroma": (16, 64, 32), "chroma_radiance": (16, 64, 32),
                "qwen_image": (16, 64, None), "ltxv": (16, 64, None),
                "hunyuan_video": (16, 64, 32), "hunyuan_image": (16, 64, None), "wan_i2v": (16, 64, None),
-               "wan_vace": (16, 64, None)}
+               "wan_vace": (16, 64, None), "lumina2": (16, 64, None)}
 CLIP_VISION_TOKENS = 4          # wan_i2v: the image's CLIP-vision tokens (257 x 1280 in the real model)
 
 _UNET = {
@@ -75,6 +75,10 @@ def _config(arch):
         cfg = sm.WAN21_I2V({"image_model": "wan2.1", "model_type": "i2v", "patch_size": (1, 2, 2), "text_len": 16,
                             "in_dim": 36, "dim": 64, "ffn_dim": 128, "freq_dim": 32, "text_dim": 64,
                             "out_dim": 16, "num_heads": 2, "num_layers": 2, "eps": 1e-6})
+    elif arch == "lumina2":
+        cfg = sm.Lumina2({"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "cap_feat_dim": 64,
+                          "n_layers": 2, "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 1, "qk_norm": True,
+                          "axes_dims": [8, 12, 12], "axes_lens": [300, 512, 512]})
     elif arch == "wan_vace":    # control video (16 + 16 latent channels) and its mask (64) enter the control blocks
         cfg = sm.WAN21_Vace({"image_model": "wan2.1", "model_type": "vace", "patch_size": (1, 2, 2), "text_len": 16,
                              "in_dim": 16, "dim": 64, "ffn_dim": 128, "freq_dim": 32, "text_dim": 64, "out_dim": 16,
@@ -194,7 +198,7 @@ def conditioning(arch: str, seed: int = 0, batch: int = 1):
         extra["pooled_output"] = torch.randn(batch, pooled, generator=g)
     if arch == "sdxl":
         extra.update(width=64, height=64, crop_w=0, crop_h=0, target_width=64, target_height=64)
-    if arch == "ltxv":          # its T5 encoder's padding mask (all real tokens here)
+    if arch in ("ltxv", "lumina2"):   # their encoders' padding mask (all real tokens here; Lumina 2 needs it)
         extra["attention_mask"] = torch.ones(batch, tokens, dtype=torch.long)
     if arch == "wan_i2v":       # what WanImageToVideo puts there: CLIPVisionEncode's output of one start image, the
         import types            # same whatever the prompt (no start image latent: zeros)
