@@ -123,7 +123,8 @@ class TrainFreeNASA:
                    "Z = Attn(Q, K+, V+) - alpha Attn(Q, K-, V-); no extra model call. UNets (SD1.x, SD2.x, SDXL and "
                    "their one-step/LCM/Lightning/DMD2 distillations), Flux, Chroma, SD3, Qwen-Image and "
                    "HunyuanVideo / HunyuanImage 2.1 (joint attention: the negative tokens ride along as extra text "
-                   f"tokens the prompt never sees), Wan text- and image-to-video and VACE and LTX-Video. From {PAPER}.")
+                   "tokens the prompt never sees), Wan (text-to-video, image-to-video, VACE) and LTX-Video. "
+                   f"From {PAPER}.")
     CATEGORY = "trainfree/guidance"
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The model with the negative prompt applied in cross-attention; sample it at cfg 1.",)
@@ -133,10 +134,9 @@ class TrainFreeNASA:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model to patch: a UNet (SD1.x/SD2.x/SDXL family), Flux, Chroma, SD3, "
-                                           "Qwen-Image, Wan text- or image-to-video or VACE, LTX-Video, "
-                                           "HunyuanVideo or "
-                                           "HunyuanImage 2.1. Place it "
-                                           "after other nodes that replace cross-attention (IPAdapter); it chains."}),
+                                           "Qwen-Image, Wan (text-to-video, image-to-video, VACE), LTX-Video, "
+                                           "HunyuanVideo or HunyuanImage 2.1. Place it after other nodes that "
+                                           "replace cross-attention (IPAdapter); it chains."}),
             "negative": ("CONDITIONING", {"tooltip": "The negative prompt (from the same text encoder as the positive). "
                                                      "The paper uses a generic 'worst quality, low quality, ...'."}),
             "alpha": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 2.0, "step": 0.01,
@@ -208,7 +208,7 @@ def _architecture(dm):
                              "not supported")
         return "wan", dm.text_embedding[0].in_features
     raise ValueError(f"NASA (TrainFree) supports UNet models (SD1.x, SD2.x, SDXL), Flux, Chroma, SD3, Qwen-Image, "
-                     f"Wan text- and image-to-video and VACE, LTX-Video and HunyuanVideo; this model's network is "
+                     f"Wan (text-to-video, image-to-video, VACE), LTX-Video and HunyuanVideo; this model's network is "
                      f"{type(dm).__name__}.")
 
 

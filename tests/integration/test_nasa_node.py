@@ -354,7 +354,7 @@ def test_refusals_at_queue_time(comfyui):
     tiny = _tiny(comfyui)
     odd = tiny.build("sd15")
     odd.model.diffusion_model = torch.nn.Identity()
-    with pytest.raises(ValueError, match="supports UNet .* Wan text- and image-to-video and VACE, LTX-Video and "
+    with pytest.raises(ValueError, match=r"supports UNet .* Wan \(text-to-video, image-to-video, VACE\), LTX-Video and "
                                          "HunyuanVideo; this model's network is Identity"):
         _nasa(comfyui, odd, tiny.conditioning("sd15", 2))
     import comfy.ldm.wan.model as wan_model
