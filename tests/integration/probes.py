@@ -18,6 +18,21 @@ def count_rows(model):
     return m, rows
 
 
+def first_block_streams(model, block=0):
+    """A clone of ``model`` that records the output streams (img, txt) of its DiT double block ``block`` (after any
+    patch already there) at every call: (clone, records)."""
+    seen = []
+    m = model.clone()
+    prev = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {}).get(("double_block", block))
+
+    def spy(args, extra):
+        out = prev(args, extra) if prev is not None else extra["original_block"](args)
+        seen.append({k: out[k].clone() for k in ("img", "txt")})
+        return out
+    m.set_model_patch_replace(spy, "dit", "double_block", block)
+    return m, seen
+
+
 def run_logged(comfyui, prompt, caplog):
     """Run an API prompt ending in TrainFreeTestLatentStats ("stats"): (its stats, the pack's log lines). Fails on an
     error or a non-finite latent."""

@@ -217,17 +217,11 @@ def test_joint_attention_carries_the_negative_as_its_own_text_stream(comfyui, ar
     torch.testing.assert_close(got["txt"][:, t:], want_neg["txt"], rtol=0, atol=1e-5 * scale)
 
 
-def _first_block_out(model, cond, noise, block=0):
+def _first_block_out(model, cond, noise):
     """The first double block's output streams (img, txt) in a one-step cfg-1 sample of ``cond``."""
-    seen = []
-    m = model.clone()
-    prev = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {}).get(("double_block", block))
+    from probes import first_block_streams
 
-    def spy(args, extra):
-        out = prev(args, extra) if prev is not None else extra["original_block"](args)
-        seen.append({k: out[k].clone() for k in ("img", "txt")})
-        return out
-    m.set_model_patch_replace(spy, "dit", "double_block", block)
+    m, seen = first_block_streams(model)
     _sample(m, cond, cond, noise, steps=1)
     return seen[0]
 

@@ -4,6 +4,7 @@ image tokens, as the model does: exactness where the patch must change nothing, 
 prompt's own forward with the reference, and the cache's interval-1 run bit-identical."""
 import pytest
 import torch
+from probes import first_block_streams
 from test_nodes import tiny_models
 
 EDIT = ["flux", "qwen_image"]
@@ -38,39 +39,29 @@ def _noise(arch):
 @pytest.mark.parametrize("arch", EDIT)
 def test_the_reference_reaches_the_model(comfyui, arch):
     """The premise: the reference latent changes the sample (else nothing below would test it)."""
+    tiny, base, noise, pos = _setup(comfyui, arch)
+    assert (_sample(base, pos, noise) - _sample(base, tiny.conditioning(arch, 1), noise)).abs().max() > 1e-3
+
+
+def _setup(comfyui, arch):
+    """(tiny kit, model, noise, a prompt with a reference latent)."""
     tiny = _tiny(comfyui)
-    base = tiny.build(arch)
-    noise = _noise(arch)
-    plain = tiny.conditioning(arch, 1)
-    assert (_sample(base, _edit_cond(tiny, arch, 1), noise) - _sample(base, plain, noise)).abs().max() > 1e-3
+    return tiny, tiny.build(arch), _noise(arch), _edit_cond(tiny, arch, 1)
+
+
+def _streams(model, cond, noise):
+    m, seen = first_block_streams(model)
+    _sample(m, cond, noise, steps=1)
+    return seen[0]
 
 
 @pytest.mark.parametrize("arch", EDIT)
 def test_nasa_streams_with_a_reference_equal_each_prompts_own_forward(comfyui, arch):
-    tiny = _tiny(comfyui)
-    base = tiny.build(arch)
-    noise = _noise(arch)
-    pos = _edit_cond(tiny, arch, 1)
+    tiny, base, noise, pos = _setup(comfyui, arch)
     neg = [[tiny.conditioning(arch, 2)[0][0][:, :9], dict(pos[0][1])]]
-    seen = []
-
-    def spied(model):
-        m = model.clone()
-        prev = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {}).get(
-            ("double_block", 0))
-
-        def spy(args, extra):
-            out = prev(args, extra) if prev is not None else extra["original_block"](args)
-            seen.append({k: out[k].clone() for k in ("img", "txt")})
-            return out
-        m.set_model_patch_replace(spy, "dit", "double_block", 0)
-        return m
-
     nasa = _node(comfyui, "TrainFreeNASA")
-    _sample(spied(nasa.patch(base, neg, 1e-7, 0.0, 1.0)[0]), pos, noise, steps=1)
-    _sample(spied(base), pos, noise, steps=1)
-    _sample(spied(base), neg, noise, steps=1)
-    got, want_pos, want_neg = seen
+    got = _streams(nasa.patch(base, neg, 1e-7, 0.0, 1.0)[0], pos, noise)
+    want_pos, want_neg = _streams(base, pos, noise), _streams(base, neg, noise)
     assert got["img"].shape[1] == 2 * 16                          # the image's 16 tokens and the reference's 16
     scale = float(want_pos["txt"].abs().max())
     torch.testing.assert_close(got["txt"][:, :16], want_pos["txt"], rtol=0, atol=1e-5 * scale)
@@ -83,10 +74,7 @@ def test_nasa_streams_with_a_reference_equal_each_prompts_own_forward(comfyui, a
 
 @pytest.mark.parametrize("arch", EDIT)
 def test_pag_and_the_dit_cache_with_a_reference(comfyui, arch):
-    tiny = _tiny(comfyui)
-    base = tiny.build(arch)
-    noise = _noise(arch)
-    pos = _edit_cond(tiny, arch, 1)
+    _, base, noise, pos = _setup(comfyui, arch)
     plain = _sample(base, pos, noise, steps=6)
     pag = _node(comfyui, "TrainFreePAG")
     assert torch.equal(_sample(pag.patch(base, 0.0, "", 0.0, 1.0)[0], pos, noise, steps=6), plain)
