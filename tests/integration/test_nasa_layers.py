@@ -1,0 +1,174 @@
+"""TrainFreeNASA per family: the formula at the first cross-attention (UNet, LTX-Video, Wan image-to-video, VACE),
+padding masks, and on joint-attention DiTs the negative carried as its own text stream."""
+import pytest
+import torch
+from nasa_cases import nasa as _nasa
+from nasa_cases import noise as _noise
+from nasa_cases import sample as _sample
+from nasa_cases import tiny as _tiny
+
+
+def test_negative_equal_to_positive_scales_the_cross_attention_by_one_minus_alpha(comfyui):
+    """First cross-attention layer of the UNet (nothing before it is patched): to_out's input is (1 - alpha) Z+."""
+    tiny = _tiny(comfyui)
+    base = tiny.build("sd15")
+    pos = tiny.conditioning("sd15", 1)
+    first = base.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn2.to_out[0]
+    seen = []
+    hook = first.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].clone()))
+    try:
+        _sample(base, pos, pos, _noise("sd15"), steps=1)
+        _sample(_nasa(comfyui, base, pos, 0.3), pos, pos, _noise("sd15"), steps=1)
+    finally:
+        hook.remove()
+    assert len(seen) == 2
+    torch.testing.assert_close(seen[1], 0.7 * seen[0], rtol=1e-6, atol=1e-6)
+
+
+def test_wan_image_to_video_steers_the_text_attention_and_leaves_the_image_attention_alone(comfyui):
+    """Wan 2.1 image-to-video's cross-attention adds an attention over the start image's CLIP-vision tokens to the one
+    over the text: o(Z_text + Z_image). With negative = positive, NASA's first block gives o's input
+    (1 - alpha) Z_text + Z_image, Z_text and Z_image being the plain model's two cross-attention outputs."""
+    tiny = _tiny(comfyui)
+    base = tiny.build("wan_i2v")
+    pos, noise = tiny.conditioning("wan_i2v", 1), _noise("wan_i2v")
+    o_in, calls = [], []
+    hook = base.model.diffusion_model.blocks[0].cross_attn.o.register_forward_hook(
+        lambda mod, inp, out: o_in.append(inp[0].clone()))
+    plain = base.clone()
+
+    def record(func, *a, **kw):
+        out = func(*a, **kw)
+        calls.append(out.clone())
+        return out
+    plain.model_options["transformer_options"]["optimized_attention_override"] = record
+    try:
+        _sample(plain, pos, pos, noise, steps=1)
+        _sample(_nasa(comfyui, base, pos, 0.3), pos, pos, noise, steps=1)
+    finally:
+        hook.remove()
+    z_image, z_text = calls[1], calls[2]           # block 0: self-attention, image, text
+    assert z_image.shape == z_text.shape and (z_image - z_text).abs().max() > 1e-3
+    torch.testing.assert_close(o_in[0], z_text + z_image, rtol=0, atol=1e-6)
+    torch.testing.assert_close(o_in[1], 0.7 * z_text + z_image, rtol=1e-5, atol=1e-6)
+
+
+def test_wan_vace_steers_the_main_blocks_and_its_control_blocks_keep_the_positive_prompt(comfyui):
+    """VACE's control blocks run between the main blocks, outside the block patches: their cross-attention sees the
+    positive prompt's 16 tokens alone, the main blocks' the positive and the negative's 9, and the negative moves the
+    sample (farther from the negative prompt's own sample)."""
+    tiny = _tiny(comfyui)
+    base = tiny.build("wan_vace")
+    dm = base.model.diffusion_model
+    neg = [[tiny.conditioning("wan_vace", 2)[0][0][:, :9], {}]]
+    seen = {"main": [], "control": []}
+    hooks = [dm.blocks[0].cross_attn.register_forward_hook(
+                 lambda mod, inp, out: seen["main"].append(inp[1].shape[1])),
+             dm.vace_blocks[0].cross_attn.register_forward_hook(
+                 lambda mod, inp, out: seen["control"].append(inp[1].shape[1]))]
+    pos, noise = tiny.conditioning("wan_vace", 1), _noise("wan_vace")
+    try:
+        x = _sample(_nasa(comfyui, base, neg, 0.5), pos, pos, noise, steps=2)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen == {"main": [16 + 9] * 2, "control": [16] * 2}
+    x_pos, x_neg = _sample(base, pos, pos, noise, steps=2), _sample(base, neg, neg, noise, steps=2)
+    assert float((x - x_neg).norm() / (x_pos - x_neg).norm()) > 1.1
+
+
+def _ltxv_first_cross_attention(comfyui, model_negative, pos, noise):
+    """The input of LTX-Video's first cross-attention output projection (Z, before to_out), one step."""
+    tiny = _tiny(comfyui)
+    base = tiny.build("ltxv")
+    first = base.model.diffusion_model.transformer_blocks[0].attn2.to_out[0]
+    seen = []
+    hook = first.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].clone()))
+    try:
+        model = base if model_negative is None else _nasa(comfyui, base, model_negative, 0.3)
+        _sample(model, pos, pos, noise, steps=1)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def test_ltxv_negative_equal_to_positive_scales_the_cross_attention_by_one_minus_alpha(comfyui):
+    tiny = _tiny(comfyui)
+    pos, noise = tiny.conditioning("ltxv", 1), _noise("ltxv")
+    plain = _ltxv_first_cross_attention(comfyui, None, pos, noise)
+    torch.testing.assert_close(_ltxv_first_cross_attention(comfyui, pos, pos, noise), 0.7 * plain, rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_ltxv_negative_padding_is_masked_out(comfyui):
+    """A negative padded to 16 tokens with its mask marking 7 as padding acts exactly like its 9 real tokens alone
+    (LTX-Video's T5 pads prompts; the mask must reach the negative's keys); without the mask the padding counts."""
+    tiny = _tiny(comfyui)
+    pos, noise = tiny.conditioning("ltxv", 1), _noise("ltxv")
+    t = tiny.conditioning("ltxv", 2)[0][0]
+    pad = torch.tensor([[1] * 9 + [0] * 7])
+    padded = _ltxv_first_cross_attention(comfyui, [[t, {"attention_mask": pad}]], pos, noise)
+    real = _ltxv_first_cross_attention(comfyui, [[t[:, :9], {"attention_mask": torch.ones(1, 9, dtype=torch.long)}]],
+                                       pos, noise)
+    torch.testing.assert_close(padded, real, rtol=1e-5, atol=1e-6)
+    unmasked = _ltxv_first_cross_attention(comfyui, [[t, {}]], pos, noise)
+    assert (unmasked - real).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux", "chroma", "qwen_image", "hunyuan_video", "hunyuan_image"])
+@pytest.mark.parametrize("neg_tokens", [16, 9, 27])
+def test_joint_attention_carries_the_negative_as_its_own_text_stream(comfyui, arch, neg_tokens):
+    """At a vanishing alpha, after the first block, the negative's tokens in NASA's text stream are what the
+    negative prompt's own (unpatched) forward computes and the positive's tokens what the positive's computes: the
+    two streams share the image tokens but never attend to each other (from the second block on, the negative's
+    tokens see the positive's image stream, by design). (The text stream's modulation comes from the pooled
+    vector of the positive prompt, so the negative here shares it.) A negative shorter or longer than the positive
+    (16 tokens) checks the rotary positions it gets (Qwen-Image: counting up from a start set by the latent size) and
+    (HunyuanVideo) that the token refiner pools the negative's own tokens at this step's timesteps."""
+    tiny = _tiny(comfyui)
+    base = tiny.build(arch)
+    pos = tiny.conditioning(arch, 1)
+    neg_t = tiny.conditioning(arch, 2)[0][0]
+    neg = [[torch.cat([neg_t, neg_t], 1)[:, :neg_tokens], dict(pos[0][1])]]
+    noise = _noise(arch)
+    got = _first_block_out(_nasa(comfyui, base, neg, 1e-7), pos, noise)
+    want_pos, want_neg = _first_block_out(base, pos, noise), _first_block_out(base, neg, noise)
+    t = want_pos["txt"].shape[1]
+    assert got["txt"].shape[1] == t + want_neg["txt"].shape[1]
+    scale = float(want_pos["txt"].abs().max())
+    torch.testing.assert_close(got["txt"][:, :t], want_pos["txt"], rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(got["txt"][:, t:], want_neg["txt"], rtol=0, atol=1e-5 * scale)
+
+
+def _first_block_out(model, cond, noise):
+    """The first double block's output streams (img, txt) in a one-step cfg-1 sample of ``cond``."""
+    from probes import first_block_streams
+
+    m, seen = first_block_streams(model)
+    _sample(m, cond, cond, noise, steps=1)
+    return seen[0]
+
+
+@pytest.mark.parametrize("arch", ["hunyuan_video", "hunyuan_image"])
+def test_hunyuan_prompts_padding_masks_reach_their_own_streams(comfyui, arch):
+    """HunyuanVideo's prompts may come with a padding mask (its text encoder keeps one when a prompt is padded): the
+    token refiner and every joint attention mask the padded keys. With a padded positive (4 of 16 tokens) and a
+    padded negative (7 of 16), NASA's first double block (alpha vanishing) gives the positive's text and image streams
+    of the positive's own forward and the negative's text stream of the negative's own forward, each with its mask;
+    dropping the negative's mask changes its stream."""
+    tiny = _tiny(comfyui)
+    base = tiny.build(arch)
+    pos_t, neg_t = tiny.conditioning(arch, 1)[0], tiny.conditioning(arch, 2)[0][0]
+    pos = [[pos_t[0], dict(pos_t[1], attention_mask=torch.tensor([[1] * 12 + [0] * 4]))]]
+    neg = [[neg_t, dict(pos_t[1], attention_mask=torch.tensor([[1] * 9 + [0] * 7]))]]
+    noise = _noise(arch)
+    got = _first_block_out(_nasa(comfyui, base, neg, 1e-7), pos, noise)
+    want_pos, want_neg = _first_block_out(base, pos, noise), _first_block_out(base, neg, noise)
+    scale = float(want_pos["txt"].abs().max())
+    torch.testing.assert_close(got["txt"][:, :16], want_pos["txt"], rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(got["img"], want_pos["img"], rtol=0, atol=1e-5 * float(want_pos["img"].abs().max()))
+    torch.testing.assert_close(got["txt"][:, 16:], want_neg["txt"], rtol=0, atol=1e-5 * scale)
+    unmasked = _first_block_out(_nasa(comfyui, base, [[neg_t, dict(pos_t[1])]], 1e-7), pos, noise)
+    assert (unmasked["txt"][:, 16:] - want_neg["txt"]).abs().max() > 1e-3 * scale
+    with pytest.raises(ValueError, match=r"attention mask \(1, 9\) does not match its \(1, 16\) tokens"):
+        _nasa(comfyui, base, [[neg_t, {"attention_mask": torch.ones(1, 9, dtype=torch.long)}]])
