@@ -1,13 +1,15 @@
 """NASA's DiT patches (the node and the UNet path: nodes/nasa.py).
 
-Flux: a ``post_input`` patch (a list) appends the negative prompt, through the model's own ``txt_in``, as extra
-text tokens, and a ``patches_replace["dit"]`` patch on every double and single block (chaining earlier ones) sets
+SD3: the first joint block's patch appends the negative prompt, through the model's own ``context_embedder``, to
+the text stream as extra tokens, and a ``patches_replace["dit"]`` patch on every block (chaining earlier ones) sets
 an attention override for that block that keeps the positive stream blind to those tokens (see guidance/nasa.py).
-SD3: the same, the negative (through ``context_embedder``) appended to the text stream by the first joint block's
-patch. Chroma (no ``post_input`` patches) and Qwen-Image: as SD3 (through ``txt_in``; Qwen: ``txt_norm`` then
-``txt_in``), and every block's patch widens the rotary table it is handed, which the model computed for the
-positive text alone: Chroma's text positions are all 0, Qwen's count up from a start that depends on the latent
-size (read by a DIFFUSION_MODEL wrapper), and the negative gets the positions a negative-prompt pass would give it.
+Flux, Chroma and Qwen-Image: the same (through ``txt_in``; Qwen: ``txt_norm`` then ``txt_in``), and every block's
+patch widens the rotary table it is handed, which the model computed for the positive text alone: Flux's and
+Chroma's text positions are all 0, Qwen's count up from a start that depends on the latent size (read by a
+DIFFUSION_MODEL wrapper), and the negative gets the positions a negative-prompt pass would give it.
+Several NASA nodes chain: each appends its tokens after those of the nodes applied after it (their patches run
+first), widens the table at its own tokens' place, and its override hands the sequence without its own tokens to
+the next one, so each sees its own layout.
 Wan (text- and image-to-video; 2.1's image cross-attention comes first and is left alone; VACE's control blocks,
 run outside the block patches, keep the positive prompt): each block's patch appends the negative (through
 ``text_embedding``) to the block's context;
@@ -52,9 +54,6 @@ def _joint_block_patch(prev, neg_len, box, alpha, window, extend=None, widen=Non
         to = dict(args["transformer_options"])
         earlier = to.get("optimized_attention_override")
         calls = [0]
-        n_img = None
-        if image_first:     # double blocks: img holds the image tokens; single blocks: the joined [img; txt]
-            n_img = args["img"].shape[1] - (0 if "txt" in args else box["t_pos"] + neg_len)
 
         def override(func, *a, **kw):
             calls[0] += 1
@@ -71,6 +70,8 @@ def _joint_block_patch(prev, neg_len, box, alpha, window, extend=None, widen=Non
             want_heads_out = kw.get("skip_output_reshape", False)
             sub = dict(kw, skip_reshape=True, skip_output_reshape=True)
             rows = window.rows(to, q.shape[0], q.device)
+            # [image; text before this node's negative; its negative] (what reaches it: later nodes' tokens are cut)
+            n_img = q.shape[2] - box["t_pos"] - neg_len if image_first else None
             out = nasa_math.joint_nasa_attention(
                 q, k, v, box["t_pos"], neg_len, alpha, rows,
                 lambda q_, k_, v_, m_: _call(earlier, func, q_, k_, v_, heads, **dict(sub, mask=m_)), n_img, mask)
@@ -88,23 +89,9 @@ def _joint_block_patch(prev, neg_len, box, alpha, window, extend=None, widen=Non
     return patch
 
 
-def _flux_post_input(dm, neg, box):
-    def post_input(io):
-        txt = io["txt"]
-        box["t_pos"] = txt.shape[1]
-        extra = _to_batch(dm.txt_in(neg.get(txt.device, txt.dtype)), txt.shape[0])
-        out = dict(io, txt=torch.cat([txt, extra], dim=1))
-        ids = io.get("txt_ids")
-        if ids is not None:
-            out["txt_ids"] = torch.cat([ids, torch.zeros(ids.shape[0], extra.shape[1], *ids.shape[2:],
-                                                         dtype=ids.dtype, device=ids.device)], dim=1)
-        return out
-    return post_input
-
-
 def _text_extend(embed, neg, box):
-    """First block (SD3, Chroma, Qwen-Image): the negative, through the model's own text input layers ``embed``,
-    appended to the text stream."""
+    """First block (SD3, Flux, Chroma, Qwen-Image): the negative, through the model's own text input layers
+    ``embed``, appended to the text stream."""
     def extend(args):
         txt = args["txt"]
         box["t_pos"] = txt.shape[1]
@@ -114,8 +101,9 @@ def _text_extend(embed, neg, box):
 
 
 def _pe_widen(seq_dim, rows_for, neg_len, box):
-    """The block's rotary table with ``rows_for(pe, t_neg)`` inserted after the positive text's rows, when the table
-    is ``neg_len`` rows short of the block's sequence (double blocks: text + image; single: the joined stream)."""
+    """The block's rotary table with ``rows_for(pe, t_neg)`` inserted after the text before this node's negative,
+    when the table is at least ``neg_len`` rows short of the block's sequence (double blocks: text + image; single:
+    the joined stream; more than that: the tokens of NASA nodes applied before this one, which widen it next)."""
     def widen(args):
         pe = args.get("pe")
         if pe is None:
@@ -124,7 +112,7 @@ def _pe_widen(seq_dim, rows_for, neg_len, box):
         have = pe.shape[seq_dim]
         if have == n:
             return args
-        if have + neg_len != n:
+        if have + neg_len > n:
             raise RuntimeError(f"NASA (TrainFree): a rotary table of {have} positions for a sequence of {n} tokens "
                                f"({neg_len} negative); another patch changed the token count")
         t = box["t_pos"]
@@ -133,8 +121,8 @@ def _pe_widen(seq_dim, rows_for, neg_len, box):
     return widen
 
 
-def _chroma_rows(pe, t_neg):
-    """Chroma gives every text token position 0 (txt_ids are zeros): the negative's rows repeat the first row."""
+def _zero_rows(pe, t_neg):
+    """Flux and Chroma give every text token position 0 (txt_ids are zeros): the negative's rows repeat the first."""
     return pe.narrow(2, 0, 1).expand(*pe.shape[:2], t_neg, *pe.shape[3:])
 
 
@@ -187,6 +175,7 @@ def _hunyuan_extend(dm, neg, neg_mask, box):
         txt = args["txt"]
         b = txt.shape[0]
         box["t_pos"] = txt.shape[1]
+        box["prefix"] = args["img"].shape[1] + txt.shape[1]      # image and text before this node's negative
         add = _padding(neg_mask, txt.dtype)
         add = None if add is None else _to_batch(add.to(txt.device), b)
         extra = dm.txt_in(_to_batch(neg.get(txt.device, txt.dtype), b), box["timesteps"], add,
@@ -196,22 +185,25 @@ def _hunyuan_extend(dm, neg, neg_mask, box):
 
 
 def _hunyuan_widen(neg_len, neg_mask, box):
-    """Every block's rotary table and key mask, which the model made for [image; positive text], widened for the
-    negative tokens at the end: rotary rows as every text token's (position 0), mask: the negative's padding."""
+    """Every block's rotary table and key mask, which the model made for [image; positive text] (and NASA nodes
+    applied after this one widened for their tokens), widened for this node's negative, which follows them: rotary
+    rows as every text token's (position 0), mask: the negative's padding."""
     def widen(args):
-        x = args["img"]
-        n = x.shape[1] + (args["txt"].shape[1] if "txt" in args else 0)
+        x, prefix = args["img"], box["prefix"]
         out, pe, mask = dict(args), args.get("pe"), args.get("attention_mask")
-        if pe is not None and pe.shape[2] != n:
-            if pe.shape[2] + neg_len != n:
-                raise RuntimeError(f"NASA (TrainFree): a rotary table of {pe.shape[2]} positions for a sequence of "
-                                   f"{n} tokens ({neg_len} negative); another patch changed the token count")
+        if pe is not None:
+            if pe.shape[2] != prefix:
+                raise RuntimeError(f"NASA (TrainFree): a rotary table of {pe.shape[2]} positions where {prefix} image "
+                                   "and text tokens precede the negative; another patch changed the token count")
             last = pe.narrow(2, pe.shape[2] - 1, 1)
             out["pe"] = torch.cat([pe, last.expand(*last.shape[:2], neg_len, *last.shape[3:])], 2)
         add = _padding(neg_mask, x.dtype)
-        if (mask is None and add is None) or (mask is not None and mask.shape[-1] == n):
+        if mask is None and add is None:
             return out
-        pos = mask.reshape(mask.shape[0], 1, -1) if mask is not None else x.new_zeros(1, 1, n - neg_len)
+        if mask is not None and mask.shape[-1] != prefix:
+            raise RuntimeError(f"NASA (TrainFree): an attention mask over {mask.shape[-1]} tokens where {prefix} "
+                               "precede the negative; another patch changed the token count")
+        pos = mask.reshape(mask.shape[0], 1, -1) if mask is not None else x.new_zeros(1, 1, prefix)
         negp = x.new_zeros(1, 1, neg_len) if add is None else _to_batch(add.to(x.device), x.shape[0]).unsqueeze(1)
         rows = max(pos.shape[0], negp.shape[0])
         out["attention_mask"] = torch.cat([pos.expand(rows, 1, -1), negp.to(pos.dtype).expand(rows, 1, -1)], -1)
@@ -335,16 +327,14 @@ def patch_dit(m, arch, dm, neg, negative, alpha, window, dit):
     else:
         blocks = [("double_block", i) for i in range(len(dm.transformer_blocks if arch == "qwen_image"
                                                          else dm.joint_blocks))]
-    if arch == "flux":
-        m.set_model_patch(_flux_post_input(dm, neg, box), "post_input")
-    elif arch == "chroma":
-        widen = _pe_widen(2, _chroma_rows, t_neg, box)
+    if arch in ("flux", "chroma"):
+        widen = _pe_widen(2, _zero_rows, t_neg, box)
     elif arch == "qwen_image":
         m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "trainfree_nasa", _qwen_start(box))
         widen = _pe_widen(1, _qwen_rows(dm, box), t_neg, box)
-    embed = {"sd3": lambda t: dm.context_embedder(t), "chroma": lambda t: dm.txt_in(t),
+    embed = {"sd3": lambda t: dm.context_embedder(t), "flux": lambda t: dm.txt_in(t), "chroma": lambda t: dm.txt_in(t),
              "qwen_image": lambda t: dm.txt_in(dm.txt_norm(t))}.get(arch)
     for kind, i in blocks:
-        extend = _text_extend(embed, neg, box) if embed is not None and (kind, i) == ("double_block", 0) else None
+        extend = _text_extend(embed, neg, box) if (kind, i) == ("double_block", 0) else None
         m.set_model_patch_replace(_joint_block_patch(dit.get((kind, i)), t_neg, box, alpha, window, extend, widen),
                                   "dit", kind, i)

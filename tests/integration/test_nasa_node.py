@@ -234,3 +234,33 @@ def test_the_window_follows_a_shift_node_placed_after_nasa(comfyui, monkeypatch)
     after, steps = active(shift.patch(_nasa(comfyui, base, neg, 0.5, 0.0, 0.5), 6.0)[0])
     before, _ = active(_nasa(comfyui, shift.patch(base, 6.0)[0], neg, 0.5, 0.0, 0.5))
     assert after == before and 0 < len(after) < len(steps)
+
+
+@pytest.mark.parametrize("arch", ["sd15", *DITS])
+def test_two_nasa_nodes_chain_without_seeing_each_others_negative(comfyui, arch):
+    """Two negatives, one NASA node each: a second node with a vanishing alpha, after or before the first, leaves the
+    first's result as it is (its tokens ride along unseen by the prompt and by the first negative); on the UNet the
+    two terms add exactly: negatives equal to the prompt at alpha 0.2 and 0.3 give (1 - 0.5) Z+ at the first layer."""
+    tiny = _tiny(comfyui)
+    base = tiny.build(arch)
+    pos, noise = tiny.conditioning(arch, 1), _noise(arch)
+    neg_a, neg_b = tiny.conditioning(arch, 2), tiny.conditioning(arch, 3)
+    if arch.startswith("hunyuan"):    # padded negatives: each mask must land on its own tokens
+        def padded(c, real):
+            return [[c[0][0], dict(c[0][1], attention_mask=torch.tensor([[1] * real + [0] * (16 - real)]))]]
+        neg_a, neg_b = padded(neg_a, 9), padded(neg_b, 13)
+    one = _sample(_nasa(comfyui, base, neg_a, 0.3), pos, pos, noise, steps=2)
+    for chained in (_nasa(comfyui, _nasa(comfyui, base, neg_a, 0.3), neg_b, 1e-7),
+                    _nasa(comfyui, _nasa(comfyui, base, neg_b, 1e-7), neg_a, 0.3)):
+        torch.testing.assert_close(_sample(chained, pos, pos, noise, steps=2), one, rtol=0,
+                                   atol=1e-5 * float(one.abs().max()))
+    if arch == "sd15":
+        first = base.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn2.to_out[0]
+        seen = []
+        hook = first.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].clone()))
+        try:
+            _sample(base, pos, pos, noise, steps=1)
+            _sample(_nasa(comfyui, _nasa(comfyui, base, pos, 0.2), pos, 0.3), pos, pos, noise, steps=1)
+        finally:
+            hook.remove()
+        torch.testing.assert_close(seen[1], 0.5 * seen[0], rtol=1e-6, atol=1e-6)
