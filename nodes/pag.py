@@ -1,5 +1,5 @@
 """Perturbed-Attention Guidance on chosen layers, as a MODEL patch (UNets, SD3, Flux, Chroma, Qwen-Image, Wan,
-LTX-Video, HunyuanVideo / HunyuanImage 2.1).
+LTX-Video, HunyuanVideo / HunyuanImage 2.1, Lumina 2: nodes/pag_lumina.py, its network calls no block patches).
 
 Like core's PerturbedAttentionGuidance it adds a post-CFG function (a chainable list) that runs one
 extra conditional pass with perturbed options; nothing is installed in the model for the normal
@@ -22,6 +22,7 @@ import comfy.ldm.chroma.model as chroma_model
 import comfy.ldm.flux.model as flux_model
 import comfy.ldm.hunyuan_video.model as hunyuan_model
 import comfy.ldm.lightricks.model as ltxv_model
+import comfy.ldm.lumina.model as lumina_model
 import comfy.ldm.modules.attention as attention
 import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
 import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
@@ -32,13 +33,14 @@ import comfy.patcher_extension as pe
 import comfy.samplers
 
 from ..guidance import pag as pag_math
+from . import pag_lumina
 
 PAPER = "Ahn et al., Self-Rectifying Diffusion Sampling with Perturbed-Attention Guidance (ECCV 2024)"
 PERTURBED_KEY = "trainfree_perturbed"   # set in transformer_options of the perturbed pass (caches may skip it)
 DIT_KEY = {"double": "double_block", "single": "single_block", "joint": "double_block", "block": "double_block"}
 KINDS_OF = {"unet": ("input", "middle", "output"), "flux": ("double", "single"), "chroma": ("double", "single"),
             "sd3": ("joint",), "wan": ("block",), "qwen_image": ("block",), "ltxv": ("block",),
-            "hunyuan_video": ("double", "single")}
+            "hunyuan_video": ("double", "single"), "lumina2": ("block",)}
 
 
 def architecture(model) -> str:
@@ -59,12 +61,11 @@ def architecture(model) -> str:
         return "ltxv"
     if isinstance(dm, hunyuan_model.HunyuanVideo):  # also HunyuanImage 2.1
         return "hunyuan_video"
-    hint = (" Its blocks take no patches in this ComfyUI, so no layer-selecting guidance (core's SkipLayerGuidanceDiT "
-            "neither) reaches them." if type(dm).__name__ == "NextDiT" else
-            " For other DiTs use core's SkipLayerGuidanceDiT.")
+    if isinstance(dm, lumina_model.NextDiT):         # Lumina Image 2.0
+        return "lumina2"
     raise ValueError(f"Perturbed-Attention Guidance (TrainFree) supports UNet models (SD1.x, SD2.x, SDXL), SD3, "
-                     f"Flux, Chroma, Qwen-Image, Wan, LTX-Video and HunyuanVideo; this model's network is "
-                     f"{type(dm).__name__}.{hint}")
+                     f"Flux, Chroma, Qwen-Image, Wan, LTX-Video, HunyuanVideo and Lumina 2; this model's network is "
+                     f"{type(dm).__name__}. For other DiTs use core's SkipLayerGuidanceDiT.")
 
 
 def available_layers(model, arch: str) -> list[tuple[str, int, int | None]]:
@@ -87,6 +88,8 @@ def available_layers(model, arch: str) -> list[tuple[str, int, int | None]]:
         return [("joint", i, None) for i in range(len(dm.joint_blocks))]
     if arch in ("qwen_image", "ltxv"):
         return [("block", i, None) for i in range(len(dm.transformer_blocks))]
+    if arch == "lumina2":
+        return [("block", i, None) for i in range(len(dm.layers))]
     return [("block", i, None) for i in range(len(dm.blocks))]
 
 
@@ -179,10 +182,11 @@ def flipped_blocks(model) -> frozenset:
     return frozenset(i for i, b in enumerate(getattr(dm, "double_blocks", ())) if getattr(b, "flipped_img_txt", False))
 
 
-def perturbed_options(model_options, arch, layers, flipped=frozenset()):
+def perturbed_options(model_options, arch, layers, flipped=frozenset(), counts=None):
     """A copy of model_options whose forward perturbs ``layers``; the original is not modified. ``flipped``: the
-    model's ``flipped_blocks`` (read once when patching: the post-CFG function must not hold its own ModelPatcher,
-    a reference cycle that would keep the whole model alive after ComfyUI drops it)."""
+    model's ``flipped_blocks``, ``counts`` (Lumina 2) its ``pag_lumina.layer_counts`` (read once when patching: the
+    post-CFG function must not hold its own ModelPatcher, a reference cycle that would keep the whole model alive
+    after ComfyUI drops it)."""
     opts = model_options.copy()
     if arch == "unet":
         for kind, idx, t in layers:
@@ -192,6 +196,9 @@ def perturbed_options(model_options, arch, layers, flipped=frozenset()):
         return opts
     to = opts["transformer_options"] = dict(opts["transformer_options"])
     to[PERTURBED_KEY] = "pag"
+    if arch == "lumina2":                           # no block patches: attention calls numbered per forward
+        pag_lumina.perturb(to, counts, [idx for _, idx, _ in layers])
+        return opts
     replace = to["patches_replace"] = dict(to.get("patches_replace", {}))
     dit = replace["dit"] = dict(replace.get("dit", {}))
     box, single = {}, any(k == "single" for k, _, _ in layers)
@@ -231,7 +238,7 @@ class TrainFreePAG:
                    "the self-attention of those layers replaced by the identity, and the result pushed away from it: "
                    "D = CFG + scale (D_cond - D_perturbed). Works with CFG or at cfg 1, with plain KSampler and "
                    "SamplerCustomAdvanced, and chains with other patches. UNets (SD1.x/SDXL), SD3, Flux, Chroma, "
-                   "Qwen-Image, Wan, LTX-Video and HunyuanVideo; on "
+                   "Qwen-Image, Wan, LTX-Video, HunyuanVideo and Lumina 2; on "
                    f"DiTs with joint text-image attention only the image-image part is perturbed. From {PAPER}.")
     CATEGORY = "trainfree/guidance"
     RETURN_TYPES = ("MODEL",)
@@ -242,7 +249,7 @@ class TrainFreePAG:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model to patch (UNet, SD3, Flux, Chroma, Qwen-Image, Wan, "
-                                          "LTX-Video or HunyuanVideo; chains with other patches)."}),
+                                          "LTX-Video, HunyuanVideo or Lumina 2; chains with other patches)."}),
             "scale": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 100.0, "step": 0.01, "round": 0.01,
                                 "tooltip": "PAG scale s. Paper/official defaults: 3.0 together with CFG (4.0), 5.0 at "
                                            "cfg 1. 0 = off (no extra model call)."}),
@@ -251,8 +258,9 @@ class TrainFreePAG:
                                              "'middle.0' on UNets (the paper's mid block, as core's node), the block "
                                              "at half depth on DiTs. UNet: input.N, middle.0, output.N (add .T for one "
                                              "transformer of that block); Flux, Chroma, HunyuanVideo: double.N, "
-                                             "single.N; SD3: joint.N; Wan, Qwen-Image, LTX-Video: block.N; ranges like "
-                                             "double.2-4. Unknown names are refused with the list of valid ones."}),
+                                             "single.N; SD3: joint.N; Wan, Qwen-Image, LTX-Video, Lumina 2: "
+                                             "block.N; ranges like double.2-4. Unknown names are refused with the "
+                                             "list of valid ones."}),
             "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
                                         "tooltip": "Start of the sampling range where PAG is applied (0 = first step). "
                                                    "The paper guides every step."}),
@@ -282,6 +290,7 @@ class TrainFreePAG:
             flipped = flipped_blocks(model)
         elif arch == "hunyuan_video":               # image tokens first in every double block
             flipped = frozenset(range(len(model.get_model_object("diffusion_model").double_blocks)))
+        counts = pag_lumina.layer_counts(model.get_model_object("diffusion_model")) if arch == "lumina2" else None
         m = model.clone()
 
         def post_cfg_function(args):
@@ -294,7 +303,7 @@ class TrainFreePAG:
                                        float(ms.percent_to_sigma(end_percent)))
             if not bool(gate.any()):
                 return denoised
-            opts = perturbed_options(args["model_options"], arch, spec, flipped)
+            opts = perturbed_options(args["model_options"], arch, spec, flipped, counts)
             (perturbed,) = comfy.samplers.calc_cond_batch(inner, [perturbed_conds(args["cond"])], args["input"], sigma,
                                                           opts)
             return pag_math.combine(denoised, args["cond_denoised"], perturbed, scale,

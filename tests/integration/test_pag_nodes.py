@@ -36,7 +36,7 @@ def test_middle_block_equals_cores_node(comfyui, arch, cfg):
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3", "flux", "wan", "wan_i2v", "wan_vace", "chroma",
-                                  "chroma_radiance", "qwen_image", "ltxv", "hunyuan_video", "hunyuan_image"])
+                                  "chroma_radiance", "qwen_image", "ltxv", "hunyuan_video", "hunyuan_image", "lumina2"])
 def test_scale_zero_is_unpatched_and_guidance_changes_the_result(comfyui, arch):
     base = _tiny(comfyui).build(arch)
     plain = _sample(comfyui, base, arch)

@@ -15,4 +15,4 @@ def _graph(b):
 
 GRAPHS = {"pag": _graph}
 ARCHS = {"pag": ["sd15", "sdxl", "sd3", "flux", "chroma", "qwen_image", "ltxv", "hunyuan_video", "wan_i2v",
-                 "wan_vace"]}
+                 "wan_vace", "lumina2"]}
