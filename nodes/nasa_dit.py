@@ -153,8 +153,8 @@ def _hunyuan_inputs(box):
         try:
             return executor(x, timestep, *args, **kwargs)
         finally:
-            box.pop("timesteps", None)
-            box.pop("to", None)
+            for key in ("timesteps", "to", "neg_add"):
+                box.pop(key, None)
     return wrapper
 
 
@@ -170,24 +170,24 @@ def _padding(mask, dtype):
 
 def _hunyuan_extend(dm, neg, neg_mask, box):
     """First double block: the negative through the model's own token refiner ``txt_in`` (this forward's timesteps,
-    the negative's padding mask), appended to the text stream."""
+    the negative's padding mask, kept in ``box`` for this forward's blocks), appended to the text stream."""
     def extend(args):
         txt = args["txt"]
         b = txt.shape[0]
         box["t_pos"] = txt.shape[1]
         box["prefix"] = args["img"].shape[1] + txt.shape[1]      # image and text before this node's negative
         add = _padding(neg_mask, txt.dtype)
-        add = None if add is None else _to_batch(add.to(txt.device), b)
+        box["neg_add"] = add = None if add is None else _to_batch(add.to(txt.device), b)
         extra = dm.txt_in(_to_batch(neg.get(txt.device, txt.dtype), b), box["timesteps"], add,
                           transformer_options=box["to"])
         return dict(args, txt=torch.cat([txt, extra], dim=1))
     return extend
 
 
-def _hunyuan_widen(neg_len, neg_mask, box):
+def _hunyuan_widen(neg_len, box):
     """Every block's rotary table and key mask, which the model made for [image; positive text] (and NASA nodes
     applied after this one widened for their tokens), widened for this node's negative, which follows them: rotary
-    rows as every text token's (position 0), mask: the negative's padding."""
+    rows as every text token's (position 0), mask: the negative's padding (as the first block made it)."""
     def widen(args):
         x, prefix = args["img"], box["prefix"]
         out, pe, mask = dict(args), args.get("pe"), args.get("attention_mask")
@@ -197,14 +197,14 @@ def _hunyuan_widen(neg_len, neg_mask, box):
                                    "and text tokens precede the negative; another patch changed the token count")
             last = pe.narrow(2, pe.shape[2] - 1, 1)
             out["pe"] = torch.cat([pe, last.expand(*last.shape[:2], neg_len, *last.shape[3:])], 2)
-        add = _padding(neg_mask, x.dtype)
+        add = box["neg_add"]
         if mask is None and add is None:
             return out
         if mask is not None and mask.shape[-1] != prefix:
             raise RuntimeError(f"NASA (TrainFree): an attention mask over {mask.shape[-1]} tokens where {prefix} "
                                "precede the negative; another patch changed the token count")
         pos = mask.reshape(mask.shape[0], 1, -1) if mask is not None else x.new_zeros(1, 1, prefix)
-        negp = x.new_zeros(1, 1, neg_len) if add is None else _to_batch(add.to(x.device), x.shape[0]).unsqueeze(1)
+        negp = x.new_zeros(1, 1, neg_len) if add is None else add.unsqueeze(1)
         rows = max(pos.shape[0], negp.shape[0])
         out["attention_mask"] = torch.cat([pos.expand(rows, 1, -1), negp.to(pos.dtype).expand(rows, 1, -1)], -1)
         return out
@@ -313,7 +313,7 @@ def patch_dit(m, arch, dm, neg, negative, alpha, window, dit):
             raise ValueError(f"NASA: the negative's attention mask {tuple(pad.shape)} does not match its "
                              f"{tuple(negative[0].shape[:2])} tokens")
         m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "trainfree_nasa", _hunyuan_inputs(box))
-        widen, extend = _hunyuan_widen(t_neg, pad, box), _hunyuan_extend(dm, neg, pad, box)
+        widen, extend = _hunyuan_widen(t_neg, box), _hunyuan_extend(dm, neg, pad, box)
         blocks = [("double_block", i) for i in range(len(dm.double_blocks))] + \
                  [("single_block", i) for i in range(len(dm.single_blocks))]
         for kind, i in blocks:
@@ -332,8 +332,8 @@ def patch_dit(m, arch, dm, neg, negative, alpha, window, dit):
     elif arch == "qwen_image":
         m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "trainfree_nasa", _qwen_start(box))
         widen = _pe_widen(1, _qwen_rows(dm, box), t_neg, box)
-    embed = {"sd3": lambda t: dm.context_embedder(t), "flux": lambda t: dm.txt_in(t), "chroma": lambda t: dm.txt_in(t),
-             "qwen_image": lambda t: dm.txt_in(dm.txt_norm(t))}.get(arch)
+    embed = {"sd3": lambda t: dm.context_embedder(t),
+             "qwen_image": lambda t: dm.txt_in(dm.txt_norm(t))}.get(arch, lambda t: dm.txt_in(t))   # Flux, Chroma
     for kind, i in blocks:
         extend = _text_extend(embed, neg, box) if (kind, i) == ("double_block", 0) else None
         m.set_model_patch_replace(_joint_block_patch(dit.get((kind, i)), t_neg, box, alpha, window, extend, widen),
