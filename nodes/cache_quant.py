@@ -46,6 +46,8 @@ def _dit_classes() -> dict:
                                ("hunyuan_video", "comfy.ldm.hunyuan_video.model", "HunyuanVideo"),
                                ("sd3", "comfy.ldm.modules.diffusionmodules.mmdit", "OpenAISignatureMMDITWrapper"),
                                ("wan", "comfy.ldm.wan.model", "WanModel"),
+                               ("wan", "comfy.ldm.wan.model", "CameraWanModel"),
+                               ("wan", "comfy.ldm.wan.model", "HumoWanModel"),
                                ("qwen_image", "comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel"),
                                ("ltxv", "comfy.ldm.lightricks.model", "LTXVModel")):
         try:
@@ -68,15 +70,17 @@ def dit_span(model, head: int, tail: int):
                   "ltxv": "transformer_blocks"}[arch]
         keys = [("double_block", i) for i in range(len(getattr(dm, blocks)))]
     else:
+        between = {"VaceWanModel": "VACE adds its control hints", "AnimateWanModel": "Animate adds its face "
+                   "features", "WanModel_S2V": "speech-to-video adds its audio features"}.get(type(dm).__name__)
         variant = ""
-        if type(dm).__name__ == "VaceWanModel":
-            variant = " (VACE adds its control hints between the blocks, which a block cache would skip or count twice)"
+        if between:
+            variant = f" ({between} between the blocks, which a block cache would skip or count twice)"
         elif any(c.__name__ == "WanModel" and isinstance(dm, c) for c in _dit_classes()):
             variant = f" (a Wan variant, {type(dm).__name__}, this cache has not been tested on)"
         raise ValueError(f"DiT block cache: {type(model.model).__name__} ({type(dm).__name__}) is not supported"
                          f"{variant}; it caches the transformer blocks of Flux, Chroma, SD3/SD3.5, Wan 2.1/2.2 (text- "
-                         "and image-to-video), HunyuanVideo, Qwen-Image and LTX-Video models. For SD1.5/SDXL U-Nets "
-                         "use a U-Net cache such as DeepCache.")
+                         "and image-to-video, camera control, HuMo), HunyuanVideo, Qwen-Image and LTX-Video models. "
+                         "For SD1.5/SDXL U-Nets use a U-Net cache such as DeepCache.")
     if head + tail >= len(keys):
         raise ValueError(f"DiT block cache: this {arch} model has {len(keys)} blocks; head_blocks + tail_blocks "
                          f"({head} + {tail}) must leave at least one block to cache")

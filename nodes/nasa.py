@@ -179,6 +179,15 @@ class TrainFreeNASA:
         return (m,)
 
 
+_WAN = tuple(c for c in (getattr(wan_model, n, None) for n in ("WanModel", "VaceWanModel", "CameraWanModel",
+                                                                 "HumoWanModel")) if c is not None)
+try:
+    from comfy.ldm.wan.model_animate import AnimateWanModel
+    _WAN += (AnimateWanModel,)
+except ImportError:             # an older ComfyUI
+    pass
+
+
 def _architecture(dm):
     """(family, features per token of the text input) or a ValueError naming what is supported."""
     if isinstance(dm, openaimodel.UNetModel):
@@ -202,14 +211,17 @@ def _architecture(dm):
         if getattr(dm, "context_processor", None) is not None or not hasattr(dm.context_embedder, "in_features"):
             raise ValueError("NASA: this MMDiT variant processes its text context before the blocks; not supported")
         return "sd3", dm.context_embedder.in_features
-    if type(dm) in (wan_model.WanModel, wan_model.VaceWanModel):   # t2v, i2v (2.1: CLIP tokens; 2.2), FLF2V, VACE
+    if type(dm) is getattr(wan_model, "WanModel_S2V", None):
+        raise ValueError("NASA: Wan speech-to-video (S2V) is not supported: ComfyUI's S2V network does not hand its "
+                         "blocks the transformer options that carry NASA's attention change")
+    if type(dm) in _WAN:    # t2v, i2v (2.1: CLIP tokens; 2.2), FLF2V, VACE, camera control, HuMo, Animate
         if not isinstance(dm.blocks[0].cross_attn, (wan_model.WanT2VCrossAttention, wan_model.WanI2VCrossAttention)):
             raise ValueError(f"NASA: this Wan model's cross-attention ({type(dm.blocks[0].cross_attn).__name__}) is "
                              "not supported")
         return "wan", dm.text_embedding[0].in_features
     raise ValueError(f"NASA (TrainFree) supports UNet models (SD1.x, SD2.x, SDXL), Flux, Chroma, SD3, Qwen-Image, "
-                     f"Wan (text-to-video, image-to-video, VACE), LTX-Video and HunyuanVideo; this model's network is "
-                     f"{type(dm).__name__}.")
+                     f"Wan (text-to-video, image-to-video, VACE, camera control, HuMo, Animate), LTX-Video and "
+                     f"HunyuanVideo; this model's network is {type(dm).__name__}.")
 
 
 NODES = {"TrainFreeNASA": (TrainFreeNASA, "NASA negative prompt at cfg 1 (TrainFree)")}

@@ -10,9 +10,10 @@ DIFFUSION_MODEL wrapper), and the negative gets the positions a negative-prompt 
 Several NASA nodes chain: each appends its tokens after those of the nodes applied after it (their patches run
 first), widens the table at its own tokens' place, and its override hands the sequence without its own tokens to
 the next one, so each sees its own layout.
-Wan (text- and image-to-video; 2.1's image cross-attention comes first and is left alone; VACE's control blocks,
-run outside the block patches, keep the positive prompt): each block's patch appends the negative (through
-``text_embedding``) to the block's context;
+Wan (text- and image-to-video, camera control, HuMo, Animate; 2.1's image cross-attention comes first and is left
+alone unless, run without CLIP-vision tokens, it attends the prompt; HuMo's audio attention is left alone; VACE's
+control blocks, run outside the block patches, keep the positive prompt): each block's patch appends the negative
+(through ``text_embedding``) to the block's context;
 the block's own cross-attention projects both, and its override splits the keys. LTX-Video: the same (through
 ``caption_projection``), and the negative's padding mask is appended to the cross-attention mask, which the
 override splits with the keys. HunyuanVideo (and HunyuanImage 2.1): as Chroma, but the negative goes through the
@@ -23,12 +24,17 @@ timestep-conditioned token refiner ``txt_in`` (timesteps read by a DIFFUSION_MOD
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 
 import comfy.ldm.wan.model as wan_model
 import comfy.patcher_extension as pe
 
 from ..guidance import nasa as nasa_math
+
+
+_inner = threading.local()     # .negative: a Wan NASA override is making its negative-prompt call
 
 
 def _to_batch(t, batch):
@@ -213,27 +219,39 @@ def _hunyuan_widen(neg_len, box):
 
 def _wan_block_patch(prev, text_call, dm, neg, alpha, window):
     """Wan: append the embedded negative to the block's context; in the text cross-attention call split the keys
-    into positive and negative parts (the module's own k / norm_k / v projected both)."""
+    into positive and negative parts (the module's own k / norm_k / v projected both). Wan 2.1 image-to-video run
+    without CLIP-vision tokens hands its image branch the whole context (the prompt, through k_img / v_img): that
+    call is steered too, as a negative-prompt pass would change both."""
     def patch(args, extra):
         ctx = args["txt"]
         neg_emb = _to_batch(dm.text_embedding(neg.get(ctx.device, ctx.dtype)), ctx.shape[0])
         t_neg = neg_emb.shape[1]
+        total = ctx.shape[1] + t_neg
         to = dict(args["transformer_options"])
         earlier = to.get("optimized_attention_override")
         calls = [0]
 
         def override(func, *a, **kw):
-            calls[0] += 1
-            if calls[0] - 1 != text_call:
+            if getattr(_inner, "negative", False):   # an inner NASA node's negative-prompt call: not one to count
                 return _call(earlier, func, *a, **kw)
+            calls[0] += 1
             q, k, v = a[:3]
+            if calls[0] - 1 != text_call and not (calls[0] == 2 and text_call == 2 and k.shape[1] == total):
+                return _call(earlier, func, *a, **kw)
             heads = a[3] if len(a) > 3 else kw.pop("heads")
             rows = window.rows(to, q.shape[0], q.device)
 
             def attend(q_, k_, v_):
                 return _call(earlier, func, q_, k_, v_, heads, **kw)
+
+            def attend_negative(q_, k_, v_):
+                before, _inner.negative = getattr(_inner, "negative", False), True
+                try:
+                    return attend(q_, k_, v_)
+                finally:
+                    _inner.negative = before
             return nasa_math.cross_nasa_attention(q, k[:, :-t_neg], v[:, :-t_neg], k[rows][:, -t_neg:],
-                                                  v[rows][:, -t_neg:], alpha, rows, attend)
+                                                  v[rows][:, -t_neg:], alpha, rows, attend_negative, attend)
 
         to["optimized_attention_override"] = override
         new_args = dict(args, txt=torch.cat([ctx, neg_emb], dim=1), transformer_options=to)

@@ -53,7 +53,11 @@ def architecture(model) -> str:
         return "chroma"
     if isinstance(dm, mmdit.MMDiT):
         return "sd3"
-    if isinstance(dm, wan_model.WanModel):
+    if type(dm) is getattr(wan_model, "WanModel_S2V", None):
+        raise ValueError("Perturbed-Attention Guidance (TrainFree): Wan speech-to-video (S2V) is not supported: "
+                         "ComfyUI's S2V network does not hand its blocks the transformer options that carry the "
+                         "perturbation, so the guidance would do nothing")
+    if isinstance(dm, wan_model.WanModel):      # t2v, i2v, VACE, camera control, HuMo, Animate
         return "wan"
     if isinstance(dm, qwen_model.QwenImageTransformer2DModel):
         return "qwen_image"

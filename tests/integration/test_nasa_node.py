@@ -164,15 +164,15 @@ def test_refusals_at_queue_time(comfyui):
     tiny = _tiny(comfyui)
     odd = tiny.build("sd15")
     odd.model.diffusion_model = torch.nn.Identity()
-    with pytest.raises(ValueError, match=r"supports UNet .* Wan \(text-to-video, image-to-video, VACE\), LTX-Video and "
-                                         "HunyuanVideo; this model's network is Identity"):
+    with pytest.raises(ValueError, match=r"supports UNet .* Wan \(text-to-video, image-to-video, VACE, camera control, "
+                                         r"HuMo, Animate\), LTX-Video and HunyuanVideo; this model's network is Identity"):
         _nasa(comfyui, odd, tiny.conditioning("sd15", 2))
     import comfy.ldm.wan.model as wan_model
 
-    camera = tiny.build("wan")      # a variant that feeds its blocks camera features
-    camera.model.diffusion_model.__class__ = wan_model.CameraWanModel
-    with pytest.raises(ValueError, match="this model's network is CameraWanModel"):
-        _nasa(comfyui, camera, tiny.conditioning("wan", 2))
+    future = tiny.build("wan")      # a Wan variant this ComfyUI does not have yet: its blocks may take other inputs
+    future.model.diffusion_model.__class__ = type("FutureWanModel", (wan_model.WanModel,), {})
+    with pytest.raises(ValueError, match="this model's network is FutureWanModel"):
+        _nasa(comfyui, future, tiny.conditioning("wan", 2))
     with pytest.raises(ValueError, match="32 features per token, this model's text input takes 64"):
         _nasa(comfyui, tiny.build("sd15"), [[torch.zeros(1, 77, 32), {}]])
     for arch in ("sd3", "flux", "wan", "wan_i2v", "chroma", "qwen_image", "ltxv", "hunyuan_video"):

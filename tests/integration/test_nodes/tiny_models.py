@@ -10,7 +10,10 @@ milliseconds and sample an 8x8 latent in a fraction of a second on one CPU threa
 "wan_vace" (Wan 2.1 VACE: one control block beside block 0, fed an empty control video unless the conditioning
 holds one), "qwen_image" (T = 1), "hunyuan_video" and "ltxv" (128 channels); "chroma_radiance" works in pixel space
 (3 channels); "hunyuan_image" (HunyuanImage 2.1) has 64 channels and patch size 1; "lumina2" is Lumina Image 2.0's
-NextDiT (a Gemma text encoder with a padding mask; ComfyUI 0.3.64 gives it no block patches).
+NextDiT (a Gemma text encoder with a padding mask; ComfyUI 0.3.64 gives it no block patches). Wan variants:
+"wan_camera" (2.1 camera control: wan_i2v's cross-attention, camera embeddings added after the patch embedding),
+"wan_humo" (HuMo 1.7B: an attention over audio tokens after the text cross-attention), "wan_animate" (2.2 Animate,
+no face input) and "wan_s2v" (2.2 speech-to-video, no audio: its blocks get no transformer options).
 
 ``VARIANTS`` are v-prediction UNets, built as their base arch with core's ModelSamplingDiscrete applied: "sd15_v"
 (SD2.x-style v-prediction) and "sdxl_vzsnr" (v-prediction with zero terminal SNR, as the v-pred SDXL finetunes;
@@ -21,12 +24,15 @@ from __future__ import annotations
 import torch
 
 ARCHS = ("sd15", "sdxl", "sd3", "flux", "wan", "chroma", "chroma_radiance", "qwen_image", "hunyuan_video", "hunyuan_image",
-         "ltxv", "wan_i2v", "wan_vace", "lumina2")
+         "ltxv", "wan_i2v", "wan_vace", "lumina2", "wan_camera", "wan_humo", "wan_animate", "wan_s2v")
+WAN_VARIANTS = ("wan_camera", "wan_humo", "wan_animate", "wan_s2v")
 # spatial (and temporal) dimensions of each arch's latent, after batch and channels
 LATENT_DIMS = {"sd15": 2, "sdxl": 2, "sd3": 2, "flux": 2, "wan": 3, "chroma": 2, "chroma_radiance": 2, "qwen_image": 3,
-               "hunyuan_video": 3, "hunyuan_image": 2, "ltxv": 3, "wan_i2v": 3, "wan_vace": 3, "lumina2": 2}
+               "hunyuan_video": 3, "hunyuan_image": 2, "ltxv": 3, "wan_i2v": 3, "wan_vace": 3, "lumina2": 2,
+               **{a: 3 for a in WAN_VARIANTS}}
 # frames of the 5-D latents the tests sample (Qwen-Image, an image model, keeps a frame axis of 1)
-FRAMES = {"wan": 2, "ltxv": 2, "qwen_image": 1, "hunyuan_video": 1, "wan_i2v": 2, "wan_vace": 2}
+FRAMES = {"wan": 2, "ltxv": 2, "qwen_image": 1, "hunyuan_video": 1, "wan_i2v": 2, "wan_vace": 2,
+          **{a: 2 for a in WAN_VARIANTS}}
 # name: (base arch, zsnr) of the v-prediction variants
 VARIANTS = {"sd15_v": ("sd15", False), "sdxl_vzsnr": ("sdxl", True)}
 CHOICES = ARCHS + tuple(VARIANTS)
@@ -36,7 +42,7 @@ COND_SHAPES = {"sd15": (77, 64, None), "sdxl": (77, 64, 32), "sd3": (77, 64, 32)
                "wan": (16, 64, None), "chroma": (16, 64, 32), "chroma_radiance": (16, 64, 32),
                "qwen_image": (16, 64, None), "ltxv": (16, 64, None),
                "hunyuan_video": (16, 64, 32), "hunyuan_image": (16, 64, None), "wan_i2v": (16, 64, None),
-               "wan_vace": (16, 64, None), "lumina2": (16, 64, None)}
+               "wan_vace": (16, 64, None), "lumina2": (16, 64, None), **{a: (16, 64, None) for a in WAN_VARIANTS}}
 CLIP_VISION_TOKENS = 4          # wan_i2v: the image's CLIP-vision tokens (257 x 1280 in the real model)
 
 _UNET = {
@@ -75,6 +81,14 @@ def _config(arch):
         cfg = sm.WAN21_I2V({"image_model": "wan2.1", "model_type": "i2v", "patch_size": (1, 2, 2), "text_len": 16,
                             "in_dim": 36, "dim": 64, "ffn_dim": 128, "freq_dim": 32, "text_dim": 64,
                             "out_dim": 16, "num_heads": 2, "num_layers": 2, "eps": 1e-6})
+    elif arch in WAN_VARIANTS:
+        wan = {"image_model": "wan2.1", "patch_size": (1, 2, 2), "text_len": 16, "dim": 64, "ffn_dim": 128,
+               "freq_dim": 32, "text_dim": 64, "out_dim": 16, "num_heads": 2, "num_layers": 2, "eps": 1e-6}
+        cfg = {"wan_camera": lambda: sm.WAN21_Camera(dict(wan, model_type="camera", in_dim=32)),
+               "wan_humo": lambda: sm.WAN21_HuMo(dict(wan, model_type="humo", in_dim=16)),
+               "wan_animate": lambda: sm.WAN22_Animate(dict(wan, model_type="animate", in_dim=36)),
+               "wan_s2v": lambda: sm.WAN22_S2V(dict(wan, model_type="s2v", in_dim=16, audio_dim=32,
+                                                    audio_inject_layers=[0, 1]))}[arch]()
     elif arch == "lumina2":
         cfg = sm.Lumina2({"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "cap_feat_dim": 64,
                           "n_layers": 2, "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 1, "qk_norm": True,
@@ -200,8 +214,12 @@ def conditioning(arch: str, seed: int = 0, batch: int = 1):
         extra.update(width=64, height=64, crop_w=0, crop_h=0, target_width=64, target_height=64)
     if arch in ("ltxv", "lumina2"):   # their encoders' padding mask (all real tokens here; Lumina 2 needs it)
         extra["attention_mask"] = torch.ones(batch, tokens, dtype=torch.long)
-    if arch == "wan_i2v":       # what WanImageToVideo puts there: CLIPVisionEncode's output of one start image, the
-        import types            # same whatever the prompt (no start image latent: zeros)
+    if arch == "wan_camera":    # WanCameraEmbedding's output for an 8x8 latent of 2 frames (24 x 2 x 64 x 64)
+        extra["camera_conditions"] = torch.randn(1, 24, 2, 64, 64, generator=torch.Generator().manual_seed(54321))
+    if arch == "wan_humo":      # the audio encoder's features of 2 latent frames (8-sample window, 5 layers, 1280)
+        extra["audio_embed"] = torch.randn(batch, 2, 8, 5, 1280, generator=torch.Generator().manual_seed(54321))
+    if arch in ("wan_i2v", "wan_camera"):   # what WanImageToVideo puts there: CLIPVisionEncode's output of one
+        import types            # start image, the same whatever the prompt (no start image latent: zeros)
 
         image = torch.randn(1, CLIP_VISION_TOKENS, 1280, generator=torch.Generator().manual_seed(12345))
         extra["clip_vision_output"] = types.SimpleNamespace(penultimate_hidden_states=image.expand(batch, -1, -1))
