@@ -18,7 +18,8 @@ the block's own cross-attention projects both, and its override splits the keys.
 ``caption_projection``), and the negative's padding mask is appended to the cross-attention mask, which the
 override splits with the keys. HunyuanVideo (and HunyuanImage 2.1): as Chroma, but the negative goes through the
 timestep-conditioned token refiner ``txt_in`` (timesteps read by a DIFFUSION_MODEL wrapper), the joint sequence is
-[image; positive text; negative text], and each block's patch widens the prompts' padding mask with the rotary table.
+[image; positive text; negative text], and each block's patch widens the prompts' padding mask with the rotary table;
+HunyuanImage 2.1's glyph tokens (byT5 features of quoted text) follow each prompt's text, through ``byt5_in``.
 
 ``window`` is the node's _Window: its ``rows(transformer_options, batch, device)`` says which rows to steer.
 """
@@ -174,18 +175,24 @@ def _padding(mask, dtype):
     return None if not bool(mask.any()) else mask.to(dtype)
 
 
-def _hunyuan_extend(dm, neg, neg_mask, box):
+def _hunyuan_extend(dm, neg, neg_mask, box, glyph=None):
     """First double block: the negative through the model's own token refiner ``txt_in`` (this forward's timesteps,
-    the negative's padding mask, kept in ``box`` for this forward's blocks), appended to the text stream."""
+    the negative's padding mask, kept in ``box`` for this forward's blocks), then (HunyuanImage 2.1) its ``glyph``
+    tokens (the byT5 features of quoted text) through ``byt5_in``, as the model's forward does for a prompt;
+    appended to the text stream."""
     def extend(args):
         txt = args["txt"]
         b = txt.shape[0]
         box["t_pos"] = txt.shape[1]
         box["prefix"] = args["img"].shape[1] + txt.shape[1]      # image and text before this node's negative
         add = _padding(neg_mask, txt.dtype)
-        box["neg_add"] = add = None if add is None else _to_batch(add.to(txt.device), b)
+        add = None if add is None else _to_batch(add.to(txt.device), b)
         extra = dm.txt_in(_to_batch(neg.get(txt.device, txt.dtype), b), box["timesteps"], add,
                           transformer_options=box["to"])
+        if glyph is not None:
+            extra = torch.cat([extra, _to_batch(dm.byt5_in(glyph.to(txt.device, txt.dtype)), b)], dim=1)
+            add = None if add is None else torch.cat([add, add.new_zeros(b, glyph.shape[1])], dim=1)
+        box["neg_add"] = add
         return dict(args, txt=torch.cat([txt, extra], dim=1))
     return extend
 
@@ -330,8 +337,14 @@ def patch_dit(m, arch, dm, neg, negative, alpha, window, dit):
         if pad is not None and tuple(pad.shape) != tuple(negative[0].shape[:2]):
             raise ValueError(f"NASA: the negative's attention mask {tuple(pad.shape)} does not match its "
                              f"{tuple(negative[0].shape[:2])} tokens")
+        glyph = negative[1].get("conditioning_byt5small") if getattr(dm, "byt5_in", None) is not None else None
+        if glyph is not None:
+            if glyph.ndim != 3 or glyph.shape[0] not in (1, negative[0].shape[0]):
+                raise ValueError(f"NASA: the negative's glyph (byT5) features {tuple(glyph.shape)} do not match its "
+                                 f"{tuple(negative[0].shape[:2])} tokens")
+            t_neg += glyph.shape[1]
         m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "trainfree_nasa", _hunyuan_inputs(box))
-        widen, extend = _hunyuan_widen(t_neg, box), _hunyuan_extend(dm, neg, pad, box)
+        widen, extend = _hunyuan_widen(t_neg, box), _hunyuan_extend(dm, neg, pad, box, glyph)
         blocks = [("double_block", i) for i in range(len(dm.double_blocks))] + \
                  [("single_block", i) for i in range(len(dm.single_blocks))]
         for kind, i in blocks:

@@ -172,3 +172,26 @@ def test_hunyuan_prompts_padding_masks_reach_their_own_streams(comfyui, arch):
     assert (unmasked["txt"][:, 16:] - want_neg["txt"]).abs().max() > 1e-3 * scale
     with pytest.raises(ValueError, match=r"attention mask \(1, 9\) does not match its \(1, 16\) tokens"):
         _nasa(comfyui, base, [[neg_t, {"attention_mask": torch.ones(1, 9, dtype=torch.long)}]])
+
+
+def test_hunyuan_image_glyph_tokens_follow_each_prompt(comfyui):
+    """HunyuanImage 2.1 appends a prompt's glyph tokens (byT5 features of its quoted text, through ``byt5_in``) to its
+    refined text. With glyphs in both prompts (6 and 5 tokens), NASA's first double block (alpha vanishing) gives the
+    positive's streams of its own forward and the negative's 16 + 5 text tokens of the negative's own forward."""
+    tiny = _tiny(comfyui)
+    cfg = tiny._config("hunyuan_image")
+    cfg.unet_config["byt5"] = True
+    base = tiny.patcher(cfg)
+    (pos_t, pos_x), = tiny.conditioning("hunyuan_image", 1)
+    neg_t = tiny.conditioning("hunyuan_image", 2)[0][0]
+    glyphs = torch.randn(2, 6, 1472, generator=torch.Generator().manual_seed(9))
+    pos = [[pos_t, dict(pos_x, conditioning_byt5small=glyphs[:1])]]
+    neg = [[neg_t, dict(pos_x, conditioning_byt5small=glyphs[1:, :5])]]
+    noise = _noise("hunyuan_image")
+    got = _first_block_out(_nasa(comfyui, base, neg, 1e-7), pos, noise)
+    want_pos, want_neg = _first_block_out(base, pos, noise), _first_block_out(base, neg, noise)
+    assert want_pos["txt"].shape[1] == 22 and want_neg["txt"].shape[1] == 21 and got["txt"].shape[1] == 43
+    scale = float(want_pos["txt"].abs().max())
+    torch.testing.assert_close(got["txt"][:, :22], want_pos["txt"], rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(got["img"], want_pos["img"], rtol=0, atol=1e-5 * float(want_pos["img"].abs().max()))
+    torch.testing.assert_close(got["txt"][:, 22:], want_neg["txt"], rtol=0, atol=1e-5 * scale)
