@@ -1,6 +1,6 @@
 """How low can a few-step solver go on the analytic kit? What a fitted one reaches, next to issue 3's 0.5x target.
 
-    COMFYUI_PATH=/path/to/ComfyUI python -m bench.solver_bound [--cells ve:7.5:5,flow:7.5:5] [--train 2048]
+    COMFYUI_PATH=/path/to/ComfyUI python -m bench.solver_bound [--cells ve:7.5:5,flow:7.5:5] [--train 2048] [--order 2]
 
 Not a pack feature: an experiment that tells whether the target is out of reach of any few-step
 solver here or only of the calibrated solvers the pack ships. The solver is the most general
@@ -17,6 +17,8 @@ the Schedule Search node moves only the sigmas, derivative-free). The iterate ke
 the lowest error on 1024 validation noises; the error is then measured on the benchmark's 8192
 held-out noises (``--heldout``), next to ComfyUI's built-ins on the same noises and schedule (Karras / linear t).
 
+``--order K`` fits only the sigmas, the weights being the exponential Adams-Bashforth rule of order K on them
+(``adams_weights``; 1: DDIM): does a higher-order fixed rule on ideal sigmas get there?
 ``--dc-joint`` instead searches what the pack's own methods can move, DC-Solver's compensation ratios and
 the interior sigmas, jointly and end to end but without gradients (coordinate pattern search, 600 runs,
 ``fit_dc``): what a calibration node could get from them together.
@@ -46,12 +48,37 @@ def _sigma(lam, kind):
     return torch.exp(-lam) if kind == "ve" else torch.sigmoid(-lam)
 
 
-class LearnedIntegrator(torch.nn.Module):
-    """The general n-step exponential integrator above, initialised as DDIM on ``sigmas`` (n steps, ending at 0)."""
+def adams_weights(lam, i, order):
+    """Weights w_ij of the exponential Adams-Bashforth rule of ``order`` for the step lam[i] -> lam[i+1]: the
+    Lagrange polynomial in lambda through the last ``order`` denoised outputs, integrated exactly against
+    e^(lam - lam[i+1]) (16-point Gauss-Legendre) and divided by that weight's integral 1 - e^-h, so they sum to 1.
+    Order 1 is DDIM; a point at lambda = -inf (flow's start) is left out of the stencil."""
+    import numpy as np
 
-    def __init__(self, sigmas, kind):
+    stencil = [j for j in range(i, max(-1, i - order), -1) if math.isfinite(float(lam[j]))] or [i]
+    if len(stencil) == 1:                                   # DDIM (flow's first step: h is infinite)
+        return torch.nn.functional.one_hot(torch.tensor(i), i + 1).double()
+    u, v = (torch.tensor(t, dtype=torch.float64) for t in np.polynomial.legendre.leggauss(16))
+    h = lam[i + 1] - lam[i]
+    nodes = lam[i] + h * (u + 1) / 2
+    kernel = torch.exp(nodes - lam[i + 1]) * v * h / 2
+    w = torch.zeros(i + 1, dtype=torch.float64)
+    for j in stencil:
+        basis = torch.ones_like(nodes)
+        for m in stencil:
+            if m != j:
+                basis = basis * (nodes - lam[m]) / (lam[j] - lam[m])
+        w = w + torch.nn.functional.one_hot(torch.tensor(j), i + 1).double() * (kernel * basis).sum()
+    return w / -torch.expm1(-h)
+
+
+class LearnedIntegrator(torch.nn.Module):
+    """The general n-step exponential integrator above, initialised as DDIM on ``sigmas`` (n steps, ending at 0);
+    with ``order`` its weights are not free but the exponential Adams rule of that order on its (fitted) sigmas."""
+
+    def __init__(self, sigmas, kind, order=None):
         super().__init__()
-        self.kind, self.n, self.sigma0 = kind, len(sigmas) - 1, sigmas[:1].double()
+        self.kind, self.n, self.sigma0, self.order = kind, len(sigmas) - 1, sigmas[:1].double(), order
         lam = _lam(sigmas[1:-1].double(), kind)
         self.lam1 = torch.nn.Parameter(lam[:1].clone())
         self.gaps = torch.nn.Parameter(torch.log(torch.expm1(lam[1:] - lam[:-1])))   # softplus^-1: order kept
@@ -64,9 +91,11 @@ class LearnedIntegrator(torch.nn.Module):
 
     def forward(self, denoise, x):
         sig, outs = self.sigmas(), []
+        lam = _lam(sig.clamp(max=1.0) if self.kind == "flow" else sig, self.kind)
         for i in range(self.n):
             outs.append(denoise(x, sig[i]))
-            d = sum(self.w[i][j] * outs[j] for j in range(i + 1))
+            w = self.w[i] if self.order is None or i == self.n - 1 else adams_weights(lam, i, self.order)
+            d = sum(w[j] * outs[j] for j in range(i + 1))
             a0, s0 = _coefs(sig[i], self.kind)
             a1, s1 = _coefs(sig[i + 1], self.kind)
             x = (s1 / s0) * x + (a1 - a0 * s1 / s0) * d
@@ -84,7 +113,7 @@ def _problem(kind, cfg, n, seed, sig0):
 
 
 def fit(kind, cfg, steps, train=2048, iters=300, lr=0.02, heldout=8192, schedule_only=False, validation=1024,
-        log=print):
+        order=None, log=print):
     """(fitted integrator, its relative RMSE on the held-out noises, the held-out problem)."""
     from .__main__ import _schedule
 
@@ -92,15 +121,16 @@ def fit(kind, cfg, steps, train=2048, iters=300, lr=0.02, heldout=8192, schedule
     sig0 = float(sched[0])
     tr, va, te = (_problem(kind, cfg, n, seed, sig0) for n, seed in ((train, 7), (validation, 8), (heldout, 42)))
     scale = float(te[2].pow(2).mean().sqrt())
-    solver = LearnedIntegrator(sched, kind)
-    opt = torch.optim.Adam([solver.lam1, solver.gaps] if schedule_only else solver.parameters(), lr=lr)
+    solver = LearnedIntegrator(sched, kind, order)
+    opt = torch.optim.Adam([solver.lam1, solver.gaps] if schedule_only or order else solver.parameters(), lr=lr)
 
     def rel(problem):
         with torch.no_grad():
             return float((solver(problem[0].exact, problem[1]) - problem[2]).pow(2).mean().sqrt()) / scale
 
     best = (rel(va), {k: v.clone() for k, v in solver.state_dict().items()})
-    log(f"  {kind} CFG {cfg} NFE {steps}: DDIM start {rel(te):.3e} on the held-out noises")
+    log(f"  {kind} CFG {cfg} NFE {steps}: {'DDIM' if order is None else f'order-{order} Adams'} start "
+        f"{rel(te):.3e} on the held-out noises")
     for it in range(iters):
         opt.zero_grad()
         loss = (solver(tr[0].exact, tr[1]) - tr[2]).pow(2).mean()
@@ -181,6 +211,8 @@ def main():
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--schedule-only", action="store_true",
                         help="fit only the sigmas (DDIM weights kept): Euler/DDIM on a gradient-fitted schedule")
+    parser.add_argument("--order", type=int, default=None,
+                        help="fit only the sigmas of the exponential Adams-Bashforth rule of this order (1: DDIM)")
     parser.add_argument("--dc-joint", action="store_true",
                         help="search DC-Solver's ratios and the sigmas jointly, end to end, without gradients")
     parser.add_argument("--heldout", type=int, default=8192, help="noises the error is measured on (seed 42)")
@@ -197,7 +229,7 @@ def main():
             sigmas, _, err, (model, x, ref) = fit_dc(kind, cfg, steps, args.train or 1024, heldout=args.heldout)
         else:
             solver, err, (model, x, ref) = fit(kind, cfg, steps, args.train or 2048, args.iters, heldout=args.heldout,
-                                                 schedule_only=args.schedule_only)
+                                                 schedule_only=args.schedule_only, order=args.order)
             sigmas = solver.sigmas().detach()
         scale = float(ref.pow(2).mean().sqrt())
         best_name, best = None, math.inf
@@ -217,6 +249,7 @@ def main():
         rows.append((cell, err, best_name, best, sig))
         print(f"  fitted: {err:.3e}, best built-in {best_name} {best:.3e}; sigmas {sig}", flush=True)
     what = ("DC-Solver, ratios and sigmas searched jointly" if args.dc_joint else
+            f"order-{args.order} exponential Adams on fitted sigmas" if args.order else
             "Euler/DDIM on fitted sigmas" if args.schedule_only else "jointly fitted integrator")
     print(f"\n| cell (kind:CFG:NFE) | {what} | best built-in | ratio |\n|---|---|---|---|")
     for cell, err, name, best, _ in rows:

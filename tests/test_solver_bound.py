@@ -53,3 +53,25 @@ def test_dc_joint_search_keeps_its_budget_and_lowers_the_training_error():
     assert bool((sigmas[1:] < sigmas[:-1]).all()) and sigmas[-1] == 0.0
     out = sample_dc_solver(model.exact, x.clone(), sigmas, ratios=ratios, kind="ve")   # err is that run's error
     assert abs(float((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()) - err) < 1e-12
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_adams_weights_integrate_polynomials_of_lower_degree_exactly(order):
+    """The exponential Adams rule of order k reproduces sum_j w_ij D_j = int e^(l - l1) D(l) dl / (1 - e^-h) when D
+    is a polynomial in lambda of degree < k (checked against a fine trapezoid sum); weights sum to 1; order 1 is
+    DDIM; a start at lambda = -inf (flow) is left out of the stencil."""
+    from trainfree.bench.solver_bound import adams_weights
+
+    lam = torch.tensor([-2.0, -1.3, -0.5, 0.4], dtype=torch.float64)
+    w = adams_weights(lam, 2, order)
+    assert abs(float(w.sum()) - 1.0) < 1e-12
+    grid = torch.linspace(float(lam[2]), float(lam[3]), 200001, dtype=torch.float64)
+    for degree in range(order):
+        want = torch.trapz(torch.exp(grid - lam[3]) * grid ** degree, grid) / -torch.expm1(lam[2] - lam[3])
+        assert abs(float((w * lam[:3] ** degree).sum() - want)) < 1e-8
+    if order < 3:        # and not a polynomial of its own degree (else the test could not fail)
+        want = torch.trapz(torch.exp(grid - lam[3]) * grid ** order, grid) / -torch.expm1(lam[2] - lam[3])
+        assert abs(float((w * lam[:3] ** order).sum() - want)) > 1e-3
+    flow = torch.tensor([-float("inf"), -1.3, -0.5, 0.4], dtype=torch.float64)
+    assert adams_weights(flow, 0, order).tolist() == [1.0]
+    assert torch.equal(adams_weights(flow, 2, order)[0], torch.zeros((), dtype=torch.float64))
