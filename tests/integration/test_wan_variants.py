@@ -38,11 +38,13 @@ def _first_block(comfyui, arch, drop_clip, patch):
     return calls, o_in
 
 
-@pytest.mark.parametrize("arch, drop_clip", [("wan_camera", False), ("wan_animate", False), ("wan_i2v", True),
-                                             ("wan_camera", True), ("wan_humo", False)])
+@pytest.mark.parametrize("arch, drop_clip", [("wan_i2v", False), ("wan_camera", False), ("wan_animate", False),
+                                             ("wan_i2v", True), ("wan_camera", True), ("wan_humo", False)])
 def test_nasa_steers_the_attentions_over_the_prompt_in_every_wan_variant(comfyui, arch, drop_clip):
-    """Negative = positive, alpha 0.3: the first block's cross-attention output (o's input) is
-    0.7 Z_text + Z_image with CLIP-vision tokens (camera control: the image branch is left alone); without them
+    """Wan 2.1 image-to-video's cross-attention adds an attention over the start image's CLIP-vision tokens to the
+    one over the text: o(Z_text + Z_image), Z_text and Z_image being the plain model's two outputs. Negative =
+    positive, alpha 0.3: the first block's o input is 0.7 Z_text + Z_image with CLIP-vision tokens (image-to-video,
+    camera control: the image branch is left alone); without them
     (Animate here, or no clip_vision_output) Wan 2.1's image branch attends the prompt too and both are steered:
     0.7 (Z_text + Z_image); HuMo's text attention gives 0.7 Z_text and its audio attention (a third call) is left
     alone."""
