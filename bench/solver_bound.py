@@ -48,27 +48,34 @@ def _sigma(lam, kind):
     return torch.exp(-lam) if kind == "ve" else torch.sigmoid(-lam)
 
 
+_GAUSS = None          # 16-point Gauss-Legendre nodes and weights on [-1, 1], made once
+
+
 def adams_weights(lam, i, order):
     """Weights w_ij of the exponential Adams-Bashforth rule of ``order`` for the step lam[i] -> lam[i+1]: the
     Lagrange polynomial in lambda through the last ``order`` denoised outputs, integrated exactly against
     e^(lam - lam[i+1]) (16-point Gauss-Legendre) and divided by that weight's integral 1 - e^-h, so they sum to 1.
     Order 1 is DDIM; a point at lambda = -inf (flow's start) is left out of the stencil."""
-    import numpy as np
-
-    stencil = [j for j in range(i, max(-1, i - order), -1) if math.isfinite(float(lam[j]))] or [i]
+    global _GAUSS
+    w = torch.zeros(i + 1, dtype=torch.float64)
+    stencil = [j for j in range(i, max(-1, i - order), -1) if math.isfinite(float(lam[j].detach()))] or [i]
     if len(stencil) == 1:                                   # DDIM (flow's first step: h is infinite)
-        return torch.nn.functional.one_hot(torch.tensor(i), i + 1).double()
-    u, v = (torch.tensor(t, dtype=torch.float64) for t in np.polynomial.legendre.leggauss(16))
+        w[i] = 1.0
+        return w
+    if _GAUSS is None:
+        import numpy as np
+
+        _GAUSS = tuple(torch.tensor(t, dtype=torch.float64) for t in np.polynomial.legendre.leggauss(16))
+    u, v = _GAUSS
     h = lam[i + 1] - lam[i]
     nodes = lam[i] + h * (u + 1) / 2
     kernel = torch.exp(nodes - lam[i + 1]) * v * h / 2
-    w = torch.zeros(i + 1, dtype=torch.float64)
     for j in stencil:
         basis = torch.ones_like(nodes)
         for m in stencil:
             if m != j:
                 basis = basis * (nodes - lam[m]) / (lam[j] - lam[m])
-        w = w + torch.nn.functional.one_hot(torch.tensor(j), i + 1).double() * (kernel * basis).sum()
+        w[j] = (kernel * basis).sum()
     return w / -torch.expm1(-h)
 
 

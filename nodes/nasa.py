@@ -20,6 +20,7 @@ import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
 import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
 import comfy.ldm.qwen_image.model as qwen_model
 import comfy.ldm.wan.model as wan_model
+import comfy.ldm.wan.model_animate as wan_animate
 import comfy.patcher_extension as pe
 
 from ..guidance import nasa as nasa_math
@@ -179,13 +180,8 @@ class TrainFreeNASA:
         return (m,)
 
 
-_WAN = tuple(c for c in (getattr(wan_model, n, None) for n in ("WanModel", "VaceWanModel", "CameraWanModel",
-                                                                 "HumoWanModel")) if c is not None)
-try:
-    from comfy.ldm.wan.model_animate import AnimateWanModel
-    _WAN += (AnimateWanModel,)
-except ImportError:             # an older ComfyUI
-    pass
+_WAN = (wan_model.WanModel, wan_model.VaceWanModel, wan_model.CameraWanModel, wan_model.HumoWanModel,
+        wan_animate.AnimateWanModel)
 
 
 def _architecture(dm):
@@ -211,7 +207,7 @@ def _architecture(dm):
         if getattr(dm, "context_processor", None) is not None or not hasattr(dm.context_embedder, "in_features"):
             raise ValueError("NASA: this MMDiT variant processes its text context before the blocks; not supported")
         return "sd3", dm.context_embedder.in_features
-    if type(dm) is getattr(wan_model, "WanModel_S2V", None):
+    if type(dm) is wan_model.WanModel_S2V:
         raise ValueError("NASA: Wan speech-to-video (S2V) is not supported: ComfyUI's S2V network does not hand its "
                          "blocks the transformer options that carry NASA's attention change")
     if type(dm) in _WAN:    # t2v, i2v (2.1: CLIP tokens; 2.2), FLF2V, VACE, camera control, HuMo, Animate

@@ -53,7 +53,7 @@ def architecture(model) -> str:
         return "chroma"
     if isinstance(dm, mmdit.MMDiT):
         return "sd3"
-    if type(dm) is getattr(wan_model, "WanModel_S2V", None):
+    if type(dm) is wan_model.WanModel_S2V:
         raise ValueError("Perturbed-Attention Guidance (TrainFree): Wan speech-to-video (S2V) is not supported: "
                          "ComfyUI's S2V network does not hand its blocks the transformer options that carry the "
                          "perturbation, so the guidance would do nothing")
