@@ -129,3 +129,31 @@ def joint_identity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         w = torch.softmax(logits, dim=-1)
         out[:, :, s:e] = (w[..., :-1] @ v_o + w[..., -1:] * vi).to(q.dtype)
     return out
+
+
+def _to_heads(t, heads):
+    """(B, N, H*D) or (B, N, H, D) (SD3 passes V so) -> (B, H, N, D)."""
+    return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+
+
+def perturbed_call(img_range, *a, **kw):
+    """An attention call ``(q, k, v, heads, mask=None, skip_reshape=..., skip_output_reshape=...)`` in ComfyUI's
+    ``optimized_attention`` signature, perturbed: ``img_range(n)`` gives the image rows [start, end) of the n-token
+    sequence (``joint_identity_attention``), or None for a pure self-attention (output V)."""
+    q, k, v = a[:3]
+    heads = a[3] if len(a) > 3 else kw["heads"]
+    if not kw.get("skip_reshape", False):
+        q, k, v = (_to_heads(t, heads) for t in (q, k, v))
+    n = q.shape[-2]
+    rows = img_range(n)
+    if rows is None:
+        out = v
+    else:
+        mask = kw.get("mask", a[4] if len(a) > 4 else None)     # Qwen-Image passes it positionally
+        if mask is not None and mask.ndim == 3:
+            mask = mask.unsqueeze(1)
+        out = joint_identity_attention(q, k, v, rows[0], rows[1], mask=mask)
+    if kw.get("skip_output_reshape", False):
+        return out
+    b, h, _, d = out.shape
+    return out.transpose(1, 2).reshape(b, n, h * d)

@@ -1,5 +1,5 @@
-"""CacheQuant-scheduled block cache for DiTs (Flux, Chroma, SD3, Wan, HunyuanVideo, Qwen-Image, LTX-Video):
-calibrate, load, patch a MODEL.
+"""CacheQuant-scheduled block cache for DiTs (Flux, Chroma, SD3, Wan, HunyuanVideo, Qwen-Image, LTX-Video,
+AuraFlow): calibrate, load, patch a MODEL.
 
 The span's blocks are replaced through ``transformer_options["patches_replace"]["dit"]`` (each replacement runs the
 block's own ``original_block``, or the replacement that was there before: no forward is copied); a keyed
@@ -49,7 +49,8 @@ def _dit_classes() -> dict:
                                ("wan", "comfy.ldm.wan.model", "CameraWanModel"),
                                ("wan", "comfy.ldm.wan.model", "HumoWanModel"),
                                ("qwen_image", "comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel"),
-                               ("ltxv", "comfy.ldm.lightricks.model", "LTXVModel")):
+                               ("ltxv", "comfy.ldm.lightricks.model", "LTXVModel"),
+                               ("auraflow", "comfy.ldm.aura.mmdit", "MMDiT")):
         try:
             found[getattr(importlib.import_module(module), name)] = arch
         except (ImportError, AttributeError):
@@ -61,10 +62,11 @@ def dit_span(model, head: int, tail: int):
     """(architecture, the block keys of the cached span) or a ValueError saying why this model can't be cached."""
     dm = model.get_model_object("diffusion_model")
     arch = _dit_classes().get(type(dm))
-    if arch in ("flux", "chroma", "hunyuan_video"):   # double-stream blocks, then single-stream ones on the joined
-        # stream ([txt; img], HunyuanVideo's [img; txt])
-        keys = [("double_block", i) for i in range(len(dm.double_blocks))]
-        keys += [("single_block", i) for i in range(len(dm.single_blocks))]
+    if arch in ("flux", "chroma", "hunyuan_video", "auraflow"):   # double-stream blocks, then single-stream ones on
+        # the joined stream ([txt; img], HunyuanVideo's [img; txt])
+        doubles, singles = (dm.double_layers, dm.single_layers) if arch == "auraflow" else \
+            (dm.double_blocks, dm.single_blocks)
+        keys = [("double_block", i) for i in range(len(doubles))] + [("single_block", i) for i in range(len(singles))]
     elif arch is not None:                 # one list of joint blocks
         blocks = {"sd3": "joint_blocks", "wan": "blocks", "qwen_image": "transformer_blocks",
                   "ltxv": "transformer_blocks"}[arch]
@@ -79,7 +81,8 @@ def dit_span(model, head: int, tail: int):
             variant = f" (a Wan variant, {type(dm).__name__}, this cache has not been tested on)"
         raise ValueError(f"DiT block cache: {type(model.model).__name__} ({type(dm).__name__}) is not supported"
                          f"{variant}; it caches the transformer blocks of Flux, Chroma, SD3/SD3.5, Wan 2.1/2.2 (text- "
-                         "and image-to-video, camera control, HuMo), HunyuanVideo, Qwen-Image and LTX-Video models. "
+                         "and image-to-video, camera control, HuMo), HunyuanVideo, Qwen-Image, LTX-Video and AuraFlow "
+                         "models. "
                          "For SD1.5/SDXL U-Nets use a U-Net cache such as DeepCache.")
     if head + tail >= len(keys):
         raise ValueError(f"DiT block cache: this {arch} model has {len(keys)} blocks; head_blocks + tail_blocks "
@@ -265,7 +268,7 @@ class TrainFreeCacheQuantCalibrate:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The DiT to calibrate (Flux, Chroma, SD3, Wan, HunyuanVideo, "
-                                           "Qwen-Image, LTX-Video), with its LoRAs applied."}),
+                                           "Qwen-Image, LTX-Video, AuraFlow), with its LoRAs applied."}),
             "positive": ("CONDITIONING", {"tooltip": "A typical prompt."}),
             "negative": ("CONDITIONING", {"tooltip": "The negative prompt (used when cfg > 1)."}),
             "latent_image": ("LATENT", {"tooltip": "Latent of the size you will generate; its batch are the "
@@ -354,13 +357,12 @@ class TrainFreeCacheQuantLoad:
 
 
 class TrainFreeDiTCache:
-    DESCRIPTION = ("Block cache for DiTs (Flux, Chroma, SD3, Wan, HunyuanVideo, Qwen-Image, LTX-Video): at full "
-                   "steps the middle blocks run and their residual (output - input) is stored; at cached steps they "
-                   "are skipped and the stored residual, corrected by CacheQuant's per-channel map, is added instead. "
-                   "With a "
-                   "schedule (Calibrate / Load node) the full steps are CacheQuant's dynamic-programming choice; "
-                   "without, every interval-th step. After each run it reports the evaluations it cached and the "
-                   f"measured speed-up (log and node text). From {PAPER}.")
+    DESCRIPTION = ("Block cache for DiTs (Flux, Chroma, SD3, Wan, HunyuanVideo, Qwen-Image, LTX-Video, AuraFlow): at "
+                   "full steps the middle blocks run and their residual (output - input) is stored; at cached steps "
+                   "they are skipped and the stored residual, corrected by CacheQuant's per-channel map, is added "
+                   "instead. With a schedule (Calibrate / Load node) the full steps are CacheQuant's "
+                   "dynamic-programming choice; without, every interval-th step. After each run it reports the "
+                   f"evaluations it cached and the measured speed-up (log and node text). From {PAPER}.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The model with the block cache (fresh state every sampling run).",)
@@ -369,7 +371,8 @@ class TrainFreeDiTCache:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "A Flux, Chroma, SD3, Wan, HunyuanVideo, Qwen-Image or LTX-Video model."}),
+            "model": ("MODEL", {"tooltip": "A Flux, Chroma, SD3, Wan, HunyuanVideo, Qwen-Image, LTX-Video or AuraFlow "
+                                           "model."}),
             "interval": ("INT", {"default": 3, "min": 1, "max": 20, "tooltip": "Without a schedule: every N-th step "
                                                                                "is full (1 = no caching)."}),
             **SPAN_INPUTS,

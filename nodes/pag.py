@@ -1,5 +1,6 @@
 """Perturbed-Attention Guidance on chosen layers, as a MODEL patch (UNets, SD3, Flux, Chroma, Qwen-Image, Wan,
-LTX-Video, HunyuanVideo / HunyuanImage 2.1, Lumina 2: nodes/pag_lumina.py, its network calls no block patches).
+LTX-Video, HunyuanVideo / HunyuanImage 2.1, AuraFlow; Lumina 2: nodes/pag_lumina.py, HiDream-I1 and Cosmos-Predict2:
+nodes/pag_counted.py, their networks call no block patches).
 
 Like core's PerturbedAttentionGuidance it adds a post-CFG function (a chainable list) that runs one
 extra conditional pass with perturbed options; nothing is installed in the model for the normal
@@ -7,9 +8,9 @@ passes. UNets: ``attn1`` replace keyed by (block, id[, transformer index]) retur
 mechanism, now on any block). DiTs: a ``patches_replace["dit"]`` block patch, set only in the
 perturbed pass's options, calls the previous occupant (or the original block) with
 ``transformer_options["optimized_attention_override"]`` set for that block; the override chains to
-any earlier override for the attention calls it does not perturb. Flux and Chroma single blocks see one
-[txt; img] sequence: the image length is recorded in the perturbed pass (Flux: a ``post_input`` patch; Chroma,
-which has none: a DIFFUSION_MODEL wrapper counting the latent's patches). HunyuanVideo puts the image first,
+any earlier override for the attention calls it does not perturb. Flux, Chroma and AuraFlow single blocks see one
+[txt; img] sequence: the image length is recorded in the perturbed pass (Flux: a ``post_input`` patch; Chroma and
+AuraFlow, which have none: a DIFFUSION_MODEL wrapper counting the latent's patches). HunyuanVideo puts the image first,
 in its double blocks' joint attention and in the single blocks' [img; txt]; its single blocks take the text length
 recorded at the first double block (image tokens vary with its reference-latent and video variants).
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import math
 import uuid
 
+import comfy.ldm.aura.mmdit as aura_model
 import comfy.ldm.chroma.model as chroma_model
 import comfy.ldm.flux.model as flux_model
 import comfy.ldm.hunyuan_video.model as hunyuan_model
@@ -33,14 +35,15 @@ import comfy.patcher_extension as pe
 import comfy.samplers
 
 from ..guidance import pag as pag_math
-from . import pag_lumina
+from . import pag_counted, pag_lumina
 
 PAPER = "Ahn et al., Self-Rectifying Diffusion Sampling with Perturbed-Attention Guidance (ECCV 2024)"
 PERTURBED_KEY = "trainfree_perturbed"   # set in transformer_options of the perturbed pass (caches may skip it)
 DIT_KEY = {"double": "double_block", "single": "single_block", "joint": "double_block", "block": "double_block"}
 KINDS_OF = {"unet": ("input", "middle", "output"), "flux": ("double", "single"), "chroma": ("double", "single"),
             "sd3": ("joint",), "wan": ("block",), "qwen_image": ("block",), "ltxv": ("block",),
-            "hunyuan_video": ("double", "single"), "lumina2": ("block",)}
+            "hunyuan_video": ("double", "single"), "lumina2": ("block",), "auraflow": ("double", "single"),
+            **pag_counted.KINDS_OF}
 
 
 def architecture(model) -> str:
@@ -67,9 +70,15 @@ def architecture(model) -> str:
         return "hunyuan_video"
     if isinstance(dm, lumina_model.NextDiT):         # Lumina Image 2.0
         return "lumina2"
+    if isinstance(dm, aura_model.MMDiT):             # AuraFlow (Pony V7)
+        return "auraflow"
+    counted = pag_counted.architecture(dm)          # HiDream-I1, Cosmos-Predict2
+    if counted is not None:
+        return counted
     raise ValueError(f"Perturbed-Attention Guidance (TrainFree) supports UNet models (SD1.x, SD2.x, SDXL), SD3, "
-                     f"Flux, Chroma, Qwen-Image, Wan, LTX-Video, HunyuanVideo and Lumina 2; this model's network is "
-                     f"{type(dm).__name__}. For other DiTs use core's SkipLayerGuidanceDiT.")
+                     f"Flux, Chroma, Qwen-Image, Wan, LTX-Video, HunyuanVideo, Lumina 2, AuraFlow, HiDream and "
+                     f"Cosmos-Predict2; this model's network is {type(dm).__name__}. For other DiTs use core's "
+                     f"SkipLayerGuidanceDiT.")
 
 
 def available_layers(model, arch: str) -> list[tuple[str, int, int | None]]:
@@ -94,6 +103,11 @@ def available_layers(model, arch: str) -> list[tuple[str, int, int | None]]:
         return [("block", i, None) for i in range(len(dm.transformer_blocks))]
     if arch == "lumina2":
         return [("block", i, None) for i in range(len(dm.layers))]
+    if arch == "auraflow":
+        return [("double", i, None) for i in range(len(dm.double_layers))] + \
+               [("single", i, None) for i in range(len(dm.single_layers))]
+    if arch in pag_counted.KINDS_OF:
+        return pag_counted.available_layers(dm, arch)
     return [("block", i, None) for i in range(len(dm.blocks))]
 
 
@@ -105,30 +119,7 @@ def default_layers(model, arch: str) -> str:
     return pag_math.format_layer(layers[len(layers) // 2])
 
 
-def _to_heads(t, heads):
-    """(B, N, H*D) or (B, N, H, D) (SD3 passes V so) -> (B, H, N, D)."""
-    return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
-
-
-def _perturbed_attention(img_range, *a, **kw):
-    """The attention call replaced: ``img_range(n)`` gives the image rows, or None for a pure self-attention."""
-    q, k, v = a[:3]
-    heads = a[3] if len(a) > 3 else kw["heads"]
-    if not kw.get("skip_reshape", False):
-        q, k, v = (_to_heads(t, heads) for t in (q, k, v))
-    n = q.shape[-2]
-    rows = img_range(n)
-    if rows is None:
-        out = v
-    else:
-        mask = kw.get("mask", a[4] if len(a) > 4 else None)     # Qwen-Image passes it positionally
-        if mask is not None and mask.ndim == 3:
-            mask = mask.unsqueeze(1)
-        out = pag_math.joint_identity_attention(q, k, v, rows[0], rows[1], mask=mask)
-    if kw.get("skip_output_reshape", False):
-        return out
-    b, h, _, d = out.shape
-    return out.transpose(1, 2).reshape(b, n, h * d)
+_perturbed_attention = pag_math.perturbed_call     # the attention call replaced (a name the tests spy on)
 
 
 def _plan(arch, kind, index, flipped, args, img_len_box):
@@ -188,9 +179,9 @@ def flipped_blocks(model) -> frozenset:
 
 def perturbed_options(model_options, arch, layers, flipped=frozenset(), counts=None):
     """A copy of model_options whose forward perturbs ``layers``; the original is not modified. ``flipped``: the
-    model's ``flipped_blocks``, ``counts`` (Lumina 2) its ``pag_lumina.layer_counts`` (read once when patching: the
-    post-CFG function must not hold its own ModelPatcher, a reference cycle that would keep the whole model alive
-    after ComfyUI drops it)."""
+    model's ``flipped_blocks``, ``counts`` its ``pag_lumina.layer_counts`` (Lumina 2) or ``pag_counted.layout``
+    (HiDream, Cosmos-Predict2), read once when patching: the post-CFG function must not hold its own ModelPatcher,
+    a reference cycle that would keep the whole model alive after ComfyUI drops it."""
     opts = model_options.copy()
     if arch == "unet":
         for kind, idx, t in layers:
@@ -203,6 +194,9 @@ def perturbed_options(model_options, arch, layers, flipped=frozenset(), counts=N
     if arch == "lumina2":                           # no block patches: attention calls numbered per forward
         pag_lumina.perturb(to, counts, [idx for _, idx, _ in layers])
         return opts
+    if arch in pag_counted.KINDS_OF:                 # the same on HiDream and Cosmos-Predict2
+        pag_counted.perturb(to, arch, counts, layers)
+        return opts
     replace = to["patches_replace"] = dict(to.get("patches_replace", {}))
     dit = replace["dit"] = dict(replace.get("dit", {}))
     box, single = {}, any(k == "single" for k, _, _ in layers)
@@ -213,7 +207,7 @@ def perturbed_options(model_options, arch, layers, flipped=frozenset(), counts=N
             box["img"] = io["img"].shape[1]
             return io
         patches["post_input"] = list(patches.get("post_input", [])) + [record]
-    elif single and arch == "chroma":              # one token per latent patch
+    elif single and arch in ("chroma", "auraflow"):   # one token per latent patch
 
         def count_patches(executor, x, *args, **kwargs):
             p = executor.class_obj.patch_size
@@ -242,7 +236,7 @@ class TrainFreePAG:
                    "the self-attention of those layers replaced by the identity, and the result pushed away from it: "
                    "D = CFG + scale (D_cond - D_perturbed). Works with CFG or at cfg 1, with plain KSampler and "
                    "SamplerCustomAdvanced, and chains with other patches. UNets (SD1.x/SDXL), SD3, Flux, Chroma, "
-                   "Qwen-Image, Wan, LTX-Video, HunyuanVideo and Lumina 2; on "
+                   "Qwen-Image, Wan, LTX-Video, HunyuanVideo, Lumina 2, AuraFlow, HiDream and Cosmos-Predict2; on "
                    f"DiTs with joint text-image attention only the image-image part is perturbed. From {PAPER}.")
     CATEGORY = "trainfree/guidance"
     RETURN_TYPES = ("MODEL",)
@@ -253,7 +247,8 @@ class TrainFreePAG:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model to patch (UNet, SD3, Flux, Chroma, Qwen-Image, Wan, "
-                                          "LTX-Video, HunyuanVideo or Lumina 2; chains with other patches)."}),
+                                          "LTX-Video, HunyuanVideo, Lumina 2, AuraFlow, HiDream or Cosmos-Predict2; "
+                                          "chains with other patches)."}),
             "scale": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 100.0, "step": 0.01, "round": 0.01,
                                 "tooltip": "PAG scale s. Paper/official defaults: 3.0 together with CFG (4.0), 5.0 at "
                                            "cfg 1. 0 = off (no extra model call)."}),
@@ -261,10 +256,10 @@ class TrainFreePAG:
                                   "tooltip": "Self-attention layers to perturb, comma separated. Empty = default: "
                                              "'middle.0' on UNets (the paper's mid block, as core's node), the block "
                                              "at half depth on DiTs. UNet: input.N, middle.0, output.N (add .T for one "
-                                             "transformer of that block); Flux, Chroma, HunyuanVideo: double.N, "
-                                             "single.N; SD3: joint.N; Wan, Qwen-Image, LTX-Video, Lumina 2: "
-                                             "block.N; ranges like double.2-4. Unknown names are refused with the "
-                                             "list of valid ones."}),
+                                             "transformer of that block); Flux, Chroma, HunyuanVideo, AuraFlow, "
+                                             "HiDream: double.N, single.N; SD3: joint.N; Wan, Qwen-Image, LTX-Video, "
+                                             "Lumina 2, Cosmos-Predict2: block.N; ranges like double.2-4. Unknown "
+                                             "names are refused with the list of valid ones."}),
             "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
                                         "tooltip": "Start of the sampling range where PAG is applied (0 = first step). "
                                                    "The paper guides every step."}),
@@ -294,7 +289,9 @@ class TrainFreePAG:
             flipped = flipped_blocks(model)
         elif arch == "hunyuan_video":               # image tokens first in every double block
             flipped = frozenset(range(len(model.get_model_object("diffusion_model").double_blocks)))
-        counts = pag_lumina.layer_counts(model.get_model_object("diffusion_model")) if arch == "lumina2" else None
+        dm = model.get_model_object("diffusion_model")
+        counts = pag_lumina.layer_counts(dm) if arch == "lumina2" else \
+            pag_counted.layout(dm, arch) if arch in pag_counted.KINDS_OF else None
         m = model.clone()
 
         def post_cfg_function(args):

@@ -14,10 +14,7 @@ import math
 import torch
 
 from ..guidance import pag as pag_math
-
-
-def _call(earlier, func, *a, **kw):
-    return earlier(func, *a, **kw) if earlier is not None else func(*a, **kw)
+from . import pag_counted
 
 
 def _perturbed(q, k, v, caps, img, mask):
@@ -40,31 +37,15 @@ def layer_counts(dm) -> tuple[int, int]:
 def perturb(to, counts, layers):
     """Install the call-numbering wrapper and the override in ``to`` (the perturbed pass's transformer_options, a
     copy): ``counts`` the model's ``layer_counts``, ``layers`` the main-layer indices to perturb."""
-    import comfy.patcher_extension as pe
-
     first, n_main = counts
-    expected = first + n_main
-    chosen = {first + i for i in layers}
-    state = {}
-    earlier = to.get("optimized_attention_override")
 
-    def count(executor, x, timesteps, context, num_tokens, attention_mask=None, *args, **kwargs):
-        p = executor.class_obj.patch_size
+    def on_forward(state, dm, x, timesteps, context, num_tokens, attention_mask=None, *args, **kwargs):
+        p = dm.patch_size
         caps = [int(c) for c in attention_mask.sum(dim=1).tolist()] if attention_mask is not None else \
             [int(num_tokens)] * x.shape[0]
-        state.update(calls=0, caps=caps, img=math.ceil(x.shape[-2] / p) * math.ceil(x.shape[-1] / p))
-        out = executor(x, timesteps, context, num_tokens, attention_mask, *args, **kwargs)
-        if state["calls"] != expected:
-            raise RuntimeError(f"PAG (TrainFree) on Lumina 2: the network made {state['calls']} attention calls, "
-                               f"{expected} expected ({first} refiner and {n_main} main layers); this "
-                               "ComfyUI's NextDiT calls attention differently, so PAG cannot find its layers")
-        return out
+        state.update(caps=caps, img=math.ceil(x.shape[-2] / p) * math.ceil(x.shape[-1] / p))
 
-    def override(func, *a, **kw):
-        c = state["calls"]
-        state["calls"] = c + 1
-        if c not in chosen:
-            return _call(earlier, func, *a, **kw)
+    def perturbed(state, *a, **kw):
         q, k, v = a[:3]
         mask = kw.get("mask", a[4] if len(a) > 4 else None)
         out = _perturbed(q, k, v, state["caps"], state["img"], mask)
@@ -73,7 +54,9 @@ def perturb(to, counts, layers):
         b, h, n, d = out.shape
         return out.transpose(1, 2).reshape(b, n, h * d)
 
-    to["optimized_attention_override"] = override
-    wrappers = to["wrappers"] = dict(to.get("wrappers", {}))
-    around = wrappers[pe.WrappersMP.DIFFUSION_MODEL] = dict(wrappers.get(pe.WrappersMP.DIFFUSION_MODEL, {}))
-    around["trainfree_pag"] = list(around.get("trainfree_pag", [])) + [count]
+    def mismatch(calls):
+        return RuntimeError(f"PAG (TrainFree) on Lumina 2: the network made {calls} attention calls, "
+                            f"{first + n_main} expected ({first} refiner and {n_main} main layers); this ComfyUI's "
+                            "NextDiT calls attention differently, so PAG cannot find its layers")
+
+    pag_counted.numbered(to, first + n_main, {first + i for i in layers}, on_forward, perturbed, mismatch)

@@ -1,5 +1,5 @@
-"""DiT block cache (CacheQuant schedule) in real ComfyUI on tiny Flux, SD3, Wan, Chroma, Qwen-Image and HunyuanVideo
-models."""
+"""DiT block cache (CacheQuant schedule) in real ComfyUI on tiny Flux, SD3, Wan, Chroma, Qwen-Image, HunyuanVideo,
+LTX-Video and AuraFlow models."""
 import logging
 
 import pytest
@@ -10,7 +10,7 @@ from prompts import patched_ksampler
 
 SPANS = {"flux": (1, 1), "sd3": (1, 0), "wan": (1, 0), "chroma": (1, 1), "qwen_image": (1, 1),   # SD3 / Wan: 2 blocks
          "hunyuan_video": (1, 1), "chroma_radiance": (1, 1), "ltxv": (1, 1), "hunyuan_image": (1, 1),
-         "wan_i2v": (1, 0)}
+         "wan_i2v": (1, 0), "auraflow": (1, 0)}                   # AuraFlow: 1 double, 2 single blocks
 ARCHS = list(SPANS)
 
 
@@ -52,9 +52,10 @@ def _counting(model, arch):
     """A block replacement on every block that counts the calls reaching the real block (ours chains to it)."""
     calls = []
     dm = model.get_model_object("diffusion_model")
-    if arch in ("flux", "chroma", "hunyuan_video", "chroma_radiance", "hunyuan_image"):
-        keys = [("double_block", i) for i in range(len(dm.double_blocks))]
-        keys += [("single_block", i) for i in range(len(dm.single_blocks))]
+    if arch in ("flux", "chroma", "hunyuan_video", "chroma_radiance", "hunyuan_image", "auraflow"):
+        doubles, singles = (dm.double_layers, dm.single_layers) if arch == "auraflow" else \
+            (dm.double_blocks, dm.single_blocks)
+        keys = [("double_block", i) for i in range(len(doubles))] + [("single_block", i) for i in range(len(singles))]
     else:
         blocks = {"sd3": "joint_blocks", "wan": "blocks", "wan_i2v": "blocks", "qwen_image": "transformer_blocks",
                   "ltxv": "transformer_blocks"}[arch]

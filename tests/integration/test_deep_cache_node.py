@@ -67,8 +67,11 @@ def _reference(comfyui, base, full_steps, depth=1, **kw):
             h.remove()
 
 
-def test_cached_steps_skip_the_deep_blocks_and_match_a_hook_reference(comfyui, caplog):
-    base = _tiny(comfyui).build("sd15")
+@pytest.mark.parametrize("arch,batch", [("sd15", 2), ("svd", 3)])
+def test_cached_steps_skip_the_deep_blocks_and_match_a_hook_reference(comfyui, caplog, arch, batch):
+    """SD1.5 with a batch of 2; Stable Video Diffusion's video U-Net (temporal res blocks and attention, EDM
+    v-prediction) with 3 frames, its batch: both rows of CFG in one call, so 2 x batch rows per call."""
+    base = _tiny(comfyui).build(arch)
     dm = base.model.diffusion_model
     deep, shallow = [], []
     hooks = [dm.middle_block[0].register_forward_hook(lambda m, i, o: deep.append(o.shape[0])),
@@ -76,16 +79,18 @@ def test_cached_steps_skip_the_deep_blocks_and_match_a_hook_reference(comfyui, c
              dm.input_blocks[1][0].register_forward_hook(lambda m, i, o: shallow.append(o.shape[0]))]
     try:
         with caplog.at_level(logging.INFO, logger="trainfree"):
-            out = _sample(comfyui, _dc(comfyui, base, interval=3), steps=6, batch=2)
+            out = _sample(comfyui, _dc(comfyui, base, interval=3), arch, steps=6, batch=batch)
     finally:
         for h in hooks:
             h.remove()
-    assert deep == [4] * 4 and shallow == [4] * 6           # 2 full steps x (middle + deep input); 6 shallow
+    rows = 2 * batch
+    assert deep == [rows] * 4 and shallow == [rows] * 6     # 2 full steps x (middle + deep input); 6 shallow
     assert "4 of 6 UNet calls used the shallow branch" in caplog.text and "2 of 6 steps full" in caplog.text
-    ref = _reference(comfyui, base, {0, 3}, steps=6, batch=2)
+    ref = _reference(comfyui, base, {0, 3}, arch=arch, steps=6, batch=batch)
     assert torch.equal(out, ref)
-    plain = _sample(comfyui, base, steps=6, batch=2)
-    assert (out - plain).abs().max() > 1e-3                 # the cache really changed something
+    plain = _sample(comfyui, base, arch, steps=6, batch=batch)
+    assert (out - plain).abs().max() > 1e-3 * plain.abs().max()     # the cache really changed something
+    assert torch.equal(_sample(comfyui, _dc(comfyui, base, interval=1), arch, steps=6, batch=batch), plain)
 
 
 def test_cond_and_uncond_in_one_chunk_or_separately_and_batch_rows(comfyui, monkeypatch):

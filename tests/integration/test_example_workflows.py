@@ -48,27 +48,30 @@ def test_every_node_has_an_example(comfyui):
 
 
 # the examples that are not tied to one family (samplers, calibrations, guidance) also run on the other DiT families
+# and on Stable Video Diffusion's video U-Net (EDM v-prediction, sigma_max 700)
 OTHERS = [(p, a) for p in EXAMPLES if p.stem not in ARCHS
           for a in ("sd3", "chroma", "chroma_radiance", "qwen_image", "wan", "wan_i2v", "wan_vace",
-                    "hunyuan_video", "hunyuan_image", "ltxv", "lumina2")]
+                    "hunyuan_video", "hunyuan_image", "ltxv", "lumina2", "auraflow", "hidream", "cosmos_predict2",
+                    "omnigen2", "svd")]
 
 
 @pytest.mark.parametrize("path,arch", OTHERS, ids=[f"{p.stem}-{a}" for p, a in OTHERS])
-def test_family_independent_example_runs_on_other_dit_families(comfyui, path: Path, arch):
+def test_family_independent_example_runs_on_other_families(comfyui, path: Path, arch):
     _run_example(comfyui, path, arch)
 
 
 HALF = [(p, a) for p, a in CASES if a != "sdxl_vzsnr"]
+UNETS = ("sd15", "sdxl", "sdxl_vzsnr", "svd")
 
 
 @pytest.mark.parametrize("path,arch", HALF, ids=[f"{p.stem}-{a}" for p, a in HALF])
 def test_example_workflow_runs_in_half_precision(comfyui, path: Path, arch):
     """As on a GPU: the U-Nets' weights in float16, the DiTs' in bfloat16 (ComfyUI's defaults there), so every patch,
     cache and calibration meets half-precision activations next to its own float32 state."""
-    _run_example(comfyui, path, arch, "float16" if arch in ("sd15", "sdxl") else "bfloat16")
+    _run_example(comfyui, path, arch, "float16" if arch in UNETS else "bfloat16")
 
 
-FP8 = [(p, a) for p, a in CASES if a not in ("sd15", "sdxl", "sdxl_vzsnr")]
+FP8 = [(p, a) for p, a in CASES if a not in UNETS]
 
 
 @pytest.mark.parametrize("path,arch", FP8, ids=[f"{p.stem}-{a}" for p, a in FP8])

@@ -68,6 +68,9 @@ PATCHES = {
     "PAG unet": ("sd15", [("TrainFreePAG", {"scale": 2.0, "layers": "", "start_percent": 0.0, "end_percent": 1.0})]),
     "PAG flux": ("flux", [("TrainFreePAG", {"scale": 2.0, "layers": "double.0, single.1", "start_percent": 0.0,
                                             "end_percent": 1.0})]),
+    "PAG hidream": ("hidream", [("TrainFreePAG", {"scale": 2.0, "layers": "double.0, single.0", "start_percent": 0.0,
+                                                  "end_percent": 1.0})]),     # attention calls numbered per forward
+    "DiT cache auraflow": ("auraflow", [("TrainFreeDiTCache", {"interval": 3, "head_blocks": 1, "tail_blocks": 1})]),
     "NASA": ("sd15", [("TrainFreeNASA", {"negative": ["neg", 0], "alpha": 0.1, "start_percent": 0.0,
                                         "end_percent": 1.0})]),
     "DeepCache": ("sd15", [("TrainFreeDeepCache", {"cache_interval": 3, "cache_depth": 1, "schedule": "uniform",
@@ -103,7 +106,8 @@ def failing(model, at=3):
         if calls[0] == at:
             raise RuntimeError("injected failure mid-sampling")
 
-    last = list(model.get_model_object("diffusion_model").children())[-1]
+    dm = model.get_model_object("diffusion_model")
+    last = getattr(dm, "final_layer", None) or list(dm.children())[-1]    # HiDream registers its final layer early
     handle = last.register_forward_pre_hook(fail)
     try:
         with pytest.raises(RuntimeError, match="injected failure"):

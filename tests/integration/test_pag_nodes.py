@@ -22,17 +22,19 @@ def _sample(comfyui, model, arch="sd15", cfg=4.0, steps=4, batch=1, sampler="eul
                                tiny.conditioning(arch, neg_seed, batch), torch.zeros(shape), seed=4, disable_pbar=True)
 
 
-@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+@pytest.mark.parametrize("arch", ["sd15", "sdxl", "svd"])
 @pytest.mark.parametrize("cfg", [4.0, 1.0])
 def test_middle_block_equals_cores_node(comfyui, arch, cfg):
+    """(SVD: its video U-Net's spatial self-attention, 3 frames; the temporal attention is left alone by both.)"""
     import comfy_extras.nodes_pag as core
 
     base = _tiny(comfyui).build(arch)
-    ours = _sample(comfyui, _pag(comfyui, base, 3.0, "middle.0"), arch, cfg)
-    theirs = _sample(comfyui, core.PerturbedAttentionGuidance.execute(base, 3.0)[0], arch, cfg)
+    batch = 3 if arch == "svd" else 1
+    ours = _sample(comfyui, _pag(comfyui, base, 3.0, "middle.0"), arch, cfg, batch=batch)
+    theirs = _sample(comfyui, core.PerturbedAttentionGuidance.execute(base, 3.0)[0], arch, cfg, batch=batch)
     assert torch.equal(ours, theirs)
-    assert torch.equal(_sample(comfyui, _pag(comfyui, base, 3.0), arch, cfg), ours)     # default layers = middle.0
-    assert not torch.equal(ours, _sample(comfyui, base, arch, cfg))
+    assert torch.equal(_sample(comfyui, _pag(comfyui, base, 3.0), arch, cfg, batch=batch), ours)   # default: middle.0
+    assert not torch.equal(ours, _sample(comfyui, base, arch, cfg, batch=batch))
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3", "flux", "wan", "wan_i2v", "wan_vace", "chroma",

@@ -11,8 +11,8 @@ SOCKETS = {
 CKPT = "flux1-dev-fp8.safetensors"
 STEPS, CFG, SAMPLER, SCHEDULER = 20, 1.0, "euler", "simple"
 NAME = "flux_dev_cache_20steps"
-CACHE_NOTE = ("DiT Block Cache (TrainFree), for Flux / Chroma / SD3 / Wan / HunyuanVideo / Qwen-Image / LTX-Video: the "
-              "middle transformer blocks run on every "
+CACHE_NOTE = ("DiT Block Cache (TrainFree), for Flux / Chroma / SD3 / Wan / HunyuanVideo / Qwen-Image / LTX-Video / "
+              "AuraFlow: the middle transformer blocks run on every "
               "interval-th step only; in between, their stored residual is added instead. After each run the console "
               "and this node show how many evaluations were cached and the measured speed-up. interval 3 is about "
               "2x on Flux; 2 is gentler. Stacks with guidance patches; refuses EasyCache/LazyCache on the same model.")
@@ -62,5 +62,5 @@ GRAPHS = {
 FOR_TEST = {"TrainFreeDiTCache": {"head_blocks": 1, "tail_blocks": 0},
             "TrainFreeCacheQuantCalibrate": {"head_blocks": 1, "tail_blocks": 0, "overwrite": True}}
 LOADERS = {"TrainFreeCacheQuantLoad": "cache_quant_calibrate_and_sample.json"}
-ARCHS = {name: ["flux", "sd3", "wan", "wan_i2v", "chroma", "qwen_image", "hunyuan_video", "ltxv"]
+ARCHS = {name: ["flux", "sd3", "wan", "wan_i2v", "chroma", "qwen_image", "hunyuan_video", "ltxv", "auraflow"]
          for name in GRAPHS}

@@ -14,4 +14,4 @@ def _graph(builder):
 
 
 GRAPHS = {"deep_cache": _graph}
-ARCHS = {"deep_cache": ["sd15", "sdxl"]}
+ARCHS = {"deep_cache": ["sd15", "sdxl", "svd"]}

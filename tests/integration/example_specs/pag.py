@@ -6,7 +6,8 @@ NOTE = ("Perturbed-Attention Guidance on chosen layers: one extra model call per
         "the chosen layers replaced by the identity; the result is pushed away from it. Paper defaults: scale 3 "
         "with CFG 4 (scale 5 at cfg 1), SD1.5/SDXL layer middle.0 (empty 'layers' = that default; DiTs: the block "
         "at half depth). Layers: input.N / middle.0 / output.N (UNet), double.N / single.N (Flux, Chroma, "
-        "HunyuanVideo), joint.N (SD3), block.N (Wan, Qwen-Image, LTX-Video).")
+        "HunyuanVideo, AuraFlow, HiDream), joint.N (SD3), block.N (Wan, Qwen-Image, LTX-Video, Lumina 2, "
+        "Cosmos-Predict2).")
 
 
 def _graph(b):
@@ -15,4 +16,4 @@ def _graph(b):
 
 GRAPHS = {"pag": _graph}
 ARCHS = {"pag": ["sd15", "sdxl", "sd3", "flux", "chroma", "qwen_image", "ltxv", "hunyuan_video", "wan_i2v",
-                 "wan_vace", "lumina2"]}
+                 "wan_vace", "lumina2", "auraflow", "hidream", "cosmos_predict2"]}

@@ -13,7 +13,13 @@ holds one), "qwen_image" (T = 1), "hunyuan_video" and "ltxv" (128 channels); "ch
 NextDiT (a Gemma text encoder with a padding mask; ComfyUI 0.3.64 gives it no block patches). Wan variants:
 "wan_camera" (2.1 camera control: wan_i2v's cross-attention, camera embeddings added after the patch embedding),
 "wan_humo" (HuMo 1.7B: an attention over audio tokens after the text cross-attention), "wan_animate" (2.2 Animate,
-no face input) and "wan_s2v" (2.2 speech-to-video, no audio: its blocks get no transformer options).
+no face input) and "wan_s2v" (2.2 speech-to-video, no audio: its blocks get no transformer options). ``OTHER_DITS``:
+"auraflow" (AuraFlow / Pony V7: Flux-like double and single blocks behind register tokens), "hidream" (HiDream-I1:
+a T5 context and stacked Llama layers' features, ``conditioning_llama3``), "cosmos_predict2" (Cosmos-Predict2
+text-to-image: EDM sigmas, a 5-D latent of one frame) and "omnigen2" (OmniGen2); PixArt and Mochi were left out
+(ComfyUI's PixArt needs latents of 32 or more, Mochi's blocks assert their full width). "svd" is Stable Video
+Diffusion's video U-Net (EDM v-prediction; the batch is the frames; the prompt is one CLIP-vision token and the start
+image's latent, concatenated to the input).
 
 ``VARIANTS`` are v-prediction UNets, built as their base arch with core's ModelSamplingDiscrete applied: "sd15_v"
 (SD2.x-style v-prediction) and "sdxl_vzsnr" (v-prediction with zero terminal SNR, as the v-pred SDXL finetunes;
@@ -23,16 +29,20 @@ from __future__ import annotations
 
 import torch
 
+# families the pack's family-specific nodes (PAG, NASA, the caches) do not support: what runs on them, what is refused
+OTHER_DITS = ("auraflow", "hidream", "cosmos_predict2", "omnigen2")
 ARCHS = ("sd15", "sdxl", "sd3", "flux", "wan", "chroma", "chroma_radiance", "qwen_image", "hunyuan_video", "hunyuan_image",
-         "ltxv", "wan_i2v", "wan_vace", "lumina2", "wan_camera", "wan_humo", "wan_animate", "wan_s2v")
+         "ltxv", "wan_i2v", "wan_vace", "lumina2", "wan_camera", "wan_humo", "wan_animate", "wan_s2v", *OTHER_DITS,
+         "svd")
 WAN_VARIANTS = ("wan_camera", "wan_humo", "wan_animate", "wan_s2v")
 # spatial (and temporal) dimensions of each arch's latent, after batch and channels
 LATENT_DIMS = {"sd15": 2, "sdxl": 2, "sd3": 2, "flux": 2, "wan": 3, "chroma": 2, "chroma_radiance": 2, "qwen_image": 3,
                "hunyuan_video": 3, "hunyuan_image": 2, "ltxv": 3, "wan_i2v": 3, "wan_vace": 3, "lumina2": 2,
-               **{a: 3 for a in WAN_VARIANTS}}
+               **{a: 3 for a in WAN_VARIANTS}, "auraflow": 2, "hidream": 2, "cosmos_predict2": 3, "omnigen2": 2,
+               "svd": 2}
 # frames of the 5-D latents the tests sample (Qwen-Image, an image model, keeps a frame axis of 1)
 FRAMES = {"wan": 2, "ltxv": 2, "qwen_image": 1, "hunyuan_video": 1, "wan_i2v": 2, "wan_vace": 2,
-          **{a: 2 for a in WAN_VARIANTS}}
+          **{a: 2 for a in WAN_VARIANTS}, "cosmos_predict2": 1}
 # name: (base arch, zsnr) of the v-prediction variants
 VARIANTS = {"sd15_v": ("sd15", False), "sdxl_vzsnr": ("sdxl", True)}
 CHOICES = ARCHS + tuple(VARIANTS)
@@ -42,7 +52,9 @@ COND_SHAPES = {"sd15": (77, 64, None), "sdxl": (77, 64, 32), "sd3": (77, 64, 32)
                "wan": (16, 64, None), "chroma": (16, 64, 32), "chroma_radiance": (16, 64, 32),
                "qwen_image": (16, 64, None), "ltxv": (16, 64, None),
                "hunyuan_video": (16, 64, 32), "hunyuan_image": (16, 64, None), "wan_i2v": (16, 64, None),
-               "wan_vace": (16, 64, None), "lumina2": (16, 64, None), **{a: (16, 64, None) for a in WAN_VARIANTS}}
+               "wan_vace": (16, 64, None), "lumina2": (16, 64, None), **{a: (16, 64, None) for a in WAN_VARIANTS},
+               "hidream": (16, 64, 32), **{a: (16, 64, None) for a in OTHER_DITS if a != "hidream"},
+               "svd": (1, 64, None)}
 CLIP_VISION_TOKENS = 4          # wan_i2v: the image's CLIP-vision tokens (257 x 1280 in the real model)
 
 _UNET = {
@@ -129,12 +141,58 @@ def _config(arch):
                             "num_layers": 3, "attention_head_dim": 32, "num_attention_heads": 2,
                             "joint_attention_dim": 64, "pooled_projection_dim": 32, "guidance_embeds": False,
                             "axes_dims_rope": (8, 12, 12)})
+    elif arch in OTHER_DITS:
+        cfg = _other_dit(arch)
+    elif arch == "svd":         # SVD image-to-video: a video U-Net (temporal res blocks and attention), EDM v-pred
+        cfg = sm.SVD_img2vid(dict(_UNET, adm_in_channels=768, num_classes="sequential", in_channels=8,
+                                  use_linear_in_transformer=True, use_temporal_resblock=True,
+                                  use_temporal_attention=True, extra_ff_mix_layer=True, use_spatial_context=True,
+                                  merge_strategy="learned_with_images", merge_factor=0.0, video_kernel_size=[3, 1, 1],
+                                  disable_temporal_crossattention=False, max_ddpm_temb_period=10000))
     else:
         raise ValueError(f"unknown tiny arch {arch!r}; one of {ARCHS}")
-    if arch in ("sd15", "sdxl"):
+    if arch in ("sd15", "sdxl", "svd"):
         cfg.unet_config["num_heads"] = 2
         cfg.unet_config["num_head_channels"] = -1
     return cfg
+
+
+def _other_dit(arch):
+    import comfy.supported_models as sm
+
+    if arch == "auraflow":      # AuraFlow 0.3 (Pony v7): 1 joint + 2 single blocks, register tokens, learned positions
+        return sm.AuraFlow({"cond_seq_dim": 64, "max_seq": 64, "n_double_layers": 1, "n_layers": 3, "in_channels": 4,
+                            "out_channels": 4, "patch_size": 2, "dim": 64, "n_heads": 2, "global_conddim": 64})
+    if arch == "hidream":       # HiDream-I1: T5 context, one Llama layer's features per block, MoE feed-forwards
+        return sm.HiDream({"image_model": "hidream", "attention_head_dim": 32, "axes_dims_rope": [16, 8, 8],
+                           "caption_channels": [64, 64], "max_resolution": [32, 32], "in_channels": 16,
+                           "out_channels": 16, "llama_layers": [0, 1], "num_attention_heads": 2,
+                           "num_routed_experts": 2, "num_activated_experts": 1, "num_layers": 1,
+                           "num_single_layers": 1, "patch_size": 2, "text_emb_dim": 32})
+    if arch == "cosmos_predict2":   # Cosmos-Predict2 text-to-image: EDM sigmas, rectified flow inside (COSMOS_RFLOW)
+        return sm.CosmosT2IPredict2({
+            "image_model": "cosmos_predict2", "max_img_h": 240, "max_img_w": 240, "max_frames": 128,
+            "in_channels": 16, "out_channels": 16, "patch_spatial": 2, "patch_temporal": 1, "model_channels": 64,
+            "concat_padding_mask": True, "crossattn_emb_channels": 64, "pos_emb_cls": "rope3d",
+            "pos_emb_learnable": True, "pos_emb_interpolation": "crop", "min_fps": 1, "max_fps": 30,
+            "use_adaln_lora": True, "adaln_lora_dim": 16, "num_blocks": 2, "num_heads": 2,
+            "extra_per_block_abs_pos_emb": False, "rope_h_extrapolation_ratio": 4.0,
+            "rope_w_extrapolation_ratio": 4.0, "rope_t_extrapolation_ratio": 1.0, "extra_h_extrapolation_ratio": 1.0,
+            "extra_w_extrapolation_ratio": 1.0, "extra_t_extrapolation_ratio": 1.0,
+            "rope_enable_fps_modulation": False})
+    if arch == "omnigen2":      # OmniGen2: Lumina-style refiners and blocks over a Qwen2.5-VL context
+        return sm.Omnigen2({"image_model": "omnigen2", "axes_dim_rope": [8, 12, 12], "axes_lens": [300, 512, 512],
+                            "ffn_dim_multiplier": None, "hidden_size": 64, "in_channels": 16, "multiple_of": 16,
+                            "norm_eps": 1e-5, "num_attention_heads": 2, "num_kv_heads": 1, "num_layers": 2,
+                            "num_refiner_layers": 1, "out_channels": None, "patch_size": 2, "text_feat_dim": 64,
+                            "timestep_scale": 1000.0})
+    raise ValueError(f"unknown tiny arch {arch!r}")
+
+
+def _tensors(module: torch.nn.Module) -> dict:
+    """{(module, "_parameters" or "_buffers", name): dtype} of every tensor of ``module``."""
+    return {(m, kind, name): t.dtype for m in module.modules() for kind in ("_parameters", "_buffers")
+            for name, t in getattr(m, kind).items() if t is not None}
 
 
 def _reinit(module: torch.nn.Module, seed: int) -> None:
@@ -184,11 +242,20 @@ def patcher(cfg, seed: int = 0, dtype: torch.dtype = torch.float32):
     fp8 = dtype == torch.float8_e4m3fn          # stored in fp8, computed in bfloat16 (ComfyUI's manual cast)
     cfg.set_inference_dtype(dtype, torch.bfloat16 if fp8 else None)
     model = cfg.get_model({}, "", device=torch.device("cpu"))
+    built = {}
     if fp8:                                       # torch's initialisers do not run on fp8 tensors
+        built = _tensors(model.diffusion_model)
         model.diffusion_model.float()
     _reinit(model.diffusion_model, seed)
-    if fp8:
-        model.diffusion_model.to(dtype)
+    if type(model.diffusion_model).__module__ == "comfy.ldm.aura.mmdit":   # torch's initialisers leave AuraFlow's
+        with torch.no_grad():   # time embedding small and so its blocks' gates near 0.03 (they would barely act):
+            model.diffusion_model.t_embedder.mlp[-1].weight.mul_(10.0)              # about 0.3
+    with torch.no_grad():   # each tensor back in the dtype the model was built with, as ComfyUI loads fp8 weights:
+        for (mod, kind, name), t in built.items():      # buffers made in float32 (Cosmos' rope ranges) stay so
+            if kind == "_parameters":
+                mod._parameters[name].data = mod._parameters[name].data.to(t)
+            else:
+                mod._buffers[name] = mod._buffers[name].to(t)
     model.diffusion_model.eval()
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
@@ -212,7 +279,11 @@ def conditioning(arch: str, seed: int = 0, batch: int = 1):
         extra["pooled_output"] = torch.randn(batch, pooled, generator=g)
     if arch == "sdxl":
         extra.update(width=64, height=64, crop_w=0, crop_h=0, target_width=64, target_height=64)
-    if arch in ("ltxv", "lumina2"):   # their encoders' padding mask (all real tokens here; Lumina 2 needs it)
+    if arch == "svd":           # what SVD_img2vid_Conditioning puts there: the start image's latent (the CLIP-vision
+        extra["concat_latent_image"] = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(12345))  # embed
+    if arch == "hidream":       # the Llama encoder's hidden states of the layers the blocks read, stacked
+        extra["conditioning_llama3"] = torch.randn(batch, 2, tokens, dim, generator=g)
+    if arch in ("ltxv", "lumina2", "omnigen2"):   # the encoders' padding mask (all real tokens here)
         extra["attention_mask"] = torch.ones(batch, tokens, dtype=torch.long)
     if arch == "wan_camera":    # WanCameraEmbedding's output for an 8x8 latent of 2 frames (24 x 2 x 64 x 64)
         extra["camera_conditions"] = torch.randn(1, 24, 2, 64, 64, generator=torch.Generator().manual_seed(54321))
