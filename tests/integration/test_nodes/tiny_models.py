@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-# families the pack's family-specific nodes (PAG, NASA, the caches) do not support: what runs on them, what is refused
+# DiT families that not every family-specific node (PAG, NASA, the caches) supports: what runs there, what is refused
 OTHER_DITS = ("auraflow", "hidream", "cosmos_predict2", "omnigen2")
 ARCHS = ("sd15", "sdxl", "sd3", "flux", "wan", "chroma", "chroma_radiance", "qwen_image", "hunyuan_video", "hunyuan_image",
          "ltxv", "wan_i2v", "wan_vace", "lumina2", "wan_camera", "wan_humo", "wan_animate", "wan_s2v", *OTHER_DITS,
