@@ -20,15 +20,12 @@ def _pag(comfyui, model, scale=3.0, layers=""):
     return comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreePAG"]().patch(model, scale, layers, 0.0, 1.0)[0]
 
 
-def _apply(model, arch, x, to, batch=1, **extra):
+def _apply(model, arch, x, to, **extra):
     """One forward of the tiny model at sigma 0.6 with its conditioning, under transformer_options ``to``."""
-    import comfy.model_base
-
-    tiny_cond = model.tiny.conditioning(arch, 1, batch)[0]
+    tiny_cond = model.tiny.conditioning(arch, 1)[0]
     kw = {"c_crossattn": tiny_cond[0]}
     if arch == "hidream":
         kw.update(y=tiny_cond[1]["pooled_output"], encoder_hidden_states_llama3=tiny_cond[1]["conditioning_llama3"])
-    assert isinstance(model.model, comfy.model_base.BaseModel)
     return model.model.apply_model(x, torch.full((x.shape[0],), 0.6), transformer_options=dict(to), **kw, **extra)
 
 
@@ -51,7 +48,7 @@ def _attention_module(dm, arch, kind, index):
     return dm.blocks[index].self_attn
 
 
-def _image_rows(arch, kind, n, img):
+def _image_rows(arch, n, img):
     """Where the image tokens are, as read in ComfyUI 0.3.64's networks: AuraFlow [register + text; image],
     HiDream [image; text], Cosmos a pure self-attention over the video tokens."""
     if arch == "auraflow":
@@ -73,7 +70,7 @@ def _manual(monkeypatch, dm, arch, kind, index, img):
             return real_attention(q, k, v, heads, mask=mask, **kw)
         assert mask is None
         n = q.shape[-2] if kw.get("skip_reshape") else q.shape[1]
-        start, end = _image_rows(arch, kind, n, img)
+        start, end = _image_rows(arch, n, img)
         hide = torch.zeros(n, n)
         hide[start:end, start:end] = float("-inf")
         hide[range(start, end), range(start, end)] = 0.0
@@ -149,7 +146,7 @@ def test_one_perturbed_call_per_chosen_block_and_step_on_the_image_rows(comfyui,
         comfy.sample.sample(guided, noise, 3, 3.0, "euler", "normal", pos, neg, torch.zeros_like(noise), seed=4,
                             disable_pbar=True)
         n = img + text
-        rows = None if arch == "cosmos_predict2" else _image_rows(arch, "double", n, img)
+        rows = None if arch == "cosmos_predict2" else _image_rows(arch, n, img)
         assert seen == [(2, n, rows)] * (3 * len(layers.split(",")))
 
 
