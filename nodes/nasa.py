@@ -2,8 +2,8 @@
 
 UNet: an ``attn2`` replace on every cross-attention layer (chaining any earlier replace, which then
 computes Z+); the negative prompt's keys and values come from the layer's own ``to_k``/``to_v`` at run
-time (LoRA-patched weights included). DiTs (Flux, Chroma, SD3, Qwen-Image, Wan, LTX-Video, HunyuanVideo): block patches
-that carry the negative as extra text tokens or context, in nodes/nasa_dit.py.
+time (LoRA-patched weights included). DiTs (Flux, Chroma, SD3, Qwen-Image, Wan, LTX-Video, HunyuanVideo,
+AuraFlow): block patches that carry the negative as extra text tokens or context, in nodes/nasa_dit.py.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import logging
 
 import torch
 
+import comfy.ldm.aura.mmdit as aura_model
 import comfy.ldm.chroma.model as chroma_model
 import comfy.ldm.flux.model as flux_model
 import comfy.ldm.hunyuan_video.model as hunyuan_model
@@ -123,8 +124,8 @@ class TrainFreeNASA:
                    "In every cross-attention layer the attention to the negative prompt is subtracted: "
                    "Z = Attn(Q, K+, V+) - alpha Attn(Q, K-, V-); no extra model call. UNets (SD1.x, SD2.x, SDXL and "
                    "their one-step/LCM/Lightning/DMD2 distillations), Flux, Chroma, SD3, Qwen-Image and "
-                   "HunyuanVideo / HunyuanImage 2.1 (joint attention: the negative tokens ride along as extra text "
-                   "tokens the prompt never sees), Wan (text-to-video, image-to-video, VACE) and LTX-Video. "
+                   "HunyuanVideo / HunyuanImage 2.1, AuraFlow (joint attention: the negative tokens ride along as "
+                   "extra text tokens the prompt never sees), Wan (text-to-video, image-to-video, VACE) and LTX-Video. "
                    f"From {PAPER}.")
     CATEGORY = "trainfree/guidance"
     RETURN_TYPES = ("MODEL",)
@@ -136,8 +137,8 @@ class TrainFreeNASA:
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model to patch: a UNet (SD1.x/SD2.x/SDXL family), Flux, Chroma, SD3, "
                                            "Qwen-Image, Wan (text-to-video, image-to-video, VACE), LTX-Video, "
-                                           "HunyuanVideo or HunyuanImage 2.1. Place it after other nodes that "
-                                           "replace cross-attention (IPAdapter); it chains."}),
+                                           "HunyuanVideo, HunyuanImage 2.1 or AuraFlow. Place it after other nodes "
+                                           "that replace cross-attention (IPAdapter); it chains."}),
             "negative": ("CONDITIONING", {"tooltip": "The negative prompt (from the same text encoder as the positive). "
                                                      "The paper uses a generic 'worst quality, low quality, ...'."}),
             "alpha": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 2.0, "step": 0.01,
@@ -207,6 +208,8 @@ def _architecture(dm):
         if getattr(dm, "context_processor", None) is not None or not hasattr(dm.context_embedder, "in_features"):
             raise ValueError("NASA: this MMDiT variant processes its text context before the blocks; not supported")
         return "sd3", dm.context_embedder.in_features
+    if isinstance(dm, aura_model.MMDiT):             # AuraFlow (Pony V7)
+        return "auraflow", dm.cond_seq_linear.in_features
     if type(dm) is wan_model.WanModel_S2V:
         raise ValueError("NASA: Wan speech-to-video (S2V) is not supported: ComfyUI's S2V network does not hand its "
                          "blocks the transformer options that carry NASA's attention change")
@@ -216,8 +219,8 @@ def _architecture(dm):
                              "not supported")
         return "wan", dm.text_embedding[0].in_features
     raise ValueError(f"NASA (TrainFree) supports UNet models (SD1.x, SD2.x, SDXL), Flux, Chroma, SD3, Qwen-Image, "
-                     f"Wan (text-to-video, image-to-video, VACE, camera control, HuMo, Animate), LTX-Video and "
-                     f"HunyuanVideo; this model's network is {type(dm).__name__}.")
+                     f"Wan (text-to-video, image-to-video, VACE, camera control, HuMo, Animate), LTX-Video, "
+                     f"HunyuanVideo and AuraFlow; this model's network is {type(dm).__name__}.")
 
 
 NODES = {"TrainFreeNASA": (TrainFreeNASA, "NASA negative prompt at cfg 1 (TrainFree)")}

@@ -6,7 +6,9 @@ an attention override for that block that keeps the positive stream blind to tho
 Flux, Chroma and Qwen-Image: the same (through ``txt_in``; Qwen: ``txt_norm`` then ``txt_in``), and every block's
 patch widens the rotary table it is handed, which the model computed for the positive text alone: Flux's and
 Chroma's text positions are all 0, Qwen's count up from a start that depends on the latent size (read by a
-DIFFUSION_MODEL wrapper), and the negative gets the positions a negative-prompt pass would give it.
+DIFFUSION_MODEL wrapper), and the negative gets the positions a negative-prompt pass would give it. AuraFlow: as
+Flux, the negative (through ``cond_seq_linear``) after its own register tokens, as its own pass would have them; no
+rotary table to widen.
 Several NASA nodes chain: each appends its tokens after those of the nodes applied after it (their patches run
 first), widens the table at its own tokens' place, and its override hands the sequence without its own tokens to
 the next one, so each sees its own layout.
@@ -105,6 +107,13 @@ def _text_extend(embed, neg, box):
         extra = _to_batch(embed(neg.get(txt.device, txt.dtype)), txt.shape[0])
         return dict(args, txt=torch.cat([txt, extra], dim=1))
     return extend
+
+
+def _aura_text(dm, t):
+    """AuraFlow's text stream for the prompt ``t``, as its forward makes it: its register tokens, then the prompt
+    through ``cond_seq_linear``."""
+    c = dm.cond_seq_linear(t)
+    return torch.cat([dm.register_tokens.to(c).repeat(c.shape[0], 1, 1), c], dim=1)
 
 
 def _pe_widen(seq_dim, rows_for, neg_len, box):
@@ -352,9 +361,10 @@ def patch_dit(m, arch, dm, neg, negative, alpha, window, dit):
                                                          extend if (kind, i) == ("double_block", 0) else None, widen,
                                                          image_first=True), "dit", kind, i)
         return
-    if arch in ("flux", "chroma"):
-        blocks = [("double_block", i) for i in range(len(dm.double_blocks))] + \
-                 [("single_block", i) for i in range(len(dm.single_blocks))]
+    if arch in ("flux", "chroma", "auraflow"):
+        doubles, singles = (dm.double_layers, dm.single_layers) if arch == "auraflow" else \
+            (dm.double_blocks, dm.single_blocks)
+        blocks = [("double_block", i) for i in range(len(doubles))] + [("single_block", i) for i in range(len(singles))]
     else:
         blocks = [("double_block", i) for i in range(len(dm.transformer_blocks if arch == "qwen_image"
                                                          else dm.joint_blocks))]
@@ -363,8 +373,10 @@ def patch_dit(m, arch, dm, neg, negative, alpha, window, dit):
     elif arch == "qwen_image":
         m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "trainfree_nasa", _qwen_start(box))
         widen = _pe_widen(1, _qwen_rows(dm, box), t_neg, box)
-    embed = {"sd3": lambda t: dm.context_embedder(t),
-             "qwen_image": lambda t: dm.txt_in(dm.txt_norm(t))}.get(arch, lambda t: dm.txt_in(t))   # Flux, Chroma
+    if arch == "auraflow":                          # the negative gets its own register tokens, as in its own pass
+        t_neg += dm.register_tokens.shape[1]
+    embed = {"sd3": lambda t: dm.context_embedder(t), "qwen_image": lambda t: dm.txt_in(dm.txt_norm(t)),
+             "auraflow": lambda t: _aura_text(dm, t)}.get(arch, lambda t: dm.txt_in(t))   # Flux, Chroma
     for kind, i in blocks:
         extend = _text_extend(embed, neg, box) if (kind, i) == ("double_block", 0) else None
         m.set_model_patch_replace(_joint_block_patch(dit.get((kind, i)), t_neg, box, alpha, window, extend, widen),

@@ -93,11 +93,11 @@ def test_a_flux_controlnet_keeps_its_window_on_cached_steps(comfyui):
         assert effect > 0.05 and 0.8 < with_cache / effect < 1.25, (window, effect, with_cache)
 
 
-@pytest.mark.parametrize("arch", ["sd3", "flux", "chroma", "qwen_image", "ltxv", "hunyuan_video"])
+@pytest.mark.parametrize("arch", ["sd3", "flux", "chroma", "qwen_image", "ltxv", "hunyuan_video", "auraflow"])
 @pytest.mark.parametrize("tail", [0, 1])
 def test_nasa_then_the_cache_from_the_first_block(comfyui, caplog, arch, tail):
-    """NASA on SD3, Flux, Chroma, Qwen-Image and HunyuanVideo appends its negative tokens inside the first block
-    (Flux, Chroma, Qwen, HunyuanVideo: and widens each block's rotary table); a cache span starting there
+    """NASA on SD3, Flux, Chroma, Qwen-Image, HunyuanVideo and AuraFlow appends its negative tokens inside the first
+    block (Flux, Chroma, Qwen, HunyuanVideo: and widens each block's rotary table); a cache span starting there
     (head_blocks 0) still matches the uncached run at interval 1 and skips the span at cached steps. The negative
     is shorter than the prompt (9 of 16 tokens)."""
     tiny = _tiny(comfyui)

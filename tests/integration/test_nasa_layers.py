@@ -88,7 +88,7 @@ def test_ltxv_negative_padding_is_masked_out(comfyui):
     assert (unmasked - real).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("arch", ["sd3", "flux", "chroma", "qwen_image", "hunyuan_video", "hunyuan_image"])
+@pytest.mark.parametrize("arch", ["sd3", "flux", "chroma", "qwen_image", "hunyuan_video", "hunyuan_image", "auraflow"])
 @pytest.mark.parametrize("neg_tokens", [16, 9, 27])
 def test_joint_attention_carries_the_negative_as_its_own_text_stream(comfyui, arch, neg_tokens):
     """At a vanishing alpha, after the first block, the negative's tokens in NASA's text stream are what the
