@@ -22,6 +22,7 @@ import torch
 
 from .. import calibration
 from ..caching.cache_quant import Calibrator, SpanRun, group_bounds, uniform_schedule
+from . import dit_layout
 from .calibration_support import (STEP_RANGE_INPUTS, Progress, empty_latent_for, list_files, load_named, loaded_state,
                                   method_dir, model_fingerprint, prediction_key, refuse_mismatch, reuse, save,
                                   scheduler_sigmas, step_range, warn_if_other_run, written_state, wrote)
@@ -64,9 +65,7 @@ def dit_span(model, head: int, tail: int):
     arch = _dit_classes().get(type(dm))
     if arch in ("flux", "chroma", "hunyuan_video", "auraflow"):   # double-stream blocks, then single-stream ones on
         # the joined stream ([txt; img], HunyuanVideo's [img; txt])
-        doubles, singles = (dm.double_layers, dm.single_layers) if arch == "auraflow" else \
-            (dm.double_blocks, dm.single_blocks)
-        keys = [("double_block", i) for i in range(len(doubles))] + [("single_block", i) for i in range(len(singles))]
+        keys = dit_layout.block_keys(dm)
     elif arch is not None:                 # one list of joint blocks
         blocks = {"sd3": "joint_blocks", "wan": "blocks", "qwen_image": "transformer_blocks",
                   "ltxv": "transformer_blocks"}[arch]

@@ -35,6 +35,7 @@ import comfy.ldm.wan.model as wan_model
 import comfy.patcher_extension as pe
 
 from ..guidance import nasa as nasa_math
+from . import dit_layout
 
 
 _inner = threading.local()     # .negative: a Wan NASA override is making its negative-prompt call
@@ -354,17 +355,13 @@ def patch_dit(m, arch, dm, neg, negative, alpha, window, dit):
             t_neg += glyph.shape[1]
         m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "trainfree_nasa", _hunyuan_inputs(box))
         widen, extend = _hunyuan_widen(t_neg, box), _hunyuan_extend(dm, neg, pad, box, glyph)
-        blocks = [("double_block", i) for i in range(len(dm.double_blocks))] + \
-                 [("single_block", i) for i in range(len(dm.single_blocks))]
-        for kind, i in blocks:
+        for kind, i in dit_layout.block_keys(dm):
             m.set_model_patch_replace(_joint_block_patch(dit.get((kind, i)), t_neg, box, alpha, window,
                                                          extend if (kind, i) == ("double_block", 0) else None, widen,
                                                          image_first=True), "dit", kind, i)
         return
     if arch in ("flux", "chroma", "auraflow"):
-        doubles, singles = (dm.double_layers, dm.single_layers) if arch == "auraflow" else \
-            (dm.double_blocks, dm.single_blocks)
-        blocks = [("double_block", i) for i in range(len(doubles))] + [("single_block", i) for i in range(len(singles))]
+        blocks = dit_layout.block_keys(dm)
     else:
         blocks = [("double_block", i) for i in range(len(dm.transformer_blocks if arch == "qwen_image"
                                                          else dm.joint_blocks))]

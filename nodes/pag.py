@@ -35,7 +35,7 @@ import comfy.patcher_extension as pe
 import comfy.samplers
 
 from ..guidance import pag as pag_math
-from . import pag_counted, pag_lumina
+from . import dit_layout, pag_counted, pag_lumina
 
 PAPER = "Ahn et al., Self-Rectifying Diffusion Sampling with Perturbed-Attention Guidance (ECCV 2024)"
 PERTURBED_KEY = "trainfree_perturbed"   # set in transformer_options of the perturbed pass (caches may skip it)
@@ -94,18 +94,14 @@ def available_layers(model, arch: str) -> list[tuple[str, int, int | None]]:
                 idx = 0 if kind == "middle" else int(parts[1])
                 out.append((kind, idx, int(parts[parts.index("transformer_blocks") + 1])))
         return out
-    if arch in ("flux", "chroma", "hunyuan_video"):
-        return [("double", i, None) for i in range(len(dm.double_blocks))] + \
-               [("single", i, None) for i in range(len(dm.single_blocks))]
+    if arch in ("flux", "chroma", "hunyuan_video", "auraflow"):
+        return [(key.split("_")[0], i, None) for key, i in dit_layout.block_keys(dm)]
     if arch == "sd3":
         return [("joint", i, None) for i in range(len(dm.joint_blocks))]
     if arch in ("qwen_image", "ltxv"):
         return [("block", i, None) for i in range(len(dm.transformer_blocks))]
     if arch == "lumina2":
         return [("block", i, None) for i in range(len(dm.layers))]
-    if arch == "auraflow":
-        return [("double", i, None) for i in range(len(dm.double_layers))] + \
-               [("single", i, None) for i in range(len(dm.single_layers))]
     if arch in pag_counted.KINDS_OF:
         return pag_counted.available_layers(dm, arch)
     return [("block", i, None) for i in range(len(dm.blocks))]

@@ -56,8 +56,8 @@ def numbered(to, expected, chosen, on_forward, perturbed, mismatch):
     """Install, in ``to`` (the perturbed pass's transformer_options, a copy), a DIFFUSION_MODEL wrapper that numbers
     the attention calls of each forward and an override that hands the calls numbered in ``chosen`` to
     ``perturbed(state, *a, **kw)``; the others go to any earlier override. ``on_forward(state, network, x, *args,
-    **kwargs)`` fills the per-forward state from the forward's inputs; ``mismatch(calls)`` is the error raised when a forward
-    made another number of calls than ``expected``. Shared with Lumina 2 (pag_lumina.py)."""
+    **kwargs)`` fills the per-forward state from the forward's inputs; ``mismatch(calls)`` is the error raised when
+    a forward made another number of calls than ``expected``. Shared with Lumina 2 (pag_lumina.py)."""
     state = {}
     earlier = to.get("optimized_attention_override")
 
