@@ -77,7 +77,8 @@ def _keys(mask, idx):
 
 
 def joint_nasa_attention(q, k, v, t_pos: int, t_neg: int, alpha: float, rows: torch.Tensor,
-                         attend: Callable, image_first: int | None = None, key_mask=None) -> torch.Tensor:
+                         attend: Callable, image_first: int | None = None, key_mask=None,
+                         attend_pos: Callable | None = None) -> torch.Tensor:
     """Joint attention over [positive text (t_pos); negative text (t_neg); image] in (B, H, N, D), or, with
     ``image_first`` = the image token count, over [image; positive text; negative text] (HunyuanVideo).
 
@@ -85,7 +86,8 @@ def joint_nasa_attention(q, k, v, t_pos: int, t_neg: int, alpha: float, rows: to
     tokens; negative-text rows attend to [negative text; image]; image rows of ``rows`` then get
     - alpha * (attention of their queries over the negative text only). ``attend(q, k, v, mask)`` works on
     (B, H, N, D) and returns (B, H, Nq, D); ``key_mask`` (None, or an additive mask over the N keys whose
-    query dimension is 1: a padding mask) is cut to each call's keys."""
+    query dimension is 1: a padding mask) is cut to each call's keys. ``attend_pos`` (default ``attend``) makes the
+    ordinary joint attention, ``attend`` the two over the negative text."""
     n, dev = q.shape[2], q.device
     if key_mask is not None and key_mask.ndim >= 2 and key_mask.shape[-2] != 1:
         raise ValueError(f"NASA: a mask of shape {tuple(key_mask.shape)} is not a key (padding) mask")
@@ -100,7 +102,7 @@ def joint_nasa_attention(q, k, v, t_pos: int, t_neg: int, alpha: float, rows: to
     image = torch.arange(b, n, device=dev) if image_first is None else torch.arange(0, image_first, device=dev)
     neg = torch.arange(a, b, device=dev)
     keep = torch.cat([torch.arange(0, a, device=dev), torch.arange(b, n, device=dev)])
-    pos = attend(q[:, :, keep], k[:, :, keep], v[:, :, keep], _keys(key_mask, keep))   # ordinary joint attention
+    pos = (attend_pos or attend)(q[:, :, keep], k[:, :, keep], v[:, :, keep], _keys(key_mask, keep))   # ordinary
     out = torch.empty(pos.shape[0], pos.shape[1], n, pos.shape[3], dtype=pos.dtype, device=pos.device)
     out[:, :, keep] = pos
     if b == a:

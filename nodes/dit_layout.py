@@ -15,3 +15,10 @@ def block_keys(dm) -> list[tuple[str, int]]:
     """Every block's ``patches_replace["dit"]`` key, in the order the forward runs them."""
     doubles, singles = double_single(dm)
     return [("double_block", i) for i in range(doubles)] + [("single_block", i) for i in range(singles)]
+
+
+def hidream_image_tokens(patch: int, x, image_cond=None) -> int:
+    """The image tokens of every HiDream attention call: the latent ``x`` (with an edit model's ``image_cond`` joined
+    on its width) in patches of ``patch``."""
+    width = x.shape[-1] + (image_cond.shape[-1] if image_cond is not None else 0)
+    return -(-x.shape[-2] // patch) * -(-width // patch)

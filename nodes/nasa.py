@@ -1,9 +1,12 @@
-"""NASA (negative-away steer attention) as a MODEL patch: UNets via attn2 replace, DiTs via block patches.
+"""NASA (negative-away steer attention) as a MODEL patch: UNets via attn2 replace, DiTs via block patches (HiDream: a
+wrapper and an attention override).
 
 UNet: an ``attn2`` replace on every cross-attention layer (chaining any earlier replace, which then
 computes Z+); the negative prompt's keys and values come from the layer's own ``to_k``/``to_v`` at run
 time (LoRA-patched weights included). DiTs (Flux, Chroma, SD3, Qwen-Image, Wan, LTX-Video, HunyuanVideo,
-AuraFlow): block patches that carry the negative as extra text tokens or context, in nodes/nasa_dit.py.
+AuraFlow): block patches that carry the negative as extra text tokens or context, in nodes/nasa_dit.py. HiDream-I1 /
+E1, whose forward calls no block patches: a DIFFUSION_MODEL wrapper appends the negative's T5 and Llama tokens to the
+network's inputs, an attention override splits every joint attention, in nodes/nasa_hidream.py.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import torch
 import comfy.ldm.aura.mmdit as aura_model
 import comfy.ldm.chroma.model as chroma_model
 import comfy.ldm.flux.model as flux_model
+import comfy.ldm.hidream.model as hidream_model
 import comfy.ldm.hunyuan_video.model as hunyuan_model
 import comfy.ldm.lightricks.model as ltxv_model
 import comfy.ldm.modules.attention as attention
@@ -26,6 +30,7 @@ import comfy.patcher_extension as pe
 
 from ..guidance import nasa as nasa_math
 from ..guidance.pag import sigma_gate
+from . import nasa_hidream
 from .nasa_dit import patch_dit
 
 PAPER = ("Nguyen et al., SNOOPI: Supercharged One-step Diffusion Distillation with Proper Guidance "
@@ -55,9 +60,9 @@ class _Window:
     ModelSamplingSD3 / shift node placed after NASA counts, as it does for ComfyUI's own percent windows).
     Its OUTER_SAMPLE wrapper also releases the negative's device copy when the run ends (or fails)."""
 
-    def __init__(self, start_percent, end_percent, model_sampling, negative=None):
+    def __init__(self, start_percent, end_percent, model_sampling, *negatives):
         self.percents = (float(start_percent), float(end_percent))
-        self.negative = negative
+        self.negatives = negatives
         self.use(model_sampling)
 
     def use(self, model_sampling):
@@ -68,8 +73,8 @@ class _Window:
         try:
             return executor(*args, **kwargs)
         finally:
-            if self.negative is not None:
-                self.negative.release()
+            for negative in self.negatives:
+                negative.release()
 
     def rows(self, to, batch, device):
         """(batch,) bool: the rows of a forward NASA steers (conditional chunks, at a sigma inside the window)."""
@@ -123,9 +128,10 @@ class TrainFreeNASA:
     DESCRIPTION = ("NASA, negative-away steer attention: a negative prompt for 1-4 step distilled models run at cfg 1. "
                    "In every cross-attention layer the attention to the negative prompt is subtracted: "
                    "Z = Attn(Q, K+, V+) - alpha Attn(Q, K-, V-); no extra model call. UNets (SD1.x, SD2.x, SDXL and "
-                   "their one-step/LCM/Lightning/DMD2 distillations), Flux, Chroma, SD3, Qwen-Image and "
-                   "HunyuanVideo / HunyuanImage 2.1, AuraFlow (joint attention: the negative tokens ride along as "
-                   "extra text tokens the prompt never sees), Wan (text-to-video, image-to-video, VACE) and LTX-Video. "
+                   "their one-step/LCM/Lightning/DMD2 distillations), Flux, Chroma, SD3, Qwen-Image, "
+                   "HunyuanVideo / HunyuanImage 2.1, AuraFlow, HiDream-I1 / E1 (joint attention: the negative tokens "
+                   "ride along as extra text tokens the prompt never sees), Wan (text-to-video, image-to-video, "
+                   "VACE) and LTX-Video. "
                    f"From {PAPER}.")
     CATEGORY = "trainfree/guidance"
     RETURN_TYPES = ("MODEL",)
@@ -137,7 +143,8 @@ class TrainFreeNASA:
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model to patch: a UNet (SD1.x/SD2.x/SDXL family), Flux, Chroma, SD3, "
                                            "Qwen-Image, Wan (text-to-video, image-to-video, VACE), LTX-Video, "
-                                           "HunyuanVideo, HunyuanImage 2.1 or AuraFlow. Place it after other nodes "
+                                           "HunyuanVideo, HunyuanImage 2.1, AuraFlow or HiDream-I1 / E1. Place it "
+                                           "after other nodes "
                                            "that replace cross-attention (IPAdapter); it chains."}),
             "negative": ("CONDITIONING", {"tooltip": "The negative prompt (from the same text encoder as the positive). "
                                                      "The paper uses a generic 'worst quality, low quality, ...'."}),
@@ -168,8 +175,13 @@ class TrainFreeNASA:
         if float(alpha) == 0.0:
             return (m,)
         neg, alpha = _Negative(neg_t), float(alpha)
-        window = _Window(start_percent, end_percent, model.get_model_object("model_sampling"), neg)
+        neg_llama = _Negative(nasa_hidream.check_negative(dm, negative[0])) if arch == "hidream" else None
+        window = _Window(start_percent, end_percent, model.get_model_object("model_sampling"),
+                         *(n for n in (neg, neg_llama) if n is not None))
         m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, "trainfree_nasa", window.outer_sample)
+        if arch == "hidream":            # its Llama features ride along with the T5 tokens
+            nasa_hidream.patch(m, dm, neg, neg_llama, alpha, window)
+            return (m,)
         existing = m.model_options["transformer_options"].get("patches_replace", {})
         if arch == "unet":
             attn2_existing = existing.get("attn2", {})
@@ -210,6 +222,8 @@ def _architecture(dm):
         return "sd3", dm.context_embedder.in_features
     if isinstance(dm, aura_model.MMDiT):             # AuraFlow (Pony V7)
         return "auraflow", dm.cond_seq_linear.in_features
+    if isinstance(dm, hidream_model.HiDreamImageTransformer2DModel):   # I1 (Full, Dev, Fast), E1
+        return "hidream", dm.caption_projection[-1].linear.in_features
     if type(dm) is wan_model.WanModel_S2V:
         raise ValueError("NASA: Wan speech-to-video (S2V) is not supported: ComfyUI's S2V network does not hand its "
                          "blocks the transformer options that carry NASA's attention change")
@@ -220,7 +234,7 @@ def _architecture(dm):
         return "wan", dm.text_embedding[0].in_features
     raise ValueError(f"NASA (TrainFree) supports UNet models (SD1.x, SD2.x, SDXL), Flux, Chroma, SD3, Qwen-Image, "
                      f"Wan (text-to-video, image-to-video, VACE, camera control, HuMo, Animate), LTX-Video, "
-                     f"HunyuanVideo and AuraFlow; this model's network is {type(dm).__name__}.")
+                     f"HunyuanVideo, AuraFlow and HiDream; this model's network is {type(dm).__name__}.")
 
 
 NODES = {"TrainFreeNASA": (TrainFreeNASA, "NASA negative prompt at cfg 1 (TrainFree)")}

@@ -27,27 +27,19 @@ HunyuanImage 2.1's glyph tokens (byT5 features of quoted text) follow each promp
 """
 from __future__ import annotations
 
-import threading
-
 import torch
 
 import comfy.ldm.wan.model as wan_model
 import comfy.patcher_extension as pe
 
 from ..guidance import nasa as nasa_math
-from . import dit_layout
-
-
-_inner = threading.local()     # .negative: a Wan NASA override is making its negative-prompt call
+from . import attention_chain, dit_layout
+from .attention_chain import chained as _call
 
 
 def _to_batch(t, batch):
     """A negative's rows for a forward of ``batch`` rows: batch 1 for all, else cycled (item i of each chunk)."""
     return t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 else t[torch.arange(batch, device=t.device) % t.shape[0]]
-
-
-def _call(earlier, func, *a, **kw):
-    return earlier(func, *a, **kw) if earlier is not None else func(*a, **kw)
 
 
 def _joint_block_patch(prev, neg_len, box, alpha, window, extend=None, widen=None, image_first=False):
@@ -249,7 +241,7 @@ def _wan_block_patch(prev, text_call, dm, neg, alpha, window):
         calls = [0]
 
         def override(func, *a, **kw):
-            if getattr(_inner, "negative", False):   # an inner NASA node's negative-prompt call: not one to count
+            if attention_chain.is_own(kw):   # another NASA node's negative-prompt call: not one to count
                 return _call(earlier, func, *a, **kw)
             calls[0] += 1
             q, k, v = a[:3]
@@ -262,11 +254,7 @@ def _wan_block_patch(prev, text_call, dm, neg, alpha, window):
                 return _call(earlier, func, q_, k_, v_, heads, **kw)
 
             def attend_negative(q_, k_, v_):
-                before, _inner.negative = getattr(_inner, "negative", False), True
-                try:
-                    return attend(q_, k_, v_)
-                finally:
-                    _inner.negative = before
+                return _call(earlier, func, q_, k_, v_, heads, **attention_chain.own(kw))
             return nasa_math.cross_nasa_attention(q, k[:, :-t_neg], v[:, :-t_neg], k[rows][:, -t_neg:],
                                                   v[rows][:, -t_neg:], alpha, rows, attend_negative, attend)
 

@@ -15,13 +15,12 @@ pag_lumina.py, uses too).
 """
 from __future__ import annotations
 
-import math
-
 import comfy.ldm.cosmos.predict2 as cosmos_model
 import comfy.ldm.hidream.model as hidream_model
 import comfy.patcher_extension as pe
 
 from ..guidance import pag as pag_math
+from . import attention_chain, dit_layout
 
 KINDS_OF = {"hidream": ("double", "single"), "cosmos_predict2": ("block",)}
 
@@ -55,9 +54,10 @@ def layout(dm, arch: str) -> tuple:
 def numbered(to, expected, chosen, on_forward, perturbed, mismatch):
     """Install, in ``to`` (the perturbed pass's transformer_options, a copy), a DIFFUSION_MODEL wrapper that numbers
     the attention calls of each forward and an override that hands the calls numbered in ``chosen`` to
-    ``perturbed(state, *a, **kw)``; the others go to any earlier override. ``on_forward(state, network, x, *args,
-    **kwargs)`` fills the per-forward state from the forward's inputs; ``mismatch(calls)`` is the error raised when
-    a forward made another number of calls than ``expected``. Shared with Lumina 2 (pag_lumina.py)."""
+    ``perturbed(state, *a, **kw)``; the others, and the calls another node marks as its own (attention_chain), go to
+    any earlier override. ``on_forward(state, network, x, *args, **kwargs)`` fills the per-forward state from the
+    forward's inputs; ``mismatch(calls)`` is the error raised when a forward made another number of calls than
+    ``expected``. Shared with Lumina 2 (pag_lumina.py)."""
     state = {}
     earlier = to.get("optimized_attention_override")
 
@@ -70,11 +70,13 @@ def numbered(to, expected, chosen, on_forward, perturbed, mismatch):
         return out
 
     def override(func, *a, **kw):
+        if attention_chain.is_own(kw):          # another node's own extra call (NASA's negative): not the network's
+            return attention_chain.chained(earlier, func, *a, **kw)
         c = state["calls"]
         state["calls"] = c + 1
         if c in chosen:
             return perturbed(state, *a, **kw)
-        return earlier(func, *a, **kw) if earlier is not None else func(*a, **kw)
+        return attention_chain.chained(earlier, func, *a, **kw)
 
     to["optimized_attention_override"] = override
     wrappers = to["wrappers"] = dict(to.get("wrappers", {}))
@@ -82,11 +84,13 @@ def numbered(to, expected, chosen, on_forward, perturbed, mismatch):
     around["trainfree_pag"] = list(around.get("trainfree_pag", [])) + [count]
 
 
-def _hidream_tokens(patch, x, context, llama, image_cond):
+def _hidream_tokens(patch, x, context, llama, image_cond, to=None):
     """(image tokens, text tokens) of every HiDream attention call: the latent (and an edit model's image, joined on
-    the width) in patches; T5, the last Llama layer and the block's own Llama layer."""
-    width = x.shape[-1] + (image_cond.shape[-1] if image_cond is not None else 0)
-    return math.ceil(x.shape[-2] / patch) * math.ceil(width / patch), context.shape[1] + 2 * llama.shape[2]
+    the width) in patches; T5, the last Llama layer and the block's own Llama layer, less the tokens a NASA node
+    outside this wrapper appended to them (its calls hand PAG the prompt's part only)."""
+    t5 = context.shape[1] - attention_chain.text_tokens_added(to, "context")
+    ll = llama.shape[2] - attention_chain.text_tokens_added(to, "llama")
+    return dit_layout.hidream_image_tokens(patch, x, image_cond), t5 + 2 * ll
 
 
 def perturb(to, arch, lay, layers):
@@ -98,7 +102,8 @@ def perturb(to, arch, lay, layers):
     def on_forward(state, dm, x, *args, **kwargs):
         if arch == "hidream":           # (x, t, y, context, llama3, image_cond, ...)
             image_cond = args[4] if len(args) > 4 else kwargs.get("image_cond")
-            state["img"], state["txt"] = _hidream_tokens(patch, x, args[2], args[3], image_cond)
+            to = kwargs.get("transformer_options", args[-1] if args and isinstance(args[-1], dict) else None)
+            state["img"], state["txt"] = _hidream_tokens(patch, x, args[2], args[3], image_cond, to)
 
     def rows(state, n):
         if arch == "cosmos_predict2":

@@ -102,6 +102,30 @@ def test_joint_attention_image_first_with_a_padding_mask():
         nasa.joint_nasa_attention(q, k, v, tp, tn, 0.3, rows, _attn, ni, torch.zeros(1, 1, 12, 12))
 
 
+def test_joint_attention_hands_the_ordinary_attention_to_attend_pos():
+    """``attend_pos`` (HiDream: the call down the override chain as the network's own) makes exactly one call, the
+    ordinary joint attention over [image; positive text]; ``attend`` the two over the negative text."""
+    ni, tp, tn = 5, 3, 4
+    q, k, v = (_rand(2, 2, ni + tp + tn, 4, seed=s) for s in range(3))
+    rows = torch.tensor([True, True])
+    calls = {"pos": [], "neg": []}
+
+    def tagged(tag, scale):
+        def attend(q_, k_, v_, m_):
+            calls[tag].append((q_.shape[2], k_.shape[2]))
+            return scale * _attn(q_, k_, v_, m_)
+        return attend
+    out = nasa.joint_nasa_attention(q, k, v, tp, tn, 0.3, rows, tagged("neg", 1.0), image_first=ni,
+                                    attend_pos=tagged("pos", 2.0))
+    assert calls == {"pos": [(ni + tp, ni + tp)], "neg": [(tn, tn + ni), (ni, tn)]}
+    ref = nasa.joint_nasa_attention(q, k, v, tp, tn, 0.3, rows, _attn, image_first=ni)
+    pos = list(range(ni + tp))
+    plain = _attn(q[:, :, pos], k[:, :, pos], v[:, :, pos])
+    torch.testing.assert_close(out[:, :, :ni], ref[:, :, :ni] + plain[:, :, :ni], rtol=0, atol=1e-13)
+    torch.testing.assert_close(out[:, :, ni:ni + tp], 2 * plain[:, :, ni:], rtol=0, atol=1e-13)
+    assert torch.equal(out[:, :, ni + tp:], ref[:, :, ni + tp:])
+
+
 def test_steering_lowers_the_alignment_with_the_negative_features():
     """What 'negative-away' means in feature space: <Z_NASA, Z-> = <Z+, Z-> - alpha |Z-|^2 per token."""
     q, kp, vp = _rand(1, 16, 8), _rand(1, 5, 8, seed=1), _rand(1, 5, 8, seed=2)

@@ -125,23 +125,25 @@ def _sample(model, arch, cond, neg, steps=4, size=8, seed=0):
                                disable_pbar=True)
 
 
-@pytest.mark.parametrize("arch", ["sd15", "flux", "sd3", "wan", "hunyuan_video"])
+@pytest.mark.parametrize("arch", ["sd15", "flux", "sd3", "wan", "hunyuan_video", "hidream"])
 def test_nasa_keeps_no_device_copy_of_the_negative_after_the_run(comfyui, arch):
     """The negative is cast to the model's device and dtype for a run; that copy (VRAM on a GPU, where ComfyUI's
     own unloading never reaches it) is dropped when the run ends, or fails. A float64 negative makes the cast a real copy on
-    the CPU too. The result is the same for every run."""
+    the CPU too (HiDream: its Llama features as well). The result is the same for every run."""
     tiny = _tiny(comfyui)
     base = tiny.build(arch)
-    neg = [[tiny.conditioning(arch, seed=2)[0][0].double(), {}]]
+    (t, extra), = tiny.conditioning(arch, seed=2)
+    neg = [[t.double(), {k: v.double() for k, v in extra.items() if k == "conditioning_llama3"}]]
+    inputs = [neg[0][0], *neg[0][1].values()]
     m = comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeNASA"]().patch(base, neg, 0.3)[0]
     first = _sample(m, arch, tiny.conditioning(arch, seed=1), tiny.conditioning(arch, seed=2))
-    assert retained_bytes(m, inputs=[neg[0][0]]) == 0
+    assert retained_bytes(m, inputs=inputs) == 0
     again = _sample(m, arch, tiny.conditioning(arch, seed=1), tiny.conditioning(arch, seed=2))
     assert torch.equal(first, again)
-    assert retained_bytes(m, inputs=[neg[0][0]]) == 0
+    assert retained_bytes(m, inputs=inputs) == 0
     with failing(m):
         _sample(m, arch, tiny.conditioning(arch, seed=1), tiny.conditioning(arch, seed=2))
-    assert retained_bytes(m, inputs=[neg[0][0]]) == 0
+    assert retained_bytes(m, inputs=inputs) == 0
 
 
 @pytest.mark.parametrize("name", [n for n in PATCHES if "control" not in n and n != "NASA"])

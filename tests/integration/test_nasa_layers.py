@@ -168,3 +168,47 @@ def test_hunyuan_image_glyph_tokens_follow_each_prompt(comfyui):
     torch.testing.assert_close(got["txt"][:, :22], want_pos["txt"], rtol=0, atol=1e-5 * scale)
     torch.testing.assert_close(got["img"], want_pos["img"], rtol=0, atol=1e-5 * float(want_pos["img"].abs().max()))
     torch.testing.assert_close(got["txt"][:, 22:], want_neg["txt"], rtol=0, atol=1e-5 * scale)
+
+
+def _hidream_first_block_out(model, cond, noise):
+    """HiDream's first double block's outputs (image, text: [T5; last Llama layer; the block's Llama layer]) in a
+    one-step cfg-1 sample of ``cond``; its forward calls no block patches, so a forward hook reads them."""
+    seen = []
+    block = model.model.diffusion_model.double_stream_blocks[0]
+    hook = block.register_forward_hook(lambda mod, inp, out: seen.append([o.clone() for o in out]))
+    try:
+        _sample(model, cond, cond, noise, steps=1)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("t5_tokens,llama_tokens", [(16, 16), (9, 27), (27, 5)])
+def test_hidream_carries_the_negative_through_its_t5_and_llama_streams(comfyui, t5_tokens, llama_tokens):
+    """HiDream's blocks attend over [image; T5; last Llama layer; the block's Llama layer]; NASA widens each text part
+    with the negative's tokens. At a vanishing alpha, after the first double block, the image stream and the positive's
+    text tokens are what the positive's own forward computes and the negative's tokens (T5, last Llama layer, the
+    block's layer) what the negative's own forward computes (the pooled vector, which modulates the blocks, is the
+    positive's in both). Negatives of other T5 and Llama lengths than the positive's (16, 16) check every part's
+    place; swapping the negative's Llama features for the positive's changes its stream."""
+    tiny = _tiny(comfyui)
+    base = tiny.build("hidream")
+    (pos_t, pos_x), = tiny.conditioning("hidream", 1)
+    (neg_t, neg_x), = tiny.conditioning("hidream", 2)
+    t5 = torch.cat([neg_t, neg_t.flip(1)], 1)[:, :t5_tokens]
+    llama = torch.cat([neg_x["conditioning_llama3"], neg_x["conditioning_llama3"].flip(2)], 2)[:, :, :llama_tokens]
+    neg = [[t5, dict(pos_x, conditioning_llama3=llama)]]
+    noise = _noise("hidream")
+    got = _hidream_first_block_out(_nasa(comfyui, base, neg, 1e-7), [[pos_t, pos_x]], noise)
+    want_pos = _hidream_first_block_out(base, [[pos_t, pos_x]], noise)
+    want_neg = _hidream_first_block_out(base, neg, noise)
+    parts = [16, t5_tokens, 16, llama_tokens]          # the text output: [T5+; T5-; Llama+; Llama-]
+    assert got[1].shape[1] == want_pos[1].shape[1] + want_neg[1].shape[1] == sum(parts) + 16 + llama_tokens
+    t5p, t5n, lp, ln, bp, bn = got[1].split(parts + [16, llama_tokens], dim=1)
+    scale = float(want_pos[1].abs().max())
+    torch.testing.assert_close(got[0], want_pos[0], rtol=0, atol=1e-5 * float(want_pos[0].abs().max()))
+    torch.testing.assert_close(torch.cat([t5p, lp, bp], 1), want_pos[1], rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(torch.cat([t5n, ln, bn], 1), want_neg[1], rtol=0, atol=1e-5 * scale)
+    swapped = [[t5, dict(pos_x, conditioning_llama3=pos_x["conditioning_llama3"][:, :, :llama_tokens])]]
+    other = _hidream_first_block_out(_nasa(comfyui, base, swapped, 1e-7), [[pos_t, pos_x]], noise)
+    assert (other[1][:, 16:16 + t5_tokens] - t5n).abs().max() > 1e-3 * scale

@@ -2,7 +2,7 @@
 each refusal reaches the user as the node's own message through ComfyUI's executor, naming the network and what to
 use instead, and the next prompt runs. (The family-independent nodes run their examples on these families in
 test_example_workflows; PAG on AuraFlow, HiDream and Cosmos-Predict2 is tested in test_pag_other_dits, the DiT
-cache on AuraFlow in test_cache_quant_nodes, NASA on AuraFlow with the other DiTs.)"""
+cache on AuraFlow in test_cache_quant_nodes, NASA on AuraFlow and HiDream with the other DiTs.)"""
 import pytest
 from prompts import ksampler, patched_ksampler
 
@@ -13,8 +13,8 @@ NODES = {
                      r"Perturbed-Attention Guidance \(TrainFree\) supports .*this model's network is {net}\. For other "
                      r"DiTs use core's SkipLayerGuidanceDiT"),
     "TrainFreeNASA": ({"negative": ["neg", 0], "alpha": 0.1, "start_percent": 0.0, "end_percent": 1.0},
-                      r"NASA \(TrainFree\) supports UNet models .*HunyuanVideo and AuraFlow; this model's network is "
-                      r"{net}\."),
+                      r"NASA \(TrainFree\) supports UNet models .*HunyuanVideo, AuraFlow and HiDream; this model's "
+                      r"network is {net}\."),
     "TrainFreeDeepCache": ({"cache_interval": 3, "cache_depth": 1, "schedule": "uniform", "start_percent": 0.0,
                             "end_percent": 1.0},
                            r"DeepCache needs a U-Net with long skip connections .*with a {net}, which has none\. For "
@@ -24,7 +24,7 @@ NODES = {
                           r"AuraFlow models\. For SD1\.5/SDXL U-Nets use a U-Net cache such as DeepCache"),
 }
 REFUSED = [(node, arch) for node, archs in (("TrainFreePAG", ["omnigen2"]),
-                                            ("TrainFreeNASA", ["hidream", "cosmos_predict2", "omnigen2"]),
+                                            ("TrainFreeNASA", ["cosmos_predict2", "omnigen2"]),
                                             ("TrainFreeDeepCache", list(NETWORKS)),
                                             ("TrainFreeDiTCache", ["hidream", "cosmos_predict2", "omnigen2"]))
            for arch in archs]

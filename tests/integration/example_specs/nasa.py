@@ -4,8 +4,8 @@ SOCKETS = {"TrainFreeNASA": ([("model", "MODEL"), ("negative", "CONDITIONING")],
 
 NOTE = ("NASA (negative-away steer attention): a negative prompt for 1-4 step distilled models at cfg 1. Load an "
         "LCM / Lightning / Hyper-SD / DMD2 / Turbo checkpoint (or Flux schnell, SD3.5 Turbo, a distilled Wan, "
-        "Qwen-Image with a Lightning LoRA, a distilled Chroma or LTX-Video, HunyuanVideo, which runs at cfg 1 with its "
-        "embedded guidance) here. The negative prompt enters "
+        "Qwen-Image with a Lightning LoRA, a distilled Chroma or LTX-Video, HiDream Dev / Fast, HunyuanVideo, which "
+        "runs at cfg 1 with its embedded guidance) here. The negative prompt enters "
         "through the NASA node, not through CFG: every cross-attention subtracts alpha x the attention to the "
         "negative prompt. alpha: 0.1 (SD1.5-based, paper), 0.2 (SD2.1-based), 0.5 (PixArt). KSampler's negative "
         "input is unused at cfg 1.")
@@ -31,4 +31,4 @@ def _graph(b):
 
 GRAPHS = {"nasa": _graph}
 ARCHS = {"nasa": ["sd15", "sdxl", "sd3", "flux", "chroma", "qwen_image", "ltxv", "hunyuan_video", "hunyuan_image",
-                  "wan_i2v", "wan_vace", "auraflow"]}
+                  "wan_i2v", "wan_vace", "auraflow", "hidream"]}
