@@ -1,6 +1,6 @@
 """Perturbed-Attention Guidance on chosen layers, as a MODEL patch (UNets, SD3, Flux, Chroma, Qwen-Image, Wan,
 LTX-Video, HunyuanVideo / HunyuanImage 2.1, AuraFlow; Lumina 2: nodes/pag_lumina.py, HiDream-I1 and Cosmos-Predict2:
-nodes/pag_counted.py, their networks call no block patches).
+nodes/pag_counted.py, OmniGen2: nodes/pag_omnigen2.py, their networks call no block patches).
 
 Like core's PerturbedAttentionGuidance it adds a post-CFG function (a chainable list) that runs one
 extra conditional pass with perturbed options; nothing is installed in the model for the normal
@@ -35,7 +35,7 @@ import comfy.patcher_extension as pe
 import comfy.samplers
 
 from ..guidance import pag as pag_math
-from . import dit_layout, pag_counted, pag_lumina
+from . import dit_layout, pag_counted, pag_lumina, pag_omnigen2
 
 PAPER = "Ahn et al., Self-Rectifying Diffusion Sampling with Perturbed-Attention Guidance (ECCV 2024)"
 PERTURBED_KEY = "trainfree_perturbed"   # set in transformer_options of the perturbed pass (caches may skip it)
@@ -43,7 +43,7 @@ DIT_KEY = {"double": "double_block", "single": "single_block", "joint": "double_
 KINDS_OF = {"unet": ("input", "middle", "output"), "flux": ("double", "single"), "chroma": ("double", "single"),
             "sd3": ("joint",), "wan": ("block",), "qwen_image": ("block",), "ltxv": ("block",),
             "hunyuan_video": ("double", "single"), "lumina2": ("block",), "auraflow": ("double", "single"),
-            **pag_counted.KINDS_OF}
+            "omnigen2": ("block",), **pag_counted.KINDS_OF}
 
 
 def architecture(model) -> str:
@@ -75,10 +75,12 @@ def architecture(model) -> str:
     counted = pag_counted.architecture(dm)          # HiDream-I1, Cosmos-Predict2
     if counted is not None:
         return counted
+    if pag_omnigen2.is_omnigen2(dm):
+        return "omnigen2"
     raise ValueError(f"Perturbed-Attention Guidance (TrainFree) supports UNet models (SD1.x, SD2.x, SDXL), SD3, "
-                     f"Flux, Chroma, Qwen-Image, Wan, LTX-Video, HunyuanVideo, Lumina 2, AuraFlow, HiDream and "
-                     f"Cosmos-Predict2; this model's network is {type(dm).__name__}. For other DiTs use core's "
-                     f"SkipLayerGuidanceDiT.")
+                     f"Flux, Chroma, Qwen-Image, Wan, LTX-Video, HunyuanVideo, Lumina 2, AuraFlow, HiDream, "
+                     f"Cosmos-Predict2 and OmniGen2; this model's network is {type(dm).__name__}. For other DiTs use "
+                     f"core's SkipLayerGuidanceDiT.")
 
 
 def available_layers(model, arch: str) -> list[tuple[str, int, int | None]]:
@@ -100,7 +102,7 @@ def available_layers(model, arch: str) -> list[tuple[str, int, int | None]]:
         return [("joint", i, None) for i in range(len(dm.joint_blocks))]
     if arch in ("qwen_image", "ltxv"):
         return [("block", i, None) for i in range(len(dm.transformer_blocks))]
-    if arch == "lumina2":
+    if arch in ("lumina2", "omnigen2"):
         return [("block", i, None) for i in range(len(dm.layers))]
     if arch in pag_counted.KINDS_OF:
         return pag_counted.available_layers(dm, arch)
@@ -175,9 +177,10 @@ def flipped_blocks(model) -> frozenset:
 
 def perturbed_options(model_options, arch, layers, flipped=frozenset(), counts=None):
     """A copy of model_options whose forward perturbs ``layers``; the original is not modified. ``flipped``: the
-    model's ``flipped_blocks``, ``counts`` its ``pag_lumina.layer_counts`` (Lumina 2) or ``pag_counted.layout``
-    (HiDream, Cosmos-Predict2), read once when patching: the post-CFG function must not hold its own ModelPatcher,
-    a reference cycle that would keep the whole model alive after ComfyUI drops it."""
+    model's ``flipped_blocks``, ``counts`` its ``pag_lumina.layer_counts`` (Lumina 2), ``pag_omnigen2.layer_counts``
+    (OmniGen2) or ``pag_counted.layout`` (HiDream, Cosmos-Predict2), read once when patching: the post-CFG function
+    must not hold its own ModelPatcher, a reference cycle that would keep the whole model alive after ComfyUI drops
+    it."""
     opts = model_options.copy()
     if arch == "unet":
         for kind, idx, t in layers:
@@ -192,6 +195,9 @@ def perturbed_options(model_options, arch, layers, flipped=frozenset(), counts=N
         return opts
     if arch in pag_counted.KINDS_OF:                 # the same on HiDream and Cosmos-Predict2
         pag_counted.perturb(to, arch, counts, layers)
+        return opts
+    if arch == "omnigen2":                           # and on OmniGen2, around apply_model
+        pag_omnigen2.perturb(to, counts, [idx for _, idx, _ in layers])
         return opts
     replace = to["patches_replace"] = dict(to.get("patches_replace", {}))
     dit = replace["dit"] = dict(replace.get("dit", {}))
@@ -232,7 +238,8 @@ class TrainFreePAG:
                    "the self-attention of those layers replaced by the identity, and the result pushed away from it: "
                    "D = CFG + scale (D_cond - D_perturbed). Works with CFG or at cfg 1, with plain KSampler and "
                    "SamplerCustomAdvanced, and chains with other patches. UNets (SD1.x/SDXL), SD3, Flux, Chroma, "
-                   "Qwen-Image, Wan, LTX-Video, HunyuanVideo, Lumina 2, AuraFlow, HiDream and Cosmos-Predict2; on "
+                   "Qwen-Image, Wan, LTX-Video, HunyuanVideo, Lumina 2, AuraFlow, HiDream, Cosmos-Predict2 and "
+                   "OmniGen2; on "
                    f"DiTs with joint text-image attention only the image-image part is perturbed. From {PAPER}.")
     CATEGORY = "trainfree/guidance"
     RETURN_TYPES = ("MODEL",)
@@ -243,8 +250,8 @@ class TrainFreePAG:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model to patch (UNet, SD3, Flux, Chroma, Qwen-Image, Wan, "
-                                          "LTX-Video, HunyuanVideo, Lumina 2, AuraFlow, HiDream or Cosmos-Predict2; "
-                                          "chains with other patches)."}),
+                                          "LTX-Video, HunyuanVideo, Lumina 2, AuraFlow, HiDream, Cosmos-Predict2 or "
+                                          "OmniGen2; chains with other patches)."}),
             "scale": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 100.0, "step": 0.01, "round": 0.01,
                                 "tooltip": "PAG scale s. Paper/official defaults: 3.0 together with CFG (4.0), 5.0 at "
                                            "cfg 1. 0 = off (no extra model call)."}),
@@ -254,8 +261,8 @@ class TrainFreePAG:
                                              "at half depth on DiTs. UNet: input.N, middle.0, output.N (add .T for one "
                                              "transformer of that block); Flux, Chroma, HunyuanVideo, AuraFlow, "
                                              "HiDream: double.N, single.N; SD3: joint.N; Wan, Qwen-Image, LTX-Video, "
-                                             "Lumina 2, Cosmos-Predict2: block.N; ranges like double.2-4. Unknown "
-                                             "names are refused with the list of valid ones."}),
+                                             "Lumina 2, Cosmos-Predict2, OmniGen2: block.N; ranges like double.2-4. "
+                                             "Unknown names are refused with the list of valid ones."}),
             "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
                                         "tooltip": "Start of the sampling range where PAG is applied (0 = first step). "
                                                    "The paper guides every step."}),
@@ -287,6 +294,7 @@ class TrainFreePAG:
             flipped = frozenset(range(len(model.get_model_object("diffusion_model").double_blocks)))
         dm = model.get_model_object("diffusion_model")
         counts = pag_lumina.layer_counts(dm) if arch == "lumina2" else \
+            pag_omnigen2.layer_counts(dm) if arch == "omnigen2" else \
             pag_counted.layout(dm, arch) if arch in pag_counted.KINDS_OF else None
         m = model.clone()
 

@@ -51,22 +51,24 @@ def layout(dm, arch: str) -> tuple:
     return 2 * len(dm.blocks), {("block", i): 2 * i for i in range(len(dm.blocks))}, None
 
 
-def numbered(to, expected, chosen, on_forward, perturbed, mismatch):
-    """Install, in ``to`` (the perturbed pass's transformer_options, a copy), a DIFFUSION_MODEL wrapper that numbers
-    the attention calls of each forward and an override that hands the calls numbered in ``chosen`` to
-    ``perturbed(state, *a, **kw)``; the others, and the calls another node marks as its own (attention_chain), go to
-    any earlier override. ``on_forward(state, network, x, *args, **kwargs)`` fills the per-forward state from the
-    forward's inputs; ``mismatch(calls)`` is the error raised when a forward made another number of calls than
-    ``expected``. Shared with Lumina 2 (pag_lumina.py)."""
+def numbered(to, expected, chosen, on_forward, perturbed, mismatch, around=pe.WrappersMP.DIFFUSION_MODEL):
+    """Install, in ``to`` (the perturbed pass's transformer_options, a copy), a wrapper (``around``: a
+    DIFFUSION_MODEL one, or APPLY_MODEL for a network whose forward calls none) that numbers the attention calls of
+    each forward and an override that hands the calls numbered in ``chosen`` to ``perturbed(state, *a, **kw)``; the
+    others, and the calls another node marks as its own (attention_chain), go to any earlier override.
+    ``on_forward(state, network, x, *args, **kwargs)`` fills the per-forward state from the forward's inputs (and
+    may set ``state["shift"]``: calls this forward makes before the numbered ones, such as OmniGen2's
+    reference-image refiner); ``mismatch(calls, expected)`` is the error raised when a forward made another number
+    of calls than ``expected`` (+ shift). Shared with Lumina 2 (pag_lumina.py) and OmniGen2 (pag_omnigen2.py)."""
     state = {}
     earlier = to.get("optimized_attention_override")
 
     def count(executor, x, *args, **kwargs):
-        state["calls"] = 0
+        state.update(calls=0, shift=0)
         on_forward(state, executor.class_obj, x, *args, **kwargs)
         out = executor(x, *args, **kwargs)
-        if state["calls"] != expected:
-            raise mismatch(state["calls"])
+        if state["calls"] != expected + state["shift"]:
+            raise mismatch(state["calls"], expected + state["shift"])
         return out
 
     def override(func, *a, **kw):
@@ -74,14 +76,14 @@ def numbered(to, expected, chosen, on_forward, perturbed, mismatch):
             return attention_chain.chained(earlier, func, *a, **kw)
         c = state["calls"]
         state["calls"] = c + 1
-        if c in chosen:
+        if c - state["shift"] in chosen:
             return perturbed(state, *a, **kw)
         return attention_chain.chained(earlier, func, *a, **kw)
 
     to["optimized_attention_override"] = override
     wrappers = to["wrappers"] = dict(to.get("wrappers", {}))
-    around = wrappers[pe.WrappersMP.DIFFUSION_MODEL] = dict(wrappers.get(pe.WrappersMP.DIFFUSION_MODEL, {}))
-    around["trainfree_pag"] = list(around.get("trainfree_pag", [])) + [count]
+    kind = wrappers[around] = dict(wrappers.get(around, {}))
+    kind["trainfree_pag"] = list(kind.get("trainfree_pag", [])) + [count]
 
 
 def _hidream_tokens(patch, x, context, llama, image_cond, to=None):
@@ -114,8 +116,8 @@ def perturb(to, arch, lay, layers):
                                "differently, so PAG cannot find the image tokens")
         return 0, state["img"]
 
-    def mismatch(calls):
-        return RuntimeError(f"PAG (TrainFree) on {name}: the network made {calls} attention calls, {expected} "
+    def mismatch(calls, want):
+        return RuntimeError(f"PAG (TrainFree) on {name}: the network made {calls} attention calls, {want} "
                             "expected; this ComfyUI's network calls attention differently, so PAG cannot find its "
                             "layers")
 

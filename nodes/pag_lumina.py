@@ -54,9 +54,9 @@ def perturb(to, counts, layers):
         b, h, n, d = out.shape
         return out.transpose(1, 2).reshape(b, n, h * d)
 
-    def mismatch(calls):
+    def mismatch(calls, want):
         return RuntimeError(f"PAG (TrainFree) on Lumina 2: the network made {calls} attention calls, "
-                            f"{first + n_main} expected ({first} refiner and {n_main} main layers); this ComfyUI's "
+                            f"{want} expected ({first} refiner and {n_main} main layers); this ComfyUI's "
                             "NextDiT calls attention differently, so PAG cannot find its layers")
 
     pag_counted.numbered(to, first + n_main, {first + i for i in layers}, on_forward, perturbed, mismatch)

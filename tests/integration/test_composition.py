@@ -22,7 +22,7 @@ CHAINS = {
              ("TrainFreeDiTCache", {"interval": 3, "head_blocks": 1, "tail_blocks": 1})],
 }
 CHAINS["chroma"] = CHAINS["qwen_image"] = CHAINS["hunyuan_video"] = CHAINS["auraflow"] = CHAINS["flux"]
-CHAINS["hidream"] = CHAINS["cosmos_predict2"] = CHAINS["flux"][:2]        # no block cache reaches them
+CHAINS["hidream"] = CHAINS["cosmos_predict2"] = CHAINS["omnigen2"] = CHAINS["flux"][:2]   # no block cache reaches them
 CACHED = {"sd15": r"DeepCache: (\d+) of \d+ UNet calls used the shallow branch",   # the caches' own reports
           "flux": r"DiT block cache .*: \d+ full and (\d+) cached evaluations"}
 CACHED["chroma"] = CACHED["qwen_image"] = CACHED["hunyuan_video"] = CACHED["auraflow"] = CACHED["flux"]
@@ -38,10 +38,10 @@ def _run(comfyui, prompt, caplog):
 
 
 @pytest.mark.parametrize("arch", ["sd15", "flux", "chroma", "qwen_image", "hunyuan_video", "auraflow", "hidream",
-                                  "cosmos_predict2"])
+                                  "cosmos_predict2", "omnigen2"])
 @pytest.mark.parametrize("order", ["guidance first", "cache first"])
 def test_two_guidance_nodes_and_a_cache_all_act(comfyui, caplog, arch, order):
-    """(HiDream, Cosmos-Predict2: the two guidance nodes, in either order; no block cache reaches them.)"""
+    """(HiDream, Cosmos-Predict2, OmniGen2: the two guidance nodes, in either order; no block cache reaches them.)"""
     chain = CHAINS[arch] if order == "guidance first" else CHAINS[arch][::-1]
     stats, log = _run(comfyui, _prompt(arch, chain), caplog)
     assert last_count(r"Adaptive Guidance skipped (\d+) of", log) > 0

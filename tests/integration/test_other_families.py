@@ -1,17 +1,14 @@
 """The DiT families that not every family-specific node supports (AuraFlow, HiDream-I1, Cosmos-Predict2, OmniGen2):
 each refusal reaches the user as the node's own message through ComfyUI's executor, naming the network and what to
 use instead, and the next prompt runs. (The family-independent nodes run their examples on these families in
-test_example_workflows; PAG on AuraFlow, HiDream and Cosmos-Predict2 is tested in test_pag_other_dits, the DiT
-cache on AuraFlow in test_cache_quant_nodes, NASA on AuraFlow and HiDream with the other DiTs.)"""
+test_example_workflows; PAG on all four is tested in test_pag_other_dits, the DiT cache on AuraFlow in
+test_cache_quant_nodes, NASA on AuraFlow and HiDream with the other DiTs.)"""
 import pytest
 from prompts import ksampler, patched_ksampler
 
 NETWORKS = {"auraflow": "MMDiT", "hidream": "HiDreamImageTransformer2DModel", "cosmos_predict2": "MiniTrainDIT",
             "omnigen2": "OmniGen2Transformer2DModel"}
 NODES = {
-    "TrainFreePAG": ({"scale": 3.0, "layers": "", "start_percent": 0.0, "end_percent": 1.0},
-                     r"Perturbed-Attention Guidance \(TrainFree\) supports .*this model's network is {net}\. For other "
-                     r"DiTs use core's SkipLayerGuidanceDiT"),
     "TrainFreeNASA": ({"negative": ["neg", 0], "alpha": 0.1, "start_percent": 0.0, "end_percent": 1.0},
                       r"NASA \(TrainFree\) supports UNet models .*HunyuanVideo, AuraFlow and HiDream; this model's "
                       r"network is {net}\."),
@@ -23,8 +20,7 @@ NODES = {
                           r"DiT block cache: \w+ \({net}\) is not supported; it caches the transformer blocks of .*"
                           r"AuraFlow models\. For SD1\.5/SDXL U-Nets use a U-Net cache such as DeepCache"),
 }
-REFUSED = [(node, arch) for node, archs in (("TrainFreePAG", ["omnigen2"]),
-                                            ("TrainFreeNASA", ["cosmos_predict2", "omnigen2"]),
+REFUSED = [(node, arch) for node, archs in (("TrainFreeNASA", ["cosmos_predict2", "omnigen2"]),
                                             ("TrainFreeDeepCache", list(NETWORKS)),
                                             ("TrainFreeDiTCache", ["hidream", "cosmos_predict2", "omnigen2"]))
            for arch in archs]

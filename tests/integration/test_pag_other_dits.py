@@ -1,15 +1,15 @@
-"""TrainFreePAG on AuraFlow (block patches, as Flux), HiDream-I1 and Cosmos-Predict2 (no block patches in ComfyUI
-0.3.64: attention calls numbered per forward, nodes/pag_counted.py): the chosen block's attention equals an
-independent masked attention, one perturbed call per chosen block and forward on the image rows (a second latent
-size, a batch, an edit model's image joined to the latent), a clear stop where the call count differs, and the
-numbering beside core's EasyCache, which skips whole forwards."""
+"""TrainFreePAG on AuraFlow (block patches, as Flux), HiDream-I1, Cosmos-Predict2 and OmniGen2 (no block patches in
+ComfyUI 0.3.64: attention calls numbered per forward, nodes/pag_counted.py, nodes/pag_omnigen2.py): the chosen
+block's attention equals an independent masked attention, one perturbed call per chosen block and forward on the
+image rows (a second latent size, a batch, an edit model's image joined to the latent, OmniGen2's reference images),
+a clear stop where the call count differs, and the numbering beside core's EasyCache, which skips whole forwards."""
 import logging
 import re
 
 import pytest
 import torch
 
-ARCHS = ("auraflow", "hidream", "cosmos_predict2")
+ARCHS = ("auraflow", "hidream", "cosmos_predict2", "omnigen2")
 
 
 def _tiny(comfyui):
@@ -26,6 +26,8 @@ def _apply(model, arch, x, to, **extra):
     kw = {"c_crossattn": tiny_cond[0]}
     if arch == "hidream":
         kw.update(y=tiny_cond[1]["pooled_output"], encoder_hidden_states_llama3=tiny_cond[1]["conditioning_llama3"])
+    if arch == "omnigen2":      # what its extra_conds give for a prompt of 16 real tokens
+        kw.update(num_tokens=16)
     return model.model.apply_model(x, torch.full((x.shape[0],), 0.6), transformer_options=dict(to), **kw, **extra)
 
 
@@ -45,13 +47,15 @@ def _attention_module(dm, arch, kind, index):
         return (dm.double_layers if kind == "double" else dm.single_layers)[index].attn
     if arch == "hidream":
         return (dm.double_stream_blocks if kind == "double" else dm.single_stream_blocks)[index].block.attn1
+    if arch == "omnigen2":
+        return dm.layers[index].attn
     return dm.blocks[index].self_attn
 
 
 def _image_rows(arch, n, img):
-    """Where the image tokens are, as read in ComfyUI 0.3.64's networks: AuraFlow [register + text; image],
-    HiDream [image; text], Cosmos a pure self-attention over the video tokens."""
-    if arch == "auraflow":
+    """Where the image tokens are, as read in ComfyUI 0.3.64's networks: AuraFlow [register + text; image], OmniGen2
+    [text; reference images; image], HiDream [image; text], Cosmos a pure self-attention over the video tokens."""
+    if arch in ("auraflow", "omnigen2"):
         return n - img, n
     return 0, img
 
@@ -62,7 +66,8 @@ def _manual(monkeypatch, dm, arch, kind, index, img):
     import importlib
 
     module = importlib.import_module(type(dm).__module__)
-    real_attention = module.optimized_attention
+    name = "optimized_attention_masked" if arch == "omnigen2" else "optimized_attention"
+    real_attention = getattr(module, name)
     active = [False]
 
     def masked(q, k, v, heads, mask=None, **kw):
@@ -85,12 +90,13 @@ def _manual(monkeypatch, dm, arch, kind, index, img):
             return real_forward(*a, **kw)
         finally:
             active[0] = False
-    monkeypatch.setattr(module, "optimized_attention", masked)
+    monkeypatch.setattr(module, name, masked)
     monkeypatch.setattr(attn, "forward", flagged)
 
 
 LAYERS = [("auraflow", "double", 0), ("auraflow", "single", 1), ("hidream", "double", 0), ("hidream", "single", 0),
-          ("cosmos_predict2", "block", 0), ("cosmos_predict2", "block", 1)]
+          ("cosmos_predict2", "block", 0), ("cosmos_predict2", "block", 1), ("omnigen2", "block", 0),
+          ("omnigen2", "block", 1)]
 
 
 @pytest.mark.parametrize("arch,kind,index", LAYERS)
@@ -101,7 +107,8 @@ def test_the_perturbed_block_equals_an_independent_masked_attention(comfyui, mon
     mod = comfyui.module_of("TrainFreePAG")
     dm = m.model.diffusion_model
     x = _latent(m.tiny, arch)
-    counts = mod.pag_counted.layout(dm, arch) if arch in mod.pag_counted.KINDS_OF else None
+    counts = mod.pag_counted.layout(dm, arch) if arch in mod.pag_counted.KINDS_OF else \
+        mod.pag_omnigen2.layer_counts(dm) if arch == "omnigen2" else None
     opts = mod.perturbed_options(m.model_options, arch, [(kind, index, None)], counts=counts)
     ours = _apply(m, arch, x, opts["transformer_options"])
     plain = _apply(m, arch, x, m.model_options["transformer_options"])
@@ -133,13 +140,15 @@ def test_one_perturbed_call_per_chosen_block_and_step_on_the_image_rows(comfyui,
 
     m = _build(comfyui, arch)
     mod = comfyui.module_of("TrainFreePAG")
-    layers = {"auraflow": "double.0, single.1", "hidream": "double.0, single.0", "cosmos_predict2": "block.1"}[arch]
+    layers = {"auraflow": "double.0, single.1", "hidream": "double.0, single.0", "cosmos_predict2": "block.1",
+              "omnigen2": "block.0, block.1"}[arch]
     guided = _pag(comfyui, m, 3.0, layers)
     seen = _spy(monkeypatch, mod)
-    pos, neg = m.tiny.conditioning(arch, 1, 2), m.tiny.conditioning(arch, 2, 2)
+    prompts = 1 if arch == "omnigen2" else 2      # 0.3.64's OmniGen2 sums a batch of prompts' masks into one count
+    pos, neg = m.tiny.conditioning(arch, 1, prompts), m.tiny.conditioning(arch, 2, prompts)
     # text tokens beside the image: AuraFlow's register tokens and prompt; HiDream's T5 and twice a Llama layer
     text = m.model.diffusion_model.register_tokens.shape[1] + 16 if arch == "auraflow" else \
-        16 + 2 * 16 if arch == "hidream" else 0
+        16 + 2 * 16 if arch == "hidream" else 16 if arch == "omnigen2" else 0
     for size, img in (((8, 8), 16), ((6, 10), 15)):
         seen.clear()
         noise = _latent(m.tiny, arch, 2, size, seed=4)
@@ -166,6 +175,45 @@ def test_hidream_edit_image_tokens_count_as_image(comfyui, monkeypatch):
     _manual(monkeypatch, dm, "hidream", "single", 0, img=32)
     manual = _apply(m, "hidream", x, m.model_options["transformer_options"], image_cond=image)
     torch.testing.assert_close(ours, manual, rtol=0, atol=1e-5 * float(manual.abs().max()))
+
+
+def test_omnigen2_reference_images_count_as_image(comfyui, monkeypatch):
+    """An OmniGen2 edit brings reference latents: its reference refiner adds calls before the main layers (the
+    numbering shifts by them) and their tokens join the image ([16 text; 16 reference; 16 image]); the perturbed rows
+    cover both, and the prediction equals the explicit-mask model's. Without the shift the wrong call is perturbed."""
+    m = _build(comfyui, "omnigen2")
+    mod = comfyui.module_of("TrainFreePAG")
+    dm = m.model.diffusion_model
+    x, ref = _latent(m.tiny, "omnigen2"), _latent(m.tiny, "omnigen2", seed=7)
+    counts = mod.pag_omnigen2.layer_counts(dm)
+    opts = mod.perturbed_options(m.model_options, "omnigen2", [("block", 1, None)], counts=counts)
+    seen = _spy(monkeypatch, mod)
+    ours = _apply(m, "omnigen2", x, opts["transformer_options"], ref_latents=[ref])
+    assert seen == [(1, 48, (16, 48))]
+    monkeypatch.undo()
+    _manual(monkeypatch, dm, "omnigen2", "block", 1, img=32)
+    manual = _apply(m, "omnigen2", x, m.model_options["transformer_options"], ref_latents=[ref])
+    monkeypatch.undo()
+    torch.testing.assert_close(ours, manual, rtol=0, atol=1e-5 * float(manual.abs().max()))
+    unshifted = (counts[0] + counts[1], 0, counts[2], counts[3])    # as if the reference refiner always ran
+    opts = mod.perturbed_options(m.model_options, "omnigen2", [("block", 1, None)], counts=unshifted)
+    with pytest.raises(RuntimeError, match=r"on OmniGen2: the network made 4 attention calls, 5 expected"):
+        _apply(m, "omnigen2", x, opts["transformer_options"])
+
+
+def test_omnigen2_stops_on_another_call_count_or_layout(comfyui, monkeypatch):
+    m = _build(comfyui, "omnigen2")
+    mod = comfyui.module_of("TrainFreePAG")
+    first, ref, main, patch = mod.pag_omnigen2.layer_counts(m.model.diffusion_model)
+    more = (first, ref, main + 1, patch)
+    opts = mod.perturbed_options(m.model_options, "omnigen2", [("block", 0, None)], counts=more)
+    with pytest.raises(RuntimeError, match=r"PAG \(TrainFree\) on OmniGen2: the network made 4 attention calls, 5 "
+                                           r"expected"):
+        _apply(m, "omnigen2", _latent(m.tiny, "omnigen2"), opts["transformer_options"])
+    monkeypatch.setattr(mod.pag_omnigen2, "_patches", lambda latent, p: 20)
+    opts = mod.perturbed_options(m.model_options, "omnigen2", [("block", 0, None)], counts=(first, ref, main, patch))
+    with pytest.raises(RuntimeError, match="an attention call over 32 tokens, 16 text and 20 image tokens expected"):
+        _apply(m, "omnigen2", _latent(m.tiny, "omnigen2"), opts["transformer_options"])
 
 
 @pytest.mark.parametrize("arch", ["hidream", "cosmos_predict2"])
