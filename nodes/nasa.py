@@ -1,12 +1,13 @@
-"""NASA (negative-away steer attention) as a MODEL patch: UNets via attn2 replace, DiTs via block patches (HiDream: a
-wrapper and an attention override).
+"""NASA (negative-away steer attention) as a MODEL patch: UNets via attn2 replace, DiTs via block patches (HiDream,
+Cosmos-Predict2: a wrapper and an attention override).
 
 UNet: an ``attn2`` replace on every cross-attention layer (chaining any earlier replace, which then
 computes Z+); the negative prompt's keys and values come from the layer's own ``to_k``/``to_v`` at run
 time (LoRA-patched weights included). DiTs (Flux, Chroma, SD3, Qwen-Image, Wan, LTX-Video, HunyuanVideo,
 AuraFlow): block patches that carry the negative as extra text tokens or context, in nodes/nasa_dit.py. HiDream-I1 /
 E1, whose forward calls no block patches: a DIFFUSION_MODEL wrapper appends the negative's T5 and Llama tokens to the
-network's inputs, an attention override splits every joint attention, in nodes/nasa_hidream.py.
+network's inputs, an attention override splits every joint attention, in nodes/nasa_hidream.py. Cosmos-Predict2, the
+same: the negative's T5 features appended to the context, every cross-attention split, in nodes/nasa_cosmos.py.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 
 import comfy.ldm.aura.mmdit as aura_model
 import comfy.ldm.chroma.model as chroma_model
+import comfy.ldm.cosmos.predict2 as cosmos_model
 import comfy.ldm.flux.model as flux_model
 import comfy.ldm.hidream.model as hidream_model
 import comfy.ldm.hunyuan_video.model as hunyuan_model
@@ -30,7 +32,7 @@ import comfy.patcher_extension as pe
 
 from ..guidance import nasa as nasa_math
 from ..guidance.pag import sigma_gate
-from . import nasa_hidream
+from . import nasa_cosmos, nasa_hidream
 from .nasa_dit import patch_dit
 
 PAPER = ("Nguyen et al., SNOOPI: Supercharged One-step Diffusion Distillation with Proper Guidance "
@@ -131,7 +133,7 @@ class TrainFreeNASA:
                    "their one-step/LCM/Lightning/DMD2 distillations), Flux, Chroma, SD3, Qwen-Image, "
                    "HunyuanVideo / HunyuanImage 2.1, AuraFlow, HiDream-I1 / E1 (joint attention: the negative tokens "
                    "ride along as extra text tokens the prompt never sees), Wan (text-to-video, image-to-video, "
-                   "VACE) and LTX-Video. "
+                   "VACE), LTX-Video and Cosmos-Predict2. "
                    f"From {PAPER}.")
     CATEGORY = "trainfree/guidance"
     RETURN_TYPES = ("MODEL",)
@@ -143,9 +145,9 @@ class TrainFreeNASA:
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model to patch: a UNet (SD1.x/SD2.x/SDXL family), Flux, Chroma, SD3, "
                                            "Qwen-Image, Wan (text-to-video, image-to-video, VACE), LTX-Video, "
-                                           "HunyuanVideo, HunyuanImage 2.1, AuraFlow or HiDream-I1 / E1. Place it "
-                                           "after other nodes "
-                                           "that replace cross-attention (IPAdapter); it chains."}),
+                                           "HunyuanVideo, HunyuanImage 2.1, AuraFlow, HiDream-I1 / E1 or "
+                                           "Cosmos-Predict2. Place it after other nodes that replace cross-attention "
+                                           "(IPAdapter); it chains."}),
             "negative": ("CONDITIONING", {"tooltip": "The negative prompt (from the same text encoder as the positive). "
                                                      "The paper uses a generic 'worst quality, low quality, ...'."}),
             "alpha": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 2.0, "step": 0.01,
@@ -181,6 +183,9 @@ class TrainFreeNASA:
         m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, "trainfree_nasa", window.outer_sample)
         if arch == "hidream":            # its Llama features ride along with the T5 tokens
             nasa_hidream.patch(m, dm, neg, neg_llama, alpha, window)
+            return (m,)
+        if arch == "cosmos_predict2":
+            nasa_cosmos.patch(m, dm, neg, alpha, window)
             return (m,)
         existing = m.model_options["transformer_options"].get("patches_replace", {})
         if arch == "unet":
@@ -224,6 +229,8 @@ def _architecture(dm):
         return "auraflow", dm.cond_seq_linear.in_features
     if isinstance(dm, hidream_model.HiDreamImageTransformer2DModel):   # I1 (Full, Dev, Fast), E1
         return "hidream", dm.caption_projection[-1].linear.in_features
+    if isinstance(dm, cosmos_model.MiniTrainDIT):    # Cosmos-Predict2 text-to-image, video-to-world
+        return "cosmos_predict2", dm.blocks[0].cross_attn.k_proj.in_features
     if type(dm) is wan_model.WanModel_S2V:
         raise ValueError("NASA: Wan speech-to-video (S2V) is not supported: ComfyUI's S2V network does not hand its "
                          "blocks the transformer options that carry NASA's attention change")
@@ -234,7 +241,8 @@ def _architecture(dm):
         return "wan", dm.text_embedding[0].in_features
     raise ValueError(f"NASA (TrainFree) supports UNet models (SD1.x, SD2.x, SDXL), Flux, Chroma, SD3, Qwen-Image, "
                      f"Wan (text-to-video, image-to-video, VACE, camera control, HuMo, Animate), LTX-Video, "
-                     f"HunyuanVideo, AuraFlow and HiDream; this model's network is {type(dm).__name__}.")
+                     f"HunyuanVideo, AuraFlow, HiDream and Cosmos-Predict2; this model's network is "
+                     f"{type(dm).__name__}.")
 
 
 NODES = {"TrainFreeNASA": (TrainFreeNASA, "NASA negative prompt at cfg 1 (TrainFree)")}

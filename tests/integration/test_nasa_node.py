@@ -46,18 +46,20 @@ def test_a_second_run_at_another_size_equals_a_fresh_model(comfyui, arch):
 @pytest.mark.parametrize("arch,least", [("sd15", 1.1), ("sdxl", 1.1), ("flux", 1.0), ("wan", 1.05), ("chroma", 1.3),
                                         ("chroma_radiance", 1.3), ("qwen_image", 1.3), ("ltxv", 1.3),
                                         ("hunyuan_video", 1.0), ("hunyuan_image", 2.0), ("wan_i2v", 1.3),
-                                        ("wan_vace", 1.3), ("auraflow", 1.5), ("hidream", 1.3)])
+                                        ("wan_vace", 1.3), ("auraflow", 1.5), ("hidream", 1.3),
+                                        ("cosmos_predict2", 1.2)])
 @pytest.mark.parametrize("steps", [1, 4])
 def test_the_sample_moves_away_from_the_negative_prompts_sample(comfyui, arch, least, steps):
     """The paper's claim on a model where it can be measured: at cfg 1, |x_NASA - x_neg| / |x_pos - x_neg| > 1,
     x_neg being the sample of the negative prompt itself (alpha 0.5, per seed; measured 1.22-1.38 on the UNets,
     1.00-1.12 on Flux, 1.78 on average on Wan, 1.48-1.83 on Chroma, 1.44-1.88 on Chroma Radiance, 1.57-1.70 on
     Qwen-Image, 1.04-1.08 on HunyuanVideo, 2.5-2.8 on HunyuanImage 2.1, 1.69-2.12 on Wan image-to-video, 1.57-1.91
-    on Wan VACE, 1.62-2.15 on AuraFlow, 1.36-1.45 on HiDream; see bench/nasa.py). Tiny random SD3 shows no such
-    effect (1.00: NASA moves its sample sideways), so it is not asserted there. On HiDream the negative shares the
-    positive's pooled vector: in the tiny model that vector, which modulates every block and which NASA leaves to
-    the positive prompt on every DiT, makes most of the two prompts' difference (|x_pos - x_neg| 5% of |x_pos| with
-    the negative's own pooled vector, 1% without; the ratio is then 1.00, measuring the pooled vector's effect)."""
+    on Wan VACE, 1.62-2.15 on AuraFlow, 1.36-1.45 on HiDream, 1.25-1.35 on Cosmos-Predict2; see bench/nasa.py). Tiny
+    random SD3 shows no such effect (1.00: NASA moves its sample sideways), so it is not asserted there. On HiDream
+    the negative shares the positive's pooled vector: in the tiny model that vector, which modulates every block and
+    which NASA leaves to the positive prompt on every DiT, makes most of the two prompts' difference (|x_pos -
+    x_neg| 5% of |x_pos| with the negative's own pooled vector, 1% without; the ratio is then 1.00, measuring the
+    pooled vector's effect)."""
     tiny = _tiny(comfyui)
     base = tiny.build(arch)
     ratios = []
@@ -72,7 +74,7 @@ def test_the_sample_moves_away_from_the_negative_prompts_sample(comfyui, arch, l
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sd3", "flux", "wan", "wan_i2v", "chroma", "qwen_image", "ltxv",
-                                  "hunyuan_video", "wan_vace", "hidream"])
+                                  "hunyuan_video", "wan_vace", "hidream", "cosmos_predict2"])
 def test_batch_with_different_prompts_and_negatives_equals_single_runs(comfyui, arch):
     tiny = _tiny(comfyui)
     base = tiny.build(arch)
@@ -90,7 +92,7 @@ def test_batch_with_different_prompts_and_negatives_equals_single_runs(comfyui, 
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sd3", "flux", "wan", "wan_i2v", "chroma", "qwen_image", "ltxv",
-                                  "hunyuan_video", "hidream"])
+                                  "hunyuan_video", "hidream", "cosmos_predict2"])
 def test_with_cfg_only_the_conditional_branch_is_steered(comfyui, arch):
     tiny = _tiny(comfyui)
     base = tiny.build(arch)
@@ -169,8 +171,8 @@ def test_refusals_at_queue_time(comfyui):
     odd = tiny.build("sd15")
     odd.model.diffusion_model = torch.nn.Identity()
     with pytest.raises(ValueError, match=r"supports UNet .* Wan \(text-to-video, image-to-video, VACE, camera control, "
-                                         r"HuMo, Animate\), LTX-Video, HunyuanVideo, AuraFlow and HiDream; this "
-                                         r"model's network is Identity"):
+                                         r"HuMo, Animate\), LTX-Video, HunyuanVideo, AuraFlow, HiDream and "
+                                         r"Cosmos-Predict2; this model's network is Identity"):
         _nasa(comfyui, odd, tiny.conditioning("sd15", 2))
     import comfy.ldm.wan.model as wan_model
 

@@ -1,0 +1,82 @@
+"""NASA on Cosmos-Predict2 (text-to-image, video-to-world), whose forward calls no block patches in ComfyUI 0.3.64
+(the node: nodes/nasa.py).
+
+Every block makes two attention calls, a self-attention over the video tokens, then a cross-attention to the prompt's
+T5 features (``crossattn_emb``, which no layer embeds before the blocks). A DIFFUSION_MODEL wrapper appends the
+negative's T5 features to the context and installs, for that forward, an attention override that numbers the calls:
+in every cross-attention (the odd ones) the block's own k / v projections (and their norms) have made keys for both
+prompts, which the override splits, Z = Attn(Q, K+, V+) - alpha Attn(Q, K-, V-), exactly the U-Net formula; the
+self-attentions pass through. The negative-prompt call is marked as NASA's own (attention_chain), so PAG's call
+numbering and a second NASA node pass it by. A forward with another call count, or a cross-attention over another
+key count, stops with a clear error.
+"""
+from __future__ import annotations
+
+import torch
+
+import comfy.patcher_extension as pe
+
+from ..guidance import nasa as nasa_math
+from . import attention_chain
+from .attention_chain import chained
+
+
+def _batch(t, batch):
+    return t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 else t[torch.arange(batch, device=t.device) % t.shape[0]]
+
+
+def _override(earlier, state, rows, t_pos, t_neg, alpha):
+    """This forward's attention override: odd calls (the cross-attentions) over t_pos + t_neg keys are split."""
+    def override(func, *a, **kw):
+        if attention_chain.is_own(kw):
+            return chained(earlier, func, *a, **kw)
+        call = state["calls"]
+        state["calls"] = call + 1
+        if call % 2 == 0:
+            return chained(earlier, func, *a, **kw)
+        q, k, v = a[:3]
+        heads = a[3] if len(a) > 3 else kw.pop("heads")
+        tokens = -2 if kw.get("skip_reshape", False) else 1
+        if k.shape[tokens] != t_pos + t_neg:
+            raise RuntimeError(f"NASA (TrainFree) on Cosmos-Predict2: attention call {call + 1} is over "
+                               f"{k.shape[tokens]} keys where the cross-attention's {t_pos} + {t_neg} prompt tokens "
+                               "were expected; this ComfyUI's Cosmos calls attention differently")
+
+        def part(t, start, length):
+            return t.narrow(tokens, start, length)
+
+        def attend(q_, k_, v_):
+            return chained(earlier, func, q_, k_, v_, heads, **kw)
+
+        def attend_negative(q_, k_, v_):
+            return chained(earlier, func, q_, k_, v_, heads, **attention_chain.own(kw))
+        return nasa_math.cross_nasa_attention(q, part(k, 0, t_pos), part(v, 0, t_pos), part(k[rows], t_pos, t_neg),
+                                              part(v[rows], t_pos, t_neg), alpha, rows, attend_negative, attend)
+    return override
+
+
+def wrapper(neg, alpha, window, blocks):
+    """The DIFFUSION_MODEL wrapper, for the node's negative device cache ``neg`` and a network of ``blocks`` blocks;
+    a forward with no row to steer (unconditional only, or outside the window) runs as it is."""
+    def wrap(executor, x, timesteps, context, *rest, **kwargs):
+        to = kwargs.get("transformer_options", {})
+        rows = window.rows(to, x.shape[0], x.device)
+        if not bool(rows.any()):
+            return executor(x, timesteps, context, *rest, **kwargs)
+        extra = _batch(neg.get(context.device, context.dtype), x.shape[0])
+        state = {"calls": 0}
+        to = dict(to)
+        to["optimized_attention_override"] = _override(to.get("optimized_attention_override"), state, rows,
+                                                       context.shape[1], extra.shape[1], alpha)
+        out = executor(x, timesteps, torch.cat([context, extra], dim=1), *rest, **dict(kwargs, transformer_options=to))
+        if state["calls"] != 2 * blocks:
+            raise RuntimeError(f"NASA (TrainFree) on Cosmos-Predict2: the network made {state['calls']} attention "
+                               f"calls, {2 * blocks} expected (a self- and a cross-attention per block); this "
+                               "ComfyUI's Cosmos calls attention differently")
+        return out
+    return wrap
+
+
+def patch(m, dm, neg, alpha, window):
+    """Install NASA on the clone ``m`` of a Cosmos-Predict2 model (network ``dm``)."""
+    m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "trainfree_nasa", wrapper(neg, alpha, window, len(dm.blocks)))

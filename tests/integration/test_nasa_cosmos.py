@@ -1,0 +1,104 @@
+"""TrainFreeNASA on Cosmos-Predict2 (a DIFFUSION_MODEL wrapper and an attention override numbering each forward's
+calls, nodes/nasa_cosmos.py; the family-independent checks: test_nasa_node.py): the U-Net formula at a block's
+cross-attention, PAG's call numbering beside it in either order, clear stops where the network calls attention
+otherwise."""
+import pytest
+import torch
+from nasa_cases import nasa as _nasa
+from nasa_cases import noise as _noise
+from nasa_cases import sample as _sample
+from nasa_cases import tiny as _tiny
+
+
+def _cross_attention_inputs(model, cond, noise, block):
+    """What block ``block``'s cross-attention hands its output projection, in a one-step cfg-1 sample of ``cond``."""
+    seen = []
+    proj = model.model.diffusion_model.blocks[block].cross_attn.output_proj
+    hook = proj.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].clone()))
+    try:
+        _sample(model, cond, cond, noise, steps=1)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("neg_tokens", [16, 9])
+def test_the_first_cross_attention_is_the_prompts_minus_alpha_times_the_negatives(comfyui, neg_tokens):
+    """Before the first block's cross-attention nothing depends on the prompt (Cosmos has no pooled text vector), so
+    there NASA's output is exactly Z+ of the prompt's own run minus alpha times Z- of the negative's own run (its keys
+    and values from the block's own projections, 16 or 9 tokens). The second block's then differs from the prompt's
+    (the first block was steered)."""
+    tiny = _tiny(comfyui)
+    base = tiny.build("cosmos_predict2")
+    pos, noise = tiny.conditioning("cosmos_predict2", 1), _noise("cosmos_predict2")
+    neg = [[tiny.conditioning("cosmos_predict2", 2)[0][0][:, :neg_tokens], {}]]
+    model = _nasa(comfyui, base, neg, 0.3)
+    z_pos, z_neg = _cross_attention_inputs(base, pos, noise, 0), _cross_attention_inputs(base, neg, noise, 0)
+    got = _cross_attention_inputs(model, pos, noise, 0)
+    torch.testing.assert_close(got, z_pos - 0.3 * z_neg, rtol=1e-5, atol=1e-6)
+    later = _cross_attention_inputs(base, pos, noise, 1)
+    assert (_cross_attention_inputs(model, pos, noise, 1) - later).abs().max() > 1e-3 * later.abs().max()
+
+
+def _spy_pag(monkeypatch, comfyui):
+    pag_math = comfyui.module_of("TrainFreePAG").pag_counted.pag_math
+    seen, real = [], pag_math.perturbed_call
+
+    def spy(img_range, *a, **kw):
+        seen.append((a[0].shape[-2], img_range(a[0].shape[-2])))
+        return real(img_range, *a, **kw)
+    monkeypatch.setattr(pag_math, "perturbed_call", spy)
+    return seen
+
+
+def test_pag_numbers_the_networks_calls_beside_nasa_in_either_order(comfyui, monkeypatch):
+    """PAG on Cosmos numbers the network's attention calls (two per block) and perturbs a chosen block's
+    self-attention; NASA adds a negative-prompt call to every cross-attention, marked as its own. With both, in
+    either order, PAG perturbs the same calls (16 video tokens, one per chosen block and forward), a vanishing alpha
+    gives PAG's own result, and at alpha 0.5 both orders give the same sample."""
+    nodes = comfyui.nodes.NODE_CLASS_MAPPINGS
+    tiny = _tiny(comfyui)
+    base = tiny.build("cosmos_predict2")
+    pos, neg, noise = tiny.conditioning("cosmos_predict2", 1), tiny.conditioning("cosmos_predict2", 2), \
+        _noise("cosmos_predict2")
+
+    def pag(model):
+        return nodes["TrainFreePAG"]().patch(model, 2.0, "block.1", 0.0, 1.0)[0]
+    seen = _spy_pag(monkeypatch, comfyui)
+    alone = _sample(pag(base), pos, pos, noise, steps=2)
+    assert seen == [(16, None)] * 2
+    results = {}
+    for order in ("nasa first", "pag first"):
+        for alpha in (1e-7, 0.5):
+            seen.clear()
+            model = pag(_nasa(comfyui, base, neg, alpha)) if order == "nasa first" else _nasa(comfyui, pag(base), neg,
+                                                                                               alpha)
+            results[order, alpha] = _sample(model, pos, pos, noise, steps=2)
+            assert seen == [(16, None)] * 2, (order, alpha)
+        scale = float(alone.abs().max())
+        torch.testing.assert_close(results[order, 1e-7], alone, rtol=0, atol=1e-5 * scale)
+        assert (results[order, 0.5] - alone).abs().max() > 1e-3 * scale
+    torch.testing.assert_close(results["nasa first", 0.5], results["pag first", 0.5], rtol=0, atol=1e-6)
+
+
+def test_another_call_layout_stops_with_a_clear_error(comfyui, monkeypatch):
+    """Were a block to make a third attention call, or the cross-attention to see other keys, the override could not
+    tell the prompt's keys: the node's own error, not a silently wrong steering."""
+    tiny = _tiny(comfyui)
+    base = tiny.build("cosmos_predict2")
+    pos, neg, noise = tiny.conditioning("cosmos_predict2", 1), tiny.conditioning("cosmos_predict2", 2), \
+        _noise("cosmos_predict2")
+    blocks = len(base.model.diffusion_model.blocks)
+    mod = comfyui.module_of("TrainFreeNASA").nasa_cosmos
+    real = mod.wrapper
+    monkeypatch.setattr(mod, "wrapper", lambda neg_, alpha, window, n: real(neg_, alpha, window, n + 1))
+    with pytest.raises(RuntimeError, match=rf"on Cosmos-Predict2: the network made {2 * blocks} attention calls, "
+                                           rf"{2 * blocks + 2} expected"):
+        _sample(_nasa(comfyui, base, neg), pos, pos, noise, steps=1)
+    monkeypatch.undo()
+    override = mod._override
+    monkeypatch.setattr(mod, "_override", lambda earlier, state, rows, t_pos, t_neg, alpha:
+                        override(earlier, state, rows, t_pos, t_neg + 1, alpha))      # one key fewer than counted
+    with pytest.raises(RuntimeError, match=r"attention call 2 is over 21 keys where the cross-attention's 16 \+ 6 "
+                                           r"prompt tokens were expected"):
+        _sample(_nasa(comfyui, base, [[neg[0][0][:, :5], {}]]), pos, pos, noise, steps=1)
