@@ -50,7 +50,7 @@ def test_every_node_has_an_example(comfyui):
 # the examples that are not tied to one family (samplers, calibrations, guidance) also run on the other DiT families
 # and on Stable Video Diffusion's video U-Net (EDM v-prediction, sigma_max 700)
 OTHERS = [(p, a) for p in EXAMPLES if p.stem not in ARCHS
-          for a in ("sd3", "chroma", "chroma_radiance", "qwen_image", "wan", "wan_i2v", "wan_vace",
+          for a in ("sd3", "chroma", "chroma_radiance", "qwen_image", "wan", "wan_i2v", "wan_vace", "wan22",
                     "hunyuan_video", "hunyuan_image", "ltxv", "lumina2", "auraflow", "hidream", "cosmos_predict2",
                     "omnigen2", "svd")]
 

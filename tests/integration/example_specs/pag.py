@@ -16,4 +16,4 @@ def _graph(b):
 
 GRAPHS = {"pag": _graph}
 ARCHS = {"pag": ["sd15", "sdxl", "sd3", "flux", "chroma", "qwen_image", "ltxv", "hunyuan_video", "wan_i2v",
-                 "wan_vace", "lumina2", "auraflow", "hidream", "cosmos_predict2", "omnigen2"]}
+                 "wan_vace", "wan22", "lumina2", "auraflow", "hidream", "cosmos_predict2", "omnigen2"]}

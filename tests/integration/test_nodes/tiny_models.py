@@ -13,7 +13,9 @@ holds one), "qwen_image" (T = 1), "hunyuan_video" and "ltxv" (128 channels); "ch
 NextDiT (a Gemma text encoder with a padding mask; ComfyUI 0.3.64 gives it no block patches). Wan variants:
 "wan_camera" (2.1 camera control: wan_i2v's cross-attention, camera embeddings added after the patch embedding),
 "wan_humo" (HuMo 1.7B: an attention over audio tokens after the text cross-attention), "wan_animate" (2.2 Animate,
-no face input) and "wan_s2v" (2.2 speech-to-video, no audio: its blocks get no transformer options). ``OTHER_DITS``:
+no face input), "wan_s2v" (2.2 speech-to-video, no audio: its blocks get no transformer options) and "wan22" (Wan 2.2
+TI2V 5B: Wan 2.1's network on a 48-channel latent; its image-to-video fixes the first frame with a noise mask, and
+ComfyUI then gives each frame its own timestep). ``OTHER_DITS``:
 "auraflow" (AuraFlow / Pony V7: Flux-like double and single blocks behind register tokens), "hidream" (HiDream-I1:
 a T5 context and stacked Llama layers' features, ``conditioning_llama3``), "cosmos_predict2" (Cosmos-Predict2
 text-to-image: EDM sigmas, a 5-D latent of one frame) and "omnigen2" (OmniGen2); PixArt and Mochi were left out
@@ -32,16 +34,16 @@ import torch
 # DiT families that not every family-specific node (PAG, NASA, the caches) supports: what runs there, what is refused
 OTHER_DITS = ("auraflow", "hidream", "cosmos_predict2", "omnigen2")
 ARCHS = ("sd15", "sdxl", "sd3", "flux", "wan", "chroma", "chroma_radiance", "qwen_image", "hunyuan_video", "hunyuan_image",
-         "ltxv", "wan_i2v", "wan_vace", "lumina2", "wan_camera", "wan_humo", "wan_animate", "wan_s2v", *OTHER_DITS,
-         "svd")
+         "ltxv", "wan_i2v", "wan_vace", "lumina2", "wan_camera", "wan_humo", "wan_animate", "wan_s2v", "wan22",
+         *OTHER_DITS, "svd")
 WAN_VARIANTS = ("wan_camera", "wan_humo", "wan_animate", "wan_s2v")
 # spatial (and temporal) dimensions of each arch's latent, after batch and channels
 LATENT_DIMS = {"sd15": 2, "sdxl": 2, "sd3": 2, "flux": 2, "wan": 3, "chroma": 2, "chroma_radiance": 2, "qwen_image": 3,
-               "hunyuan_video": 3, "hunyuan_image": 2, "ltxv": 3, "wan_i2v": 3, "wan_vace": 3, "lumina2": 2,
+               "hunyuan_video": 3, "hunyuan_image": 2, "ltxv": 3, "wan_i2v": 3, "wan_vace": 3, "lumina2": 2, "wan22": 3,
                **{a: 3 for a in WAN_VARIANTS}, "auraflow": 2, "hidream": 2, "cosmos_predict2": 3, "omnigen2": 2,
                "svd": 2}
 # frames of the 5-D latents the tests sample (Qwen-Image, an image model, keeps a frame axis of 1)
-FRAMES = {"wan": 2, "ltxv": 2, "qwen_image": 1, "hunyuan_video": 1, "wan_i2v": 2, "wan_vace": 2,
+FRAMES = {"wan": 2, "ltxv": 2, "qwen_image": 1, "hunyuan_video": 1, "wan_i2v": 2, "wan_vace": 2, "wan22": 2,
           **{a: 2 for a in WAN_VARIANTS}, "cosmos_predict2": 1}
 # name: (base arch, zsnr) of the v-prediction variants
 VARIANTS = {"sd15_v": ("sd15", False), "sdxl_vzsnr": ("sdxl", True)}
@@ -49,7 +51,7 @@ CHOICES = ARCHS + tuple(VARIANTS)
 # (context tokens, context dim, pooled dim) the conditioning must have for each arch (Chroma reads no pooled
 # vector but, built on Flux, its conditioning must carry one)
 COND_SHAPES = {"sd15": (77, 64, None), "sdxl": (77, 64, 32), "sd3": (77, 64, 32), "flux": (16, 64, 32),
-               "wan": (16, 64, None), "chroma": (16, 64, 32), "chroma_radiance": (16, 64, 32),
+               "wan": (16, 64, None), "wan22": (16, 64, None), "chroma": (16, 64, 32), "chroma_radiance": (16, 64, 32),
                "qwen_image": (16, 64, None), "ltxv": (16, 64, None),
                "hunyuan_video": (16, 64, 32), "hunyuan_image": (16, 64, None), "wan_i2v": (16, 64, None),
                "wan_vace": (16, 64, None), "lumina2": (16, 64, None), **{a: (16, 64, None) for a in WAN_VARIANTS},
@@ -89,6 +91,10 @@ def _config(arch):
         cfg = sm.WAN21_T2V({"image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "text_len": 16,
                             "in_dim": 16, "dim": 64, "ffn_dim": 128, "freq_dim": 32, "text_dim": 64,
                             "out_dim": 16, "num_heads": 2, "num_layers": 2, "eps": 1e-6})
+    elif arch == "wan22":       # Wan 2.2 TI2V 5B: 48 latent channels (its own VAE), model_base.WAN22
+        cfg = sm.WAN22_T2V({"image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "text_len": 16,
+                            "in_dim": 48, "dim": 64, "ffn_dim": 128, "freq_dim": 32, "text_dim": 64,
+                            "out_dim": 48, "num_heads": 2, "num_layers": 2, "eps": 1e-6})
     elif arch == "wan_i2v":     # the image enters as 20 extra input channels (mask + latent) and CLIP-vision tokens
         cfg = sm.WAN21_I2V({"image_model": "wan2.1", "model_type": "i2v", "patch_size": (1, 2, 2), "text_len": 16,
                             "in_dim": 36, "dim": 64, "ffn_dim": 128, "freq_dim": 32, "text_dim": 64,
