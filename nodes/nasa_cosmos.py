@@ -19,10 +19,7 @@ import comfy.patcher_extension as pe
 from ..guidance import nasa as nasa_math
 from . import attention_chain
 from .attention_chain import chained
-
-
-def _batch(t, batch):
-    return t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 else t[torch.arange(batch, device=t.device) % t.shape[0]]
+from .nasa_dit import _to_batch as _batch
 
 
 def _override(earlier, state, rows, t_pos, t_neg, alpha):

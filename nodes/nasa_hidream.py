@@ -24,6 +24,7 @@ import comfy.patcher_extension as pe
 from ..guidance import nasa as nasa_math
 from . import attention_chain, dit_layout
 from .attention_chain import chained
+from .nasa_dit import _to_batch as _batch
 
 
 def check_negative(dm, negative):
@@ -38,10 +39,6 @@ def check_negative(dm, negative):
         raise ValueError(f"NASA: the negative's Llama features {tuple(llama.shape)} do not fit this HiDream model "
                          f"(batch {negative[0].shape[0]}, more than {max(dm.llama_layers)} layers, {want} features)")
     return llama
-
-
-def _batch(t, batch):
-    return t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 else t[torch.arange(batch, device=t.device) % t.shape[0]]
 
 
 def _order(img, t5, ll, device):
