@@ -54,7 +54,8 @@ def _order(img, t5, ll, device):
 
 def _override(earlier, rows, img, t5, ll, alpha):
     """This forward's attention override: every call not marked as another node's own is a joint attention over
-    ``img`` image tokens and the text parts ``t5`` / ``ll`` (positive, negative)."""
+    ``img`` image tokens and the text parts ``t5`` / ``ll`` (positive, negative), regrouped once per forward."""
+    order, t_pos, t_neg = _order(img, t5, ll, rows.device)
     def override(func, *a, **kw):
         if attention_chain.is_own(kw):
             return chained(earlier, func, *a, **kw)
@@ -70,7 +71,6 @@ def _override(earlier, rows, img, t5, ll, alpha):
             raise RuntimeError(f"NASA (TrainFree) on HiDream: an attention call over {n} tokens where {img} image, "
                                f"{sum(t5)} T5 and 2 x {sum(ll)} Llama tokens were expected; this ComfyUI's HiDream "
                                "joins its streams differently")
-        order, t_pos, t_neg = _order(img, t5, ll, q.device)
         sub = dict(kw, skip_reshape=True, skip_output_reshape=True)
         mine = attention_chain.own(sub)
 
