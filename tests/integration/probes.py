@@ -50,3 +50,17 @@ def last_count(pattern, log):
     found = [int(m.group(1)) for m in (re.search(pattern, line) for line in log) if m]
     assert found, log
     return found[-1]
+
+
+def perturbed_calls(comfyui, monkeypatch):
+    """Record (call length, image rows) of every attention call PAG perturbs through its call numbering (Lumina 2,
+    HiDream, Cosmos-Predict2, OmniGen2); the list fills as the model runs."""
+    pag_math = comfyui.module_of("TrainFreePAG").pag_counted.pag_math
+    seen, real = [], pag_math.perturbed_call
+
+    def spy(img_range, *a, **kw):
+        n = a[0].shape[-2] if kw.get("skip_reshape") else a[0].shape[1]
+        seen.append((n, img_range(n)))
+        return real(img_range, *a, **kw)
+    monkeypatch.setattr(pag_math, "perturbed_call", spy)
+    return seen

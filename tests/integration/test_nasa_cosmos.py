@@ -8,6 +8,7 @@ from nasa_cases import nasa as _nasa
 from nasa_cases import noise as _noise
 from nasa_cases import sample as _sample
 from nasa_cases import tiny as _tiny
+from probes import perturbed_calls
 
 
 def _cross_attention_inputs(model, cond, noise, block):
@@ -40,17 +41,6 @@ def test_the_first_cross_attention_is_the_prompts_minus_alpha_times_the_negative
     assert (_cross_attention_inputs(model, pos, noise, 1) - later).abs().max() > 1e-3 * later.abs().max()
 
 
-def _spy_pag(monkeypatch, comfyui):
-    pag_math = comfyui.module_of("TrainFreePAG").pag_counted.pag_math
-    seen, real = [], pag_math.perturbed_call
-
-    def spy(img_range, *a, **kw):
-        seen.append((a[0].shape[-2], img_range(a[0].shape[-2])))
-        return real(img_range, *a, **kw)
-    monkeypatch.setattr(pag_math, "perturbed_call", spy)
-    return seen
-
-
 def test_pag_numbers_the_networks_calls_beside_nasa_in_either_order(comfyui, monkeypatch):
     """PAG on Cosmos numbers the network's attention calls (two per block) and perturbs a chosen block's
     self-attention; NASA adds a negative-prompt call to every cross-attention, marked as its own. With both, in
@@ -64,7 +54,7 @@ def test_pag_numbers_the_networks_calls_beside_nasa_in_either_order(comfyui, mon
 
     def pag(model):
         return nodes["TrainFreePAG"]().patch(model, 2.0, "block.1", 0.0, 1.0)[0]
-    seen = _spy_pag(monkeypatch, comfyui)
+    seen = perturbed_calls(comfyui, monkeypatch)
     alone = _sample(pag(base), pos, pos, noise, steps=2)
     assert seen == [(16, None)] * 2
     results = {}

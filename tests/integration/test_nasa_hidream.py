@@ -11,6 +11,7 @@ from nasa_cases import nasa as _nasa
 from nasa_cases import noise as _noise
 from nasa_cases import sample as _sample
 from nasa_cases import tiny as _tiny
+from probes import perturbed_calls
 
 
 def _pag(comfyui, model, layers="double.0, single.0", scale=2.0):
@@ -42,19 +43,6 @@ def test_edit_model_image_tokens_count_as_image(comfyui, monkeypatch):
         _sample(_nasa(comfyui, base, neg, 0.5), pos, pos, noise, steps=1)
 
 
-def _spy_pag(monkeypatch, comfyui):
-    """Record (call length, image rows) of every perturbed attention call PAG makes."""
-    pag_math = comfyui.module_of("TrainFreePAG").pag_counted.pag_math
-    seen, real = [], pag_math.perturbed_call
-
-    def spy(img_range, *a, **kw):
-        n = a[0].shape[-2] if kw.get("skip_reshape") else a[0].shape[1]
-        seen.append((n, img_range(n)))
-        return real(img_range, *a, **kw)
-    monkeypatch.setattr(pag_math, "perturbed_call", spy)
-    return seen
-
-
 def test_pag_numbers_the_prompts_calls_inside_nasas_split_in_either_order(comfyui, monkeypatch):
     """PAG on HiDream numbers the network's attention calls; NASA turns each into three (the prompt's, and two over
     the negative it marks as its own). With both, in either order, PAG sees one call per chosen block and forward,
@@ -65,7 +53,7 @@ def test_pag_numbers_the_prompts_calls_inside_nasas_split_in_either_order(comfyu
     pos, noise = _conds(tiny, 1), _noise("hidream")
     (t, extra), = tiny.conditioning("hidream", 2)
     neg = [[t, dict(extra, conditioning_llama3=extra["conditioning_llama3"][:, :, :9])]]
-    seen = _spy_pag(monkeypatch, comfyui)
+    seen = perturbed_calls(comfyui, monkeypatch)
     pag_alone = _sample(_pag(comfyui, base), pos, pos, noise, steps=2)
     assert seen == [(64, (0, 16))] * 4
     results = {}
