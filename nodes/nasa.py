@@ -1,5 +1,5 @@
 """NASA (negative-away steer attention) as a MODEL patch: UNets via attn2 replace, DiTs via block patches (HiDream,
-Cosmos-Predict2: a wrapper and an attention override).
+Cosmos-Predict2, Lumina 2: a wrapper and an attention override).
 
 UNet: an ``attn2`` replace on every cross-attention layer (chaining any earlier replace, which then
 computes Z+); the negative prompt's keys and values come from the layer's own ``to_k``/``to_v`` at run
@@ -8,6 +8,8 @@ AuraFlow): block patches that carry the negative as extra text tokens or context
 E1, whose forward calls no block patches: a DIFFUSION_MODEL wrapper appends the negative's T5 and Llama tokens to the
 network's inputs, an attention override splits every joint attention, in nodes/nasa_hidream.py. Cosmos-Predict2, the
 same: the negative's T5 features appended to the context, every cross-attention split, in nodes/nasa_cosmos.py.
+Lumina Image 2.0 (NextDiT), the same: the negative's tokens appended to the caption, the rotary positions after the
+prompt's tokens moved back by the negative's length, every attention split, in nodes/nasa_lumina.py.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import comfy.ldm.flux.model as flux_model
 import comfy.ldm.hidream.model as hidream_model
 import comfy.ldm.hunyuan_video.model as hunyuan_model
 import comfy.ldm.lightricks.model as ltxv_model
+import comfy.ldm.lumina.model as lumina_model
 import comfy.ldm.modules.attention as attention
 import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
 import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
@@ -32,7 +35,7 @@ import comfy.patcher_extension as pe
 
 from ..guidance import nasa as nasa_math
 from ..guidance.pag import sigma_gate
-from . import nasa_cosmos, nasa_hidream
+from . import nasa_cosmos, nasa_hidream, nasa_lumina
 from .nasa_dit import patch_dit
 
 PAPER = ("Nguyen et al., SNOOPI: Supercharged One-step Diffusion Distillation with Proper Guidance "
@@ -133,7 +136,7 @@ class TrainFreeNASA:
                    "their one-step/LCM/Lightning/DMD2 distillations), Flux, Chroma, SD3, Qwen-Image, "
                    "HunyuanVideo / HunyuanImage 2.1, AuraFlow, HiDream-I1 / E1 (joint attention: the negative tokens "
                    "ride along as extra text tokens the prompt never sees), Wan (text-to-video, image-to-video, "
-                   "VACE), LTX-Video and Cosmos-Predict2. "
+                   "VACE), LTX-Video, Cosmos-Predict2 and Lumina Image 2.0. "
                    f"From {PAPER}.")
     CATEGORY = "trainfree/guidance"
     RETURN_TYPES = ("MODEL",)
@@ -145,9 +148,9 @@ class TrainFreeNASA:
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model to patch: a UNet (SD1.x/SD2.x/SDXL family), Flux, Chroma, SD3, "
                                            "Qwen-Image, Wan (text-to-video, image-to-video, VACE), LTX-Video, "
-                                           "HunyuanVideo, HunyuanImage 2.1, AuraFlow, HiDream-I1 / E1 or "
-                                           "Cosmos-Predict2. Place it after other nodes that replace cross-attention "
-                                           "(IPAdapter); it chains."}),
+                                           "HunyuanVideo, HunyuanImage 2.1, AuraFlow, HiDream-I1 / E1, "
+                                           "Cosmos-Predict2 or Lumina Image 2.0. Place it after other nodes that "
+                                           "replace cross-attention (IPAdapter); it chains."}),
             "negative": ("CONDITIONING", {"tooltip": "The negative prompt (from the same text encoder as the positive). "
                                                      "The paper uses a generic 'worst quality, low quality, ...'."}),
             "alpha": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 2.0, "step": 0.01,
@@ -176,6 +179,8 @@ class TrainFreeNASA:
                              f"text input takes {want}: encode it with this model's text encoder")
         if float(alpha) == 0.0:
             return (m,)
+        if arch == "lumina2":
+            nasa_lumina.check_negative(negative[0])
         neg, alpha = _Negative(neg_t), float(alpha)
         neg_llama = _Negative(nasa_hidream.check_negative(dm, negative[0])) if arch == "hidream" else None
         window = _Window(start_percent, end_percent, model.get_model_object("model_sampling"),
@@ -186,6 +191,9 @@ class TrainFreeNASA:
             return (m,)
         if arch == "cosmos_predict2":
             nasa_cosmos.patch(m, dm, neg, alpha, window)
+            return (m,)
+        if arch == "lumina2":
+            nasa_lumina.patch(m, dm, neg, alpha, window)
             return (m,)
         existing = m.model_options["transformer_options"].get("patches_replace", {})
         if arch == "unet":
@@ -231,6 +239,8 @@ def _architecture(dm):
         return "hidream", dm.caption_projection[-1].linear.in_features
     if isinstance(dm, cosmos_model.MiniTrainDIT):    # Cosmos-Predict2 text-to-image, video-to-world
         return "cosmos_predict2", dm.blocks[0].cross_attn.k_proj.in_features
+    if isinstance(dm, lumina_model.NextDiT):        # Lumina Image 2.0
+        return "lumina2", dm.cap_embedder[-1].in_features
     if type(dm) is wan_model.WanModel_S2V:
         raise ValueError("NASA: Wan speech-to-video (S2V) is not supported: ComfyUI's S2V network does not hand its "
                          "blocks the transformer options that carry NASA's attention change")
@@ -241,7 +251,7 @@ def _architecture(dm):
         return "wan", dm.text_embedding[0].in_features
     raise ValueError(f"NASA (TrainFree) supports UNet models (SD1.x, SD2.x, SDXL), Flux, Chroma, SD3, Qwen-Image, "
                      f"Wan (text-to-video, image-to-video, VACE, camera control, HuMo, Animate), LTX-Video, "
-                     f"HunyuanVideo, AuraFlow, HiDream and Cosmos-Predict2; this model's network is "
+                     f"HunyuanVideo, AuraFlow, HiDream, Cosmos-Predict2 and Lumina 2; this model's network is "
                      f"{type(dm).__name__}.")
 
 

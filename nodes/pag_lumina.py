@@ -4,8 +4,10 @@ Every attention call of a NextDiT forward passes the same ``transformer_options`
 refiner's layers, the noise refiner's layers, then the main layers, one call each. In the perturbed pass only, a
 DIFFUSION_MODEL wrapper numbers the calls of each forward and an attention override perturbs those of the chosen
 main layers: their joint sequence is [caption (that row's real tokens); image; padding], and the image rows see the
-caption keys and their own key only (as on the other joint-attention DiTs). The wrapper checks the count at the
-end of the forward and stops with a clear error where another ComfyUI's NextDiT calls attention differently.
+caption keys and their own key only (as on the other joint-attention DiTs). The wrapper checks the count at the end
+of the forward and stops with a clear error where another ComfyUI's NextDiT calls attention differently. A NASA
+wrapper outside this one has appended the negative's tokens to the caption; they are not counted (NASA's override
+hands on the prompt's calls without them).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import math
 import torch
 
 from ..guidance import pag as pag_math
-from . import pag_counted
+from . import attention_chain, pag_counted
 
 
 def _perturbed(q, k, v, caps, img, mask):
@@ -41,8 +43,9 @@ def perturb(to, counts, layers):
 
     def on_forward(state, dm, x, timesteps, context, num_tokens, attention_mask=None, *args, **kwargs):
         p = dm.patch_size
+        added = attention_chain.text_tokens_added(kwargs.get("transformer_options"), "context")   # NASA's, outside
         caps = [int(c) for c in attention_mask.sum(dim=1).tolist()] if attention_mask is not None else \
-            [int(num_tokens)] * x.shape[0]
+            [int(num_tokens) - added] * x.shape[0]
         state.update(caps=caps, img=math.ceil(x.shape[-2] / p) * math.ceil(x.shape[-1] / p))
 
     def perturbed(state, *a, **kw):

@@ -1,10 +1,7 @@
 """TrainFreeNASA on HiDream-I1 / E1 (a DIFFUSION_MODEL wrapper and an attention override, nodes/nasa_hidream.py;
 the text streams after the first block: test_nasa_layers.py, the family-independent checks: test_nasa_node.py):
-an edit model's image tokens, PAG's call numbering inside NASA's split in either order, core's EasyCache beside it,
-clear refusals of a negative without HiDream's Llama features."""
-import logging
-import re
-
+an edit model's image tokens, PAG's call numbering inside NASA's split in either order (core's EasyCache beside it:
+test_nasa_node.py), clear refusals of a negative without HiDream's Llama features."""
 import pytest
 import torch
 from nasa_cases import nasa as _nasa
@@ -68,23 +65,6 @@ def test_pag_numbers_the_prompts_calls_inside_nasas_split_in_either_order(comfyu
         torch.testing.assert_close(results[order, 1e-7], pag_alone, rtol=0, atol=1e-5 * scale)
         assert (results[order, 0.5] - pag_alone).abs().max() > 1e-3 * scale
     torch.testing.assert_close(results["nasa first", 0.5], results["pag first", 0.5], rtol=0, atol=1e-6)
-
-
-def test_beside_core_easycache(comfyui, caplog):
-    """Core's EasyCache skips whole forwards around NASA's wrapper: steps are skipped, the run ends normally and NASA
-    still acts (cfg 1, as HiDream Dev and Fast run)."""
-    from comfy_extras.nodes_easycache import EasyCacheNode
-
-    tiny = _tiny(comfyui)
-    base = tiny.build("hidream")
-    pos, neg, noise = _conds(tiny, 1), _conds(tiny, 2), _noise("hidream")
-    with caplog.at_level(logging.INFO):
-        cached = _sample(EasyCacheNode.execute(_nasa(comfyui, base, neg), 0.2, 0.0, 1.0, False)[0], pos, pos, noise,
-                         steps=10)
-    skipped = [int(n) for n in re.findall(r"EasyCache - skipped (\d+)/10 steps", caplog.text)]
-    assert skipped and skipped[-1] > 0
-    plain = _sample(EasyCacheNode.execute(base, 0.2, 0.0, 1.0, False)[0], pos, pos, noise, steps=10)
-    assert torch.isfinite(cached).all() and (cached - plain).abs().max() > 1e-3 * plain.abs().max()
 
 
 def test_a_negative_without_hidreams_llama_features_is_refused(comfyui):

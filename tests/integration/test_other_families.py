@@ -10,8 +10,8 @@ NETWORKS = {"auraflow": "MMDiT", "hidream": "HiDreamImageTransformer2DModel", "c
             "omnigen2": "OmniGen2Transformer2DModel"}
 NODES = {
     "TrainFreeNASA": ({"negative": ["neg", 0], "alpha": 0.1, "start_percent": 0.0, "end_percent": 1.0},
-                      r"NASA \(TrainFree\) supports UNet models .*HunyuanVideo, AuraFlow, HiDream and "
-                      r"Cosmos-Predict2; this model's network is {net}\."),
+                      r"NASA \(TrainFree\) supports UNet models .*HunyuanVideo, AuraFlow, HiDream, "
+                      r"Cosmos-Predict2 and Lumina 2; this model's network is {net}\."),
     "TrainFreeDeepCache": ({"cache_interval": 3, "cache_depth": 1, "schedule": "uniform", "start_percent": 0.0,
                             "end_percent": 1.0},
                            r"DeepCache needs a U-Net with long skip connections .*with a {net}, which has none\. For "
