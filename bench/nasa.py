@@ -4,11 +4,11 @@
 
 The claim measured (SNOOPI, arXiv 2412.02687): with NASA a 1-4 step model at cfg 1 steers away from what the
 negative prompt describes. On randomly initialised ComfyUI models (the test suite's tiny SD1.5, SDXL, SD3, Flux,
-Wan, Chroma, Qwen-Image, LTX-Video, AuraFlow, HiDream, Cosmos-Predict2, Lumina 2, real ComfyUI classes) "what the
-negative prompt describes" is taken as x_neg, the sample of the negative prompt itself (same noise, same steps,
-cfg 1; on HiDream with the positive's pooled vector, which modulates every block of the tiny model so strongly that
-it would be most of the difference, and which NASA, as CFG's negative text, cannot reach). For each method, in one
-run and side by side:
+Wan, Chroma, Qwen-Image, LTX-Video, AuraFlow, HiDream, Cosmos-Predict2, Lumina 2, OmniGen2, real ComfyUI classes)
+"what the negative prompt describes" is taken as x_neg, the sample of the negative prompt itself (same noise, same
+steps, cfg 1; on HiDream with the positive's pooled vector, which modulates every block of the tiny model so strongly
+that it would be most of the difference, and which NASA, as CFG's negative text, cannot reach). For each method, in
+one run and side by side:
   away   = |x - x_neg| / |x_pos - x_neg|      (> 1: farther from the negative's sample than the plain prompt's)
   change = |x - x_pos| / |x_pos - x_neg|      (how much the image moved at all)
   NFE    = network evaluations per step (CFG with the negative as its unconditional prompt: 2; NASA: 1)
@@ -106,7 +106,7 @@ def main(argv=None):
     ap.add_argument("--archs", nargs="+",
                     default=["sd15", "sdxl", "sd3", "flux", "wan", "chroma", "qwen_image", "ltxv", "hunyuan_video",
                              "hunyuan_image", "wan_i2v", "wan_vace", "auraflow", "hidream", "cosmos_predict2",
-                             "lumina2"])
+                             "lumina2", "omnigen2"])
     ap.add_argument("--wide", action="store_true", help="also time wider random SD1.5 UNet and Flux DiT (32x32 latent), interleaved, fastest of 5")
     a = ap.parse_args(argv)
     _setup()

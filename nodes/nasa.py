@@ -9,7 +9,8 @@ E1, whose forward calls no block patches: a DIFFUSION_MODEL wrapper appends the 
 network's inputs, an attention override splits every joint attention, in nodes/nasa_hidream.py. Cosmos-Predict2, the
 same: the negative's T5 features appended to the context, every cross-attention split, in nodes/nasa_cosmos.py.
 Lumina Image 2.0 (NextDiT), the same: the negative's tokens appended to the caption, the rotary positions after the
-prompt's tokens moved back by the negative's length, every attention split, in nodes/nasa_lumina.py.
+prompt's tokens moved back by the negative's length, every attention split, in nodes/nasa_lumina.py; OmniGen2, whose
+network follows it, the same from an APPLY_MODEL wrapper, in nodes/nasa_omnigen2.py.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import comfy.ldm.hidream.model as hidream_model
 import comfy.ldm.hunyuan_video.model as hunyuan_model
 import comfy.ldm.lightricks.model as ltxv_model
 import comfy.ldm.lumina.model as lumina_model
+import comfy.ldm.omnigen.omnigen2 as omnigen_model
 import comfy.ldm.modules.attention as attention
 import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
 import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
@@ -35,7 +37,7 @@ import comfy.patcher_extension as pe
 
 from ..guidance import nasa as nasa_math
 from ..guidance.pag import sigma_gate
-from . import nasa_cosmos, nasa_hidream, nasa_lumina
+from . import nasa_cosmos, nasa_hidream, nasa_lumina, nasa_omnigen2
 from .nasa_dit import patch_dit
 
 PAPER = ("Nguyen et al., SNOOPI: Supercharged One-step Diffusion Distillation with Proper Guidance "
@@ -136,7 +138,7 @@ class TrainFreeNASA:
                    "their one-step/LCM/Lightning/DMD2 distillations), Flux, Chroma, SD3, Qwen-Image, "
                    "HunyuanVideo / HunyuanImage 2.1, AuraFlow, HiDream-I1 / E1 (joint attention: the negative tokens "
                    "ride along as extra text tokens the prompt never sees), Wan (text-to-video, image-to-video, "
-                   "VACE), LTX-Video, Cosmos-Predict2 and Lumina Image 2.0. "
+                   "VACE), LTX-Video, Cosmos-Predict2, Lumina Image 2.0 and OmniGen2. "
                    f"From {PAPER}.")
     CATEGORY = "trainfree/guidance"
     RETURN_TYPES = ("MODEL",)
@@ -149,8 +151,8 @@ class TrainFreeNASA:
             "model": ("MODEL", {"tooltip": "The model to patch: a UNet (SD1.x/SD2.x/SDXL family), Flux, Chroma, SD3, "
                                            "Qwen-Image, Wan (text-to-video, image-to-video, VACE), LTX-Video, "
                                            "HunyuanVideo, HunyuanImage 2.1, AuraFlow, HiDream-I1 / E1, "
-                                           "Cosmos-Predict2 or Lumina Image 2.0. Place it after other nodes that "
-                                           "replace cross-attention (IPAdapter); it chains."}),
+                                           "Cosmos-Predict2, Lumina Image 2.0 or OmniGen2. Place it after other nodes "
+                                           "that replace cross-attention (IPAdapter); it chains."}),
             "negative": ("CONDITIONING", {"tooltip": "The negative prompt (from the same text encoder as the positive). "
                                                      "The paper uses a generic 'worst quality, low quality, ...'."}),
             "alpha": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 2.0, "step": 0.01,
@@ -179,7 +181,7 @@ class TrainFreeNASA:
                              f"text input takes {want}: encode it with this model's text encoder")
         if float(alpha) == 0.0:
             return (m,)
-        if arch == "lumina2":
+        if arch in ("lumina2", "omnigen2"):
             nasa_lumina.check_negative(negative[0])
         neg, alpha = _Negative(neg_t), float(alpha)
         neg_llama = _Negative(nasa_hidream.check_negative(dm, negative[0])) if arch == "hidream" else None
@@ -192,8 +194,8 @@ class TrainFreeNASA:
         if arch == "cosmos_predict2":
             nasa_cosmos.patch(m, dm, neg, alpha, window)
             return (m,)
-        if arch == "lumina2":
-            nasa_lumina.patch(m, dm, neg, alpha, window)
+        if arch in ("lumina2", "omnigen2"):
+            (nasa_lumina if arch == "lumina2" else nasa_omnigen2).patch(m, dm, neg, alpha, window)
             return (m,)
         existing = m.model_options["transformer_options"].get("patches_replace", {})
         if arch == "unet":
@@ -241,6 +243,8 @@ def _architecture(dm):
         return "cosmos_predict2", dm.blocks[0].cross_attn.k_proj.in_features
     if isinstance(dm, lumina_model.NextDiT):        # Lumina Image 2.0
         return "lumina2", dm.cap_embedder[-1].in_features
+    if isinstance(dm, omnigen_model.OmniGen2Transformer2DModel):
+        return "omnigen2", dm.time_caption_embed.caption_embedder[-1].in_features
     if type(dm) is wan_model.WanModel_S2V:
         raise ValueError("NASA: Wan speech-to-video (S2V) is not supported: ComfyUI's S2V network does not hand its "
                          "blocks the transformer options that carry NASA's attention change")
@@ -251,8 +255,8 @@ def _architecture(dm):
         return "wan", dm.text_embedding[0].in_features
     raise ValueError(f"NASA (TrainFree) supports UNet models (SD1.x, SD2.x, SDXL), Flux, Chroma, SD3, Qwen-Image, "
                      f"Wan (text-to-video, image-to-video, VACE, camera control, HuMo, Animate), LTX-Video, "
-                     f"HunyuanVideo, AuraFlow, HiDream, Cosmos-Predict2 and Lumina 2; this model's network is "
-                     f"{type(dm).__name__}.")
+                     f"HunyuanVideo, AuraFlow, HiDream, Cosmos-Predict2, Lumina 2 and OmniGen2; this model's network "
+                     f"is {type(dm).__name__}.")
 
 
 NODES = {"TrainFreeNASA": (TrainFreeNASA, "NASA negative prompt at cfg 1 (TrainFree)")}

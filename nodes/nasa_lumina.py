@@ -20,7 +20,8 @@ second NASA node pass them by; the tokens appended are recorded (attention_chain
 inside this one, counts the prompt's. Several NASA nodes chain: the first applied is the outer wrapper, so its tokens
 come first after the prompt's; the override of the last applied runs first and hands the earlier ones the sequence
 without its own tokens. A forward with another call count or sequence length stops with a clear error; a prompt whose
-conditioning carries padding (an attention mask with zeros) is refused.
+conditioning carries padding (an attention mask with zeros) is refused. OmniGen2, whose network follows NextDiT's,
+runs the same steps (``steered``) from its own wrapper, nodes/nasa_omnigen2.py.
 """
 from __future__ import annotations
 
@@ -42,27 +43,32 @@ def check_negative(negative):
     """The negative's tokens without padding: a ValueError where its attention mask has zeros."""
     mask = negative[1].get("attention_mask")
     if mask is not None and int(mask.sum()) != mask.numel():
-        raise ValueError("NASA: the negative's Lumina 2 conditioning carries padding (an attention mask with zeros); "
-                         "encode the negative prompt on its own with CLIPTextEncode")
+        raise ValueError("NASA: the negative's conditioning carries padding (an attention mask with zeros), which NASA "
+                         "does not support on Lumina 2 and OmniGen2; encode the negative prompt on its own with "
+                         "CLIPTextEncode")
     return negative[0]
 
 
 class _ShiftedRope(torch.nn.Module):
-    """The network's rotary embedder with every position from ``start`` on moved back by ``shift`` on axis 0."""
+    """A rotary embedder with every position from ``start`` on moved back by ``shift`` on axis 0; ``text_axes``
+    (OmniGen2, which counts a caption's positions on all three axes): the ``shift`` tokens from ``start`` on also moved
+    back by ``start`` on the other two axes, where they then count up from 0 as in their own pass."""
 
-    def __init__(self, inner, start, shift):
+    def __init__(self, inner, start, shift, text_axes=False):
         super().__init__()
-        self.inner, self.start, self.shift = inner, start, shift
+        self.inner, self.start, self.shift, self.text_axes = inner, start, shift, text_axes
 
     def forward(self, ids):
         ids = ids.clone()
         ids[:, self.start:, 0] -= self.shift
+        if self.text_axes:
+            ids[:, self.start:self.start + self.shift, 1:] -= self.start
         return self.inner(ids)
 
 
-def _override(earlier, state, rows, t_pos, t_neg, img, counts, alpha):
+def _override(name, earlier, state, rows, t_pos, t_neg, img, counts, alpha):
     """This forward's attention override over the caption (t_pos + t_neg tokens) and ``img`` image tokens;
-    ``counts``: (context refiner, noise refiner, main) calls."""
+    ``counts``: (context refiner, passed-through image refiner, main) calls."""
     n_ctx, n_noise, _ = counts
 
     def override(func, *a, **kw):
@@ -79,11 +85,11 @@ def _override(earlier, state, rows, t_pos, t_neg, img, counts, alpha):
         n, text = q.shape[2], t_pos + t_neg
         want = text if call < n_ctx else text + img
         if n != want:
-            raise RuntimeError(f"{NAME}: attention call {call + 1} is over {n} tokens where {want} were expected "
+            raise RuntimeError(f"{name}: attention call {call + 1} is over {n} tokens where {want} were expected "
                                f"({t_pos} + {t_neg} caption" + ("" if call < n_ctx else f", {img} image") +
-                               " tokens); this ComfyUI's NextDiT joins its tokens differently")
+                               " tokens); this ComfyUI's network joins its tokens differently")
         if kw.pop("mask", a[4] if len(a) > 4 else None) is not None:
-            raise RuntimeError(f"{NAME}: an attention call with a mask; this ComfyUI's NextDiT masks its tokens, "
+            raise RuntimeError(f"{name}: an attention call with a mask; this ComfyUI's network masks its tokens, "
                                "which NASA does not support")
         sub = dict(kw, skip_reshape=True, skip_output_reshape=True)
         mine = attention_chain.own(sub)
@@ -104,6 +110,38 @@ def layer_counts(dm) -> tuple[int, int, int]:
     return len(dm.context_refiner), len(dm.noise_refiner), len(dm.layers)
 
 
+def check_prompt(name, num_tokens, context, attention_mask):
+    """The prompt's token count: a RuntimeError where its conditioning carries padding."""
+    if attention_mask is not None:
+        raise RuntimeError(f"{name}: the prompt's conditioning carries padding (an attention mask with zeros), "
+                           "which NASA does not support; encode each prompt on its own with CLIPTextEncode")
+    if int(num_tokens) != context.shape[1]:
+        raise RuntimeError(f"{name}: the prompt has {context.shape[1]} tokens but the network is told "
+                           f"{int(num_tokens)}; encode each prompt on its own with CLIPTextEncode")
+    return int(num_tokens)
+
+
+def steered(name, run, to, rows, rope_owner, t_pos, t_neg, img, counts, alpha, text_axes=False):
+    """``run(to)`` (the forward, the negative's ``t_neg`` tokens appended to the prompt's ``t_pos``) with this node's
+    override in a copy of ``to`` and ``rope_owner.rope_embedder`` swapped for the shifted one; ``counts``: (context
+    refiner, passed-through, main) attention calls of this forward, checked after it (0: a cache inside skipped it)."""
+    state = {"calls": 0}
+    to = attention_chain.add_text_tokens(to, context=t_neg)
+    to["optimized_attention_override"] = _override(name, to.get("optimized_attention_override"), state, rows, t_pos,
+                                                   t_neg, img, counts, alpha)
+    rope = rope_owner.rope_embedder
+    rope_owner.rope_embedder = _ShiftedRope(rope, t_pos, t_neg, text_axes)
+    try:
+        out = run(to)
+    finally:
+        rope_owner.rope_embedder = rope
+    if state["calls"] not in (0, sum(counts)):
+        raise RuntimeError(f"{name}: the network made {state['calls']} attention calls, {sum(counts)} expected "
+                           f"({counts[0]} context refiner, {counts[1]} image refiner and {counts[2]} main layers); "
+                           "this ComfyUI's network calls attention differently")
+    return out
+
+
 def wrapper(neg, alpha, window, counts):
     """The DIFFUSION_MODEL wrapper, for the node's negative device cache ``neg`` and a network's ``layer_counts``; a
     forward with no row to steer (unconditional only, or outside the window) runs as it is."""
@@ -112,33 +150,14 @@ def wrapper(neg, alpha, window, counts):
         rows = window.rows(to, x.shape[0], x.device)
         if not bool(rows.any()):
             return executor(x, timesteps, context, num_tokens, attention_mask, *rest, **kwargs)
-        if attention_mask is not None:
-            raise RuntimeError(f"{NAME}: the prompt's conditioning carries padding (an attention mask with zeros), "
-                               "which NASA does not support; encode each prompt on its own with CLIPTextEncode")
-        t_pos = int(num_tokens)
-        if t_pos != context.shape[1]:
-            raise RuntimeError(f"{NAME}: the prompt has {context.shape[1]} tokens but the network is told "
-                               f"{t_pos}; encode each prompt on its own with CLIPTextEncode")
+        t_pos = check_prompt(NAME, num_tokens, context, attention_mask)
         dm = executor.class_obj
         extra = _batch(neg.get(context.device, context.dtype), x.shape[0])
         t_neg, p = extra.shape[1], dm.patch_size
         img = math.ceil(x.shape[-2] / p) * math.ceil(x.shape[-1] / p)
-        state = {"calls": 0}
-        to = attention_chain.add_text_tokens(to, context=t_neg)
-        to["optimized_attention_override"] = _override(to.get("optimized_attention_override"), state, rows, t_pos,
-                                                       t_neg, img, counts, alpha)
-        rope = dm.rope_embedder
-        dm.rope_embedder = _ShiftedRope(rope, t_pos, t_neg)
-        try:
-            out = executor(x, timesteps, torch.cat([context, extra], dim=1), t_pos + t_neg, attention_mask, *rest,
-                           **dict(kwargs, transformer_options=to))
-        finally:
-            dm.rope_embedder = rope
-        if state["calls"] not in (0, sum(counts)):    # 0: a cache inside this wrapper (EasyCache) skipped it
-            raise RuntimeError(f"{NAME}: the network made {state['calls']} attention calls, {sum(counts)} expected "
-                               f"({counts[0]} context refiner, {counts[1]} noise refiner and {counts[2]} main layers); "
-                               "this ComfyUI's NextDiT calls attention differently")
-        return out
+        return steered(NAME, lambda to: executor(x, timesteps, torch.cat([context, extra], dim=1), t_pos + t_neg,
+                                                 attention_mask, *rest, **dict(kwargs, transformer_options=to)),
+                       to, rows, dm, t_pos, t_neg, img, counts, alpha)
     return wrap
 
 

@@ -8,7 +8,8 @@ forward's calls (pag_counted.numbered, shifted by the reference refiner's calls 
 override perturbs those of the chosen main layers: the image rows, the reference images' included (as on Qwen-Image
 Edit, whose reference tokens join the image stream), see the text keys and their own key only. The image token count
 is read off the latent and the reference latents and checked against each perturbed call's length; a forward with
-another call count stops with a clear error.
+another call count stops with a clear error. A NASA wrapper outside this one has appended the negative's tokens to
+the text; they are not counted (NASA's override hands on the prompt's calls without them).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import comfy.ldm.omnigen.omnigen2 as omnigen_model
 import comfy.patcher_extension as pe
 
 from ..guidance import pag as pag_math
-from . import pag_counted
+from . import attention_chain, pag_counted
 
 
 def is_omnigen2(dm) -> bool:
@@ -31,8 +32,9 @@ def layer_counts(dm) -> tuple[int, int, int, int]:
     return len(dm.context_refiner) + len(dm.noise_refiner), len(dm.ref_image_refiner), len(dm.layers), dm.patch_size
 
 
-def _patches(latent, p: int) -> int:
-    return math.ceil(latent.shape[-2] / p) * math.ceil(latent.shape[-1] / p)
+def image_tokens(x, refs, p: int) -> int:
+    """The image tokens of a forward: the latent's ``x`` and the reference latents' ``refs`` (None: no edit)."""
+    return sum(math.ceil(t.shape[-2] / p) * math.ceil(t.shape[-1] / p) for t in [x, *(refs or ())])
 
 
 def perturb(to, counts, layers):
@@ -43,8 +45,9 @@ def perturb(to, counts, layers):
     def on_forward(state, model, x, t, c_concat=None, c_crossattn=None, *args, **kwargs):   # apply_model's inputs
         refs = kwargs.get("ref_latents")
         state["shift"] = ref_calls if refs is not None else 0
-        state["txt"] = c_crossattn.shape[1]
-        state["img"] = _patches(x, patch) + sum(_patches(r, patch) for r in refs or ())
+        to = kwargs.get("transformer_options", args[1] if len(args) > 1 else None)
+        state["txt"] = c_crossattn.shape[1] - attention_chain.text_tokens_added(to, "context")   # NASA's, outside
+        state["img"] = image_tokens(x, refs, patch)
 
     def rows(state, n):
         if n != state["txt"] + state["img"]:

@@ -60,7 +60,8 @@ def _skipped(node, log):
 
 CACHES = [("sd15", "TrainFreeDeepCache"), ("sdxl", "TrainFreeDeepCache"), ("flux", "TrainFreeDiTCache")]
 GUIDANCE = [("sd15", "TrainFreePAG"), ("flux", "TrainFreePAG"), ("sd15", "TrainFreeAdaptiveGuidance"),
-            ("sd15", "TrainFreeNASA"), ("flux", "TrainFreeNASA"), ("hidream", "TrainFreeNASA"), ("hidream", "TrainFreePAG")]
+            ("sd15", "TrainFreeNASA"), ("flux", "TrainFreeNASA"), ("hidream", "TrainFreeNASA"), ("hidream", "TrainFreePAG"),
+            ("lumina2", "TrainFreeNASA"), ("omnigen2", "TrainFreeNASA")]
 # a mask's bounds crop as an area does; the caches, which keep an entry per kind of call, get both
 REGIONAL = [("area", a, n) for a, n in CACHES + GUIDANCE] + [("mask", a, n) for a, n in CACHES]
 
@@ -85,11 +86,14 @@ def _compiler_missing():
 
 CHAINS = {"sd15": ["TrainFreeAdaptiveGuidance", "TrainFreePAG", "TrainFreeDeepCache"],
           "flux": ["TrainFreeNASA", "TrainFreePAG", "TrainFreeDiTCache"],
-          "hidream": ["TrainFreeNASA", "TrainFreePAG"]}      # a wrapper and call numbering, no block patches
+          "hidream": ["TrainFreeNASA", "TrainFreePAG"],      # a wrapper and call numbering, no block patches
+          "lumina2": ["TrainFreeNASA", "TrainFreePAG"],      # the same, and a rotary embedder swapped per forward
+          "omnigen2": ["TrainFreeNASA", "TrainFreePAG"]}     # the same, from APPLY_MODEL wrappers
 
 
 @pytest.mark.skipif(_compiler_missing(), reason="torch.compile's inductor backend needs a C compiler on the CPU")
-@pytest.mark.parametrize("arch,where", [("sd15", "before"), ("sd15", "after"), ("flux", "after"), ("hidream", "after")])
+@pytest.mark.parametrize("arch,where", [("sd15", "before"), ("sd15", "after"), ("flux", "after"), ("hidream", "after"),
+                                        ("lumina2", "after"), ("omnigen2", "after")])
 def test_patches_under_torch_compile(comfyui, caplog, arch, where):
     import torch._dynamo
 
@@ -114,6 +118,6 @@ def test_patches_under_torch_compile(comfyui, caplog, arch, where):
     for node in CHAINS[arch]:
         if node in CACHED:
             assert _skipped(node, log) > 0, node
-    if arch != "hidream":            # the caches' reports name the compilation (no cache reaches HiDream)
+    if "TrainFreeDiTCache" in CHAINS[arch] or "TrainFreeDeepCache" in CHAINS[arch]:   # the caches' reports name it
         reports = [line for line in log if re.search(r"DeepCache:|DiT block cache", line)]
         assert reports and all("TorchCompileModel: runs that compile" in line for line in reports), reports

@@ -126,7 +126,7 @@ def _sample(model, arch, cond, neg, steps=4, size=8, seed=0):
 
 
 @pytest.mark.parametrize("arch", ["sd15", "flux", "sd3", "wan", "hunyuan_video", "hidream", "cosmos_predict2",
-                                  "lumina2"])
+                                  "lumina2", "omnigen2"])
 def test_nasa_keeps_no_device_copy_of_the_negative_after_the_run(comfyui, arch):
     """The negative is cast to the model's device and dtype for a run; that copy (VRAM on a GPU, where ComfyUI's
     own unloading never reaches it) is dropped when the run ends, or fails. A float64 negative makes the cast a real copy on

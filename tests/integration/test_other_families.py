@@ -2,16 +2,13 @@
 each refusal reaches the user as the node's own message through ComfyUI's executor, naming the network and what to
 use instead, and the next prompt runs. (The family-independent nodes run their examples on these families in
 test_example_workflows; PAG on all four is tested in test_pag_other_dits, the DiT cache on AuraFlow in
-test_cache_quant_nodes, NASA on AuraFlow, HiDream and Cosmos-Predict2 with the other DiTs.)"""
+test_cache_quant_nodes, NASA on all four with the other DiTs.)"""
 import pytest
 from prompts import ksampler, patched_ksampler
 
 NETWORKS = {"auraflow": "MMDiT", "hidream": "HiDreamImageTransformer2DModel", "cosmos_predict2": "MiniTrainDIT",
             "omnigen2": "OmniGen2Transformer2DModel"}
 NODES = {
-    "TrainFreeNASA": ({"negative": ["neg", 0], "alpha": 0.1, "start_percent": 0.0, "end_percent": 1.0},
-                      r"NASA \(TrainFree\) supports UNet models .*HunyuanVideo, AuraFlow, HiDream, "
-                      r"Cosmos-Predict2 and Lumina 2; this model's network is {net}\."),
     "TrainFreeDeepCache": ({"cache_interval": 3, "cache_depth": 1, "schedule": "uniform", "start_percent": 0.0,
                             "end_percent": 1.0},
                            r"DeepCache needs a U-Net with long skip connections .*with a {net}, which has none\. For "
@@ -20,8 +17,7 @@ NODES = {
                           r"DiT block cache: \w+ \({net}\) is not supported; it caches the transformer blocks of .*"
                           r"AuraFlow models\. For SD1\.5/SDXL U-Nets use a U-Net cache such as DeepCache"),
 }
-REFUSED = [(node, arch) for node, archs in (("TrainFreeNASA", ["omnigen2"]),
-                                            ("TrainFreeDeepCache", list(NETWORKS)),
+REFUSED = [(node, arch) for node, archs in (("TrainFreeDeepCache", list(NETWORKS)),
                                             ("TrainFreeDiTCache", ["hidream", "cosmos_predict2", "omnigen2"]))
            for arch in archs]
 

@@ -210,7 +210,7 @@ def test_omnigen2_stops_on_another_call_count_or_layout(comfyui, monkeypatch):
     with pytest.raises(RuntimeError, match=r"PAG \(TrainFree\) on OmniGen2: the network made 4 attention calls, 5 "
                                            r"expected"):
         _apply(m, "omnigen2", _latent(m.tiny, "omnigen2"), opts["transformer_options"])
-    monkeypatch.setattr(mod.pag_omnigen2, "_patches", lambda latent, p: 20)
+    monkeypatch.setattr(mod.pag_omnigen2, "image_tokens", lambda x, refs, p: 20)
     opts = mod.perturbed_options(m.model_options, "omnigen2", [("block", 0, None)], counts=(first, ref, main, patch))
     with pytest.raises(RuntimeError, match="an attention call over 32 tokens, 16 text and 20 image tokens expected"):
         _apply(m, "omnigen2", _latent(m.tiny, "omnigen2"), opts["transformer_options"])

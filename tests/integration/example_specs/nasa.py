@@ -31,4 +31,5 @@ def _graph(b):
 
 GRAPHS = {"nasa": _graph}
 ARCHS = {"nasa": ["sd15", "sdxl", "sd3", "flux", "chroma", "qwen_image", "ltxv", "hunyuan_video", "hunyuan_image",
-                  "wan_i2v", "wan_vace", "wan22", "auraflow", "hidream", "cosmos_predict2", "lumina2"]}
+                  "wan_i2v", "wan_vace", "wan22", "auraflow", "hidream", "cosmos_predict2", "lumina2",
+                  "omnigen2"]}
