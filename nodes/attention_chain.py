@@ -8,11 +8,15 @@
 * ``add_text_tokens`` / ``text_tokens_added``: a DIFFUSION_MODEL wrapper that appends text tokens to a network's
   inputs (NASA on HiDream) records how many, so a wrapper inside it that counts the prompt's tokens (PAG's) can tell
   them from the prompt's.
+* ``counting`` / ``skipped``: an override that numbers a forward's calls registers its counter; where a block cache
+  skips layers of a network whose calls are numbered (the block patches nodes/block_patches.py gives Lumina 2), it
+  says how many calls the skipped layers would have made, so the numbers after them stay the layers' own.
 """
 from __future__ import annotations
 
 OWN = "trainfree_own_call"
 ADDED = "trainfree_added_text_tokens"
+COUNTERS = "trainfree_call_counters"
 
 
 def chained(earlier, func, *a, **kw):
@@ -38,3 +42,14 @@ def add_text_tokens(to: dict, **counts: int) -> dict:
 
 def text_tokens_added(to: dict | None, name: str) -> int:
     return int(((to or {}).get(ADDED) or {}).get(name, 0))
+
+
+def counting(to: dict, advance) -> dict:
+    """A copy of the transformer_options ``to`` whose skipped calls also reach ``advance(n)``."""
+    return dict(to, **{COUNTERS: (*to.get(COUNTERS, ()), advance)})
+
+
+def skipped(to: dict | None, calls: int) -> None:
+    """``calls`` attention calls of the network were skipped (a cached layer): advance every registered counter."""
+    for advance in (to or {}).get(COUNTERS, ()):
+        advance(calls)

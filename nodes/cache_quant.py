@@ -1,8 +1,9 @@
 """CacheQuant-scheduled block cache for DiTs (Flux, Chroma, SD3, Wan, HunyuanVideo, Qwen-Image, LTX-Video,
-AuraFlow): calibrate, load, patch a MODEL.
+AuraFlow, Lumina 2, OmniGen2): calibrate, load, patch a MODEL.
 
 The span's blocks are replaced through ``transformer_options["patches_replace"]["dit"]`` (each replacement runs the
-block's own ``original_block``, or the replacement that was there before: no forward is copied); a keyed
+block's own ``original_block``, or the replacement that was there before: no forward is copied; Lumina 2 and
+OmniGen2, whose forwards call no block patches, get them from nodes/block_patches.py); a keyed
 OUTER_SAMPLE wrapper gives every sampling run fresh state and clears it in a ``finally``; a keyed CALC_COND_BATCH
 wrapper times full and cached evaluations for the speed-up report.
 """
@@ -22,7 +23,7 @@ import torch
 
 from .. import calibration
 from ..caching.cache_quant import Calibrator, SpanRun, group_bounds, uniform_schedule
-from . import dit_layout
+from . import block_patches, dit_layout
 from .calibration_support import (STEP_RANGE_INPUTS, Progress, empty_latent_for, list_files, load_named, loaded_state,
                                   method_dir, model_fingerprint, prediction_key, refuse_mismatch, reuse, save,
                                   scheduler_sigmas, step_range, warn_if_other_run, written_state, wrote)
@@ -51,7 +52,9 @@ def _dit_classes() -> dict:
                                ("wan", "comfy.ldm.wan.model", "HumoWanModel"),
                                ("qwen_image", "comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel"),
                                ("ltxv", "comfy.ldm.lightricks.model", "LTXVModel"),
-                               ("auraflow", "comfy.ldm.aura.mmdit", "MMDiT")):
+                               ("auraflow", "comfy.ldm.aura.mmdit", "MMDiT"),
+                               ("lumina2", "comfy.ldm.lumina.model", "NextDiT"),
+                               ("omnigen2", "comfy.ldm.omnigen.omnigen2", "OmniGen2Transformer2DModel")):
         try:
             found[getattr(importlib.import_module(module), name)] = arch
         except (ImportError, AttributeError):
@@ -68,7 +71,7 @@ def dit_span(model, head: int, tail: int):
         keys = dit_layout.block_keys(dm)
     elif arch is not None:                 # one list of joint blocks
         blocks = {"sd3": "joint_blocks", "wan": "blocks", "qwen_image": "transformer_blocks",
-                  "ltxv": "transformer_blocks"}[arch]
+                  "ltxv": "transformer_blocks", "lumina2": "layers", "omnigen2": "layers"}[arch]
         keys = [("double_block", i) for i in range(len(getattr(dm, blocks)))]
     else:
         between = {"VaceWanModel": "VACE adds its control hints", "AnimateWanModel": "Animate adds its face "
@@ -80,8 +83,8 @@ def dit_span(model, head: int, tail: int):
             variant = f" (a Wan variant, {type(dm).__name__}, this cache has not been tested on)"
         raise ValueError(f"DiT block cache: {type(model.model).__name__} ({type(dm).__name__}) is not supported"
                          f"{variant}; it caches the transformer blocks of Flux, Chroma, SD3/SD3.5, Wan 2.1/2.2 (text- "
-                         "and image-to-video, camera control, HuMo), HunyuanVideo, Qwen-Image, LTX-Video and AuraFlow "
-                         "models. "
+                         "and image-to-video, camera control, HuMo), HunyuanVideo, Qwen-Image, LTX-Video, AuraFlow, "
+                         "Lumina 2 and OmniGen2 models. "
                          "For SD1.5/SDXL U-Nets use a U-Net cache such as DeepCache.")
     if head + tail >= len(keys):
         raise ValueError(f"DiT block cache: this {arch} model has {len(keys)} blocks; head_blocks + tail_blocks "
@@ -239,6 +242,8 @@ def apply_cache(model, cfg: _Config):
     dit = to.get("patches_replace", {}).get("dit", {})
     for key in cfg.span:
         m.set_model_patch_replace(_Replace(key, dit.get(key)), "dit", key[0], key[1])
+    if cfg.arch in ("lumina2", "omnigen2"):    # their forwards call no block patches: give their main layers some
+        block_patches.install(m, model.get_model_object("diffusion_model"))
     m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY, _outer_sample)
     m.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, KEY, _calc_cond_batch)
     return m
@@ -267,7 +272,8 @@ class TrainFreeCacheQuantCalibrate:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The DiT to calibrate (Flux, Chroma, SD3, Wan, HunyuanVideo, "
-                                           "Qwen-Image, LTX-Video, AuraFlow), with its LoRAs applied."}),
+                                           "Qwen-Image, LTX-Video, AuraFlow, Lumina 2, OmniGen2), with its LoRAs "
+                                           "applied."}),
             "positive": ("CONDITIONING", {"tooltip": "A typical prompt."}),
             "negative": ("CONDITIONING", {"tooltip": "The negative prompt (used when cfg > 1)."}),
             "latent_image": ("LATENT", {"tooltip": "Latent of the size you will generate; its batch are the "
@@ -356,7 +362,8 @@ class TrainFreeCacheQuantLoad:
 
 
 class TrainFreeDiTCache:
-    DESCRIPTION = ("Block cache for DiTs (Flux, Chroma, SD3, Wan, HunyuanVideo, Qwen-Image, LTX-Video, AuraFlow): at "
+    DESCRIPTION = ("Block cache for DiTs (Flux, Chroma, SD3, Wan, HunyuanVideo, Qwen-Image, LTX-Video, AuraFlow, "
+                   "Lumina 2, OmniGen2): at "
                    "full steps the middle blocks run and their residual (output - input) is stored; at cached steps "
                    "they are skipped and the stored residual, corrected by CacheQuant's per-channel map, is added "
                    "instead. With a schedule (Calibrate / Load node) the full steps are CacheQuant's "
@@ -370,8 +377,8 @@ class TrainFreeDiTCache:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "A Flux, Chroma, SD3, Wan, HunyuanVideo, Qwen-Image, LTX-Video or AuraFlow "
-                                           "model."}),
+            "model": ("MODEL", {"tooltip": "A Flux, Chroma, SD3, Wan, HunyuanVideo, Qwen-Image, LTX-Video, AuraFlow, "
+                                           "Lumina 2 or OmniGen2 model."}),
             "interval": ("INT", {"default": 3, "min": 1, "max": 20, "tooltip": "Without a schedule: every N-th step "
                                                                                "is full (1 = no caching)."}),
             **SPAN_INPUTS,

@@ -126,7 +126,8 @@ def steered(name, run, to, rows, rope_owner, t_pos, t_neg, img, counts, alpha, t
     override in a copy of ``to`` and ``rope_owner.rope_embedder`` swapped for the shifted one; ``counts``: (context
     refiner, passed-through, main) attention calls of this forward, checked after it (0: a cache inside skipped it)."""
     state = {"calls": 0}
-    to = attention_chain.add_text_tokens(to, context=t_neg)
+    to = attention_chain.counting(attention_chain.add_text_tokens(to, context=t_neg),
+                                  lambda n: state.update(calls=state["calls"] + n))
     to["optimized_attention_override"] = _override(name, to.get("optimized_attention_override"), state, rows, t_pos,
                                                    t_neg, img, counts, alpha)
     rope = rope_owner.rope_embedder

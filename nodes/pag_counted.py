@@ -81,6 +81,7 @@ def numbered(to, expected, chosen, on_forward, perturbed, mismatch, around=pe.Wr
         return attention_chain.chained(earlier, func, *a, **kw)
 
     to["optimized_attention_override"] = override
+    to.update(attention_chain.counting(to, lambda n: state.update(calls=state["calls"] + n)))   # a cache's skips
     wrappers = to["wrappers"] = dict(to.get("wrappers", {}))
     kind = wrappers[around] = dict(wrappers.get(around, {}))
     kind["trainfree_pag"] = list(kind.get("trainfree_pag", [])) + [count]

@@ -22,10 +22,13 @@ CHAINS = {
              ("TrainFreeDiTCache", {"interval": 3, "head_blocks": 1, "tail_blocks": 1})],
 }
 CHAINS["chroma"] = CHAINS["qwen_image"] = CHAINS["hunyuan_video"] = CHAINS["auraflow"] = CHAINS["flux"]
-CHAINS["hidream"] = CHAINS["cosmos_predict2"] = CHAINS["omnigen2"] = CHAINS["flux"][:2]   # no block cache reaches them
+CHAINS["lumina2"] = CHAINS["flux"][:2] + [("TrainFreeDiTCache", {"interval": 3, "head_blocks": 1, "tail_blocks": 0})]
+CHAINS["omnigen2"] = CHAINS["lumina2"]
+CHAINS["hidream"] = CHAINS["cosmos_predict2"] = CHAINS["flux"][:2]   # no block cache reaches them
 CACHED = {"sd15": r"DeepCache: (\d+) of \d+ UNet calls used the shallow branch",   # the caches' own reports
           "flux": r"DiT block cache .*: \d+ full and (\d+) cached evaluations"}
-CACHED["chroma"] = CACHED["qwen_image"] = CACHED["hunyuan_video"] = CACHED["auraflow"] = CACHED["flux"]
+CACHED["chroma"] = CACHED["qwen_image"] = CACHED["hunyuan_video"] = CACHED["auraflow"] = CACHED["lumina2"] = \
+    CACHED["omnigen2"] = CACHED["flux"]
 
 
 def _prompt(arch, chain, steps=9, cfg=4.0):
@@ -37,11 +40,11 @@ def _run(comfyui, prompt, caplog):
     return (stats["text"][0], stats["sum"][0]), log
 
 
-@pytest.mark.parametrize("arch", ["sd15", "flux", "chroma", "qwen_image", "hunyuan_video", "auraflow", "hidream",
-                                  "cosmos_predict2", "omnigen2"])
+@pytest.mark.parametrize("arch", ["sd15", "flux", "chroma", "qwen_image", "hunyuan_video", "auraflow", "lumina2",
+                                  "hidream", "cosmos_predict2", "omnigen2"])
 @pytest.mark.parametrize("order", ["guidance first", "cache first"])
 def test_two_guidance_nodes_and_a_cache_all_act(comfyui, caplog, arch, order):
-    """(HiDream, Cosmos-Predict2, OmniGen2: the two guidance nodes, in either order; no block cache reaches them.)"""
+    """(HiDream, Cosmos-Predict2: the two guidance nodes, in either order; no block cache reaches them.)"""
     chain = CHAINS[arch] if order == "guidance first" else CHAINS[arch][::-1]
     stats, log = _run(comfyui, _prompt(arch, chain), caplog)
     assert last_count(r"Adaptive Guidance skipped (\d+) of", log) > 0
@@ -61,13 +64,11 @@ def test_stacked_graph_reruns_bit_identically(comfyui, caplog, arch):
 
 
 def test_lumina2_family_specific_nodes_refuse_with_a_reason(comfyui):
-    """Lumina Image 2.0's NextDiT: the family-independent nodes, PAG and NASA run on it (every such example workflow is
-    run on it); the ones that need a U-Net or block patches, which its forward does not call in ComfyUI 0.3.64,
-    refuse by name."""
+    """Lumina Image 2.0's NextDiT: the family-independent nodes, PAG, NASA and the DiT cache run on it (every such
+    example workflow is run on it; the pack gives its main layers the block patches its forward lacks); DeepCache,
+    which needs a U-Net, refuses by name."""
     tiny = comfyui.module_of("TrainFreeTestTinyCheckpoint").tiny_models
     base = tiny.build("lumina2")
     nodes = comfyui.nodes.NODE_CLASS_MAPPINGS
-    with pytest.raises(ValueError, match=r"Lumina2 \(NextDiT\) is not supported; it caches the transformer blocks"):
-        nodes["TrainFreeDiTCache"]().patch(base, 3, 1, 1)
     with pytest.raises(ValueError, match="DeepCache needs a U-Net"):
         nodes["TrainFreeDeepCache"]().patch(base, 3, 1, "uniform", 0.0, 1.0)

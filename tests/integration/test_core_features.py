@@ -87,8 +87,12 @@ def _compiler_missing():
 CHAINS = {"sd15": ["TrainFreeAdaptiveGuidance", "TrainFreePAG", "TrainFreeDeepCache"],
           "flux": ["TrainFreeNASA", "TrainFreePAG", "TrainFreeDiTCache"],
           "hidream": ["TrainFreeNASA", "TrainFreePAG"],      # a wrapper and call numbering, no block patches
-          "lumina2": ["TrainFreeNASA", "TrainFreePAG"],      # the same, and a rotary embedder swapped per forward
-          "omnigen2": ["TrainFreeNASA", "TrainFreePAG"]}     # the same, from APPLY_MODEL wrappers
+          "lumina2": ["TrainFreeNASA", "TrainFreePAG", "TrainFreeDiTCache"],   # the same, a rotary embedder and the
+          # layers swapped per forward
+          "omnigen2": ["TrainFreeNASA", "TrainFreePAG", "TrainFreeDiTCache"]}   # the same, from APPLY_MODEL wrappers
+
+
+TWO_LAYERS = {(a, "TrainFreeDiTCache"): {"head_blocks": 0} for a in ("lumina2", "omnigen2")}   # 2 main layers
 
 
 @pytest.mark.skipif(_compiler_missing(), reason="torch.compile's inductor backend needs a C compiler on the CPU")
@@ -97,7 +101,8 @@ CHAINS = {"sd15": ["TrainFreeAdaptiveGuidance", "TrainFreePAG", "TrainFreeDeepCa
 def test_patches_under_torch_compile(comfyui, caplog, arch, where):
     import torch._dynamo
 
-    chain = [_patch(node, PATCHES[node][2]) for node in CHAINS[arch]]
+    chain = [(n, dict(inputs, **TWO_LAYERS.get((arch, n), {}))) for n, inputs in
+             (_patch(node, PATCHES[node][2]) for node in CHAINS[arch])]
     compile_node = ("TorchCompileModel", {"backend": "inductor"})
     eager, _ = run_logged(comfyui, patched_ksampler(chain, arch=arch, steps=6, cfg=4.0, seed=3), caplog)
     plain, _ = run_logged(comfyui, patched_ksampler([], arch=arch, steps=6, cfg=4.0, seed=3), caplog)

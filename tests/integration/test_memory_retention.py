@@ -71,6 +71,8 @@ PATCHES = {
     "PAG hidream": ("hidream", [("TrainFreePAG", {"scale": 2.0, "layers": "double.0, single.0", "start_percent": 0.0,
                                                   "end_percent": 1.0})]),     # attention calls numbered per forward
     "DiT cache auraflow": ("auraflow", [("TrainFreeDiTCache", {"interval": 3, "head_blocks": 1, "tail_blocks": 1})]),
+    "DiT cache lumina2": ("lumina2", [("TrainFreeDiTCache", {"interval": 3, "head_blocks": 1, "tail_blocks": 0})]),
+    "DiT cache omnigen2": ("omnigen2", [("TrainFreeDiTCache", {"interval": 3, "head_blocks": 1, "tail_blocks": 0})]),
     "NASA": ("sd15", [("TrainFreeNASA", {"negative": ["neg", 0], "alpha": 0.1, "start_percent": 0.0,
                                         "end_percent": 1.0})]),
     "DeepCache": ("sd15", [("TrainFreeDeepCache", {"cache_interval": 3, "cache_depth": 1, "schedule": "uniform",
