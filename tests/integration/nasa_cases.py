@@ -21,5 +21,25 @@ def sample(model, pos, neg, noise, steps=4, cfg=1.0, seed=4):
                                seed=seed, disable_pbar=True)
 
 
+def pag_inside_nasa_in_either_order(comfyui, base, neg, pos, noise_, pag, seen, want):
+    """PAG (``pag(model)``) and NASA in either order, NASA at a vanishing alpha and at 0.5: PAG perturbs the calls
+    ``want`` (``seen``: probes.perturbed_calls) whatever the order, the pair gives PAG's own result at the vanishing
+    alpha, moves away from it at 0.5, and both orders then give the same sample."""
+    pag_alone = sample(pag(base), pos, pos, noise_, steps=2)
+    assert seen == want
+    results = {}
+    for order in ("nasa first", "pag first"):
+        for alpha in (1e-7, 0.5):
+            seen.clear()
+            model = pag(nasa(comfyui, base, neg, alpha)) if order == "nasa first" else nasa(comfyui, pag(base), neg,
+                                                                                            alpha)
+            results[order, alpha] = sample(model, pos, pos, noise_, steps=2)
+            assert seen == want, (order, alpha)
+        scale = float(pag_alone.abs().max())
+        torch.testing.assert_close(results[order, 1e-7], pag_alone, rtol=0, atol=1e-5 * scale)
+        assert (results[order, 0.5] - pag_alone).abs().max() > 1e-3 * scale
+    torch.testing.assert_close(results["nasa first", 0.5], results["pag first", 0.5], rtol=0, atol=1e-6)
+
+
 def noise(arch, batch=1, seed=4):
     return torch.randn(tiny_models.latent_shape(arch, batch), generator=torch.Generator().manual_seed(seed))

@@ -52,11 +52,21 @@ def last_count(pattern, log):
     return found[-1]
 
 
-def perturbed_calls(comfyui, monkeypatch):
-    """Record (call length, image rows) of every attention call PAG perturbs through its call numbering (Lumina 2,
-    HiDream, Cosmos-Predict2, OmniGen2); the list fills as the model runs."""
+def perturbed_calls(comfyui, monkeypatch, arch=None):
+    """Record (call length, image rows) of every attention call PAG perturbs through its call numbering (HiDream,
+    Cosmos-Predict2, OmniGen2; ``arch`` "lumina2": Lumina 2's, which calls the masked identity attention directly);
+    the list fills as the model runs."""
     pag_math = comfyui.module_of("TrainFreePAG").pag_counted.pag_math
-    seen, real = [], pag_math.perturbed_call
+    seen = []
+    if arch == "lumina2":
+        real_identity = pag_math.joint_identity_attention
+
+        def spy_identity(q, k, v, start, end, mask=None, **kw):
+            seen.append((q.shape[2], (start, end)))
+            return real_identity(q, k, v, start, end, mask=mask, **kw)
+        monkeypatch.setattr(pag_math, "joint_identity_attention", spy_identity)
+        return seen
+    real = pag_math.perturbed_call
 
     def spy(img_range, *a, **kw):
         n = a[0].shape[-2] if kw.get("skip_reshape") else a[0].shape[1]

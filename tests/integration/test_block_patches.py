@@ -30,16 +30,7 @@ def test_a_cached_layer_keeps_pags_numbering_on_the_layers_after_it(comfyui, mon
     bit-identical to PAG alone, and with the skips reported nowhere (a mutation) the numbering stops with its error."""
     tiny = _tiny(comfyui)
     base = tiny.build(arch)
-    if arch == "lumina2":     # PAG's Lumina 2 path calls the masked identity attention directly
-        mod = comfyui.module_of("TrainFreePAG")
-        seen, real = [], mod.pag_lumina.pag_math.joint_identity_attention
-
-        def spy(q, k, v, start, end, mask=None, **kw):
-            seen.append((q.shape[2], (start, end)))
-            return real(q, k, v, start, end, mask=mask, **kw)
-        monkeypatch.setattr(mod.pag_lumina.pag_math, "joint_identity_attention", spy)
-    else:
-        seen = perturbed_calls(comfyui, monkeypatch)
+    seen = perturbed_calls(comfyui, monkeypatch, arch)
     pos, noise = tiny.conditioning(arch, 1), _noise(arch)
     pag_alone = _sample(_pag(comfyui, base), pos, pos, noise, steps=7)
     assert seen == [(32, (16, 32))] * 7

@@ -7,6 +7,7 @@ import pytest
 import torch
 from nasa_cases import nasa as _nasa
 from nasa_cases import noise as _noise
+from nasa_cases import pag_inside_nasa_in_either_order
 from nasa_cases import sample as _sample
 from nasa_cases import tiny as _tiny
 from probes import perturbed_calls
@@ -79,34 +80,12 @@ def test_pag_numbers_the_prompts_calls_inside_nasas_split_in_either_order(comfyu
     the pair gives PAG's own result, and at alpha 0.5 both orders give the same sample."""
     tiny = _tiny(comfyui)
     base = tiny.build(arch)
-    if arch == "lumina2":     # PAG's Lumina 2 path calls the masked identity attention directly
-        mod = comfyui.module_of("TrainFreePAG")
-        seen, real = [], mod.pag_lumina.pag_math.joint_identity_attention
-
-        def spy(q, k, v, start, end, mask=None, **kw):
-            seen.append((q.shape[2], (start, end)))
-            return real(q, k, v, start, end, mask=mask, **kw)
-        monkeypatch.setattr(mod.pag_lumina.pag_math, "joint_identity_attention", spy)
-    else:
-        seen = perturbed_calls(comfyui, monkeypatch)
+    seen = perturbed_calls(comfyui, monkeypatch, arch)
     pos, neg, noise = tiny.conditioning(arch, 1), _negative(tiny, arch, 9), _noise(arch)
 
     def pag(model):
         return comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreePAG"]().patch(model, 2.0, "block.1", 0.0, 1.0)[0]
-    pag_alone = _sample(pag(base), pos, pos, noise, steps=2)
-    assert seen == [(32, (16, 32))] * 2
-    results = {}
-    for order in ("nasa first", "pag first"):
-        for alpha in (1e-7, 0.5):
-            seen.clear()
-            model = pag(_nasa(comfyui, base, neg, alpha)) if order == "nasa first" else \
-                _nasa(comfyui, pag(base), neg, alpha)
-            results[order, alpha] = _sample(model, pos, pos, noise, steps=2)
-            assert seen == [(32, (16, 32))] * 2, (order, alpha)
-        scale = float(pag_alone.abs().max())
-        torch.testing.assert_close(results[order, 1e-7], pag_alone, rtol=0, atol=1e-5 * scale)
-        assert (results[order, 0.5] - pag_alone).abs().max() > 1e-3 * scale
-    torch.testing.assert_close(results["nasa first", 0.5], results["pag first", 0.5], rtol=0, atol=1e-6)
+    pag_inside_nasa_in_either_order(comfyui, base, neg, pos, noise, pag, seen, [(32, (16, 32))] * 2)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
