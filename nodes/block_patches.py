@@ -71,6 +71,7 @@ class _Layers(torch.nn.Module):
 
 def _wrapper(executor, *args, **kwargs):
     dm = getattr(executor.class_obj, "diffusion_model", executor.class_obj)    # APPLY_MODEL: the BaseModel
+    dm = getattr(dm, "_orig_mod", dm)        # core's TorchCompileModel puts the compiled module there during a call
     to = kwargs.get("transformer_options", args[5] if len(args) > 5 else None) or {}
     if isinstance(dm.layers, _Layers) or not ((to.get("patches_replace") or {}).get("dit")):
         return executor(*args, **kwargs)

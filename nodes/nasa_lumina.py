@@ -40,7 +40,7 @@ NAME = "NASA (TrainFree) on Lumina 2"
 
 
 def check_negative(negative):
-    """The negative's tokens without padding: a ValueError where its attention mask has zeros."""
+    """The negative's tokens, or a ValueError where its attention mask has zeros (padding NASA cannot place)."""
     mask = negative[1].get("attention_mask")
     if mask is not None and int(mask.sum()) != mask.numel():
         raise ValueError("NASA: the negative's conditioning carries padding (an attention mask with zeros), which NASA "

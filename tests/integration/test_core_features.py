@@ -97,7 +97,7 @@ TWO_LAYERS = {(a, "TrainFreeDiTCache"): {"head_blocks": 0} for a in ("lumina2", 
 
 @pytest.mark.skipif(_compiler_missing(), reason="torch.compile's inductor backend needs a C compiler on the CPU")
 @pytest.mark.parametrize("arch,where", [("sd15", "before"), ("sd15", "after"), ("flux", "after"), ("hidream", "after"),
-                                        ("lumina2", "after"), ("omnigen2", "after")])
+                                        ("lumina2", "after"), ("omnigen2", "after"), ("omnigen2", "before")])
 def test_patches_under_torch_compile(comfyui, caplog, arch, where):
     import torch._dynamo
 
