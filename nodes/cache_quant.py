@@ -23,7 +23,8 @@ import torch
 
 from .. import calibration
 from ..caching.cache_quant import Calibrator, SpanRun, group_bounds, uniform_schedule
-from . import block_patches, dit_layout
+from . import block_patches
+from .dit_layout import dit_span
 from .calibration_support import (STEP_RANGE_INPUTS, Progress, empty_latent_for, list_files, load_named, loaded_state,
                                   method_dir, model_fingerprint, prediction_key, refuse_mismatch, reuse, save,
                                   scheduler_sigmas, step_range, warn_if_other_run, written_state, wrote)
@@ -36,60 +37,6 @@ SCHEDULE = "TRAINFREE_CACHE_SCHEDULE"
 CATEGORY = "trainfree/caching"
 PAPER = "Liu, Li, Gu, CacheQuant: Comprehensively Accelerated Diffusion Models (CVPR 2025)"
 log = logging.getLogger("trainfree")
-
-
-def _dit_classes() -> dict:
-    """ComfyUI's DiT classes this cache knows, by architecture name (a class this ComfyUI lacks is left out)."""
-    import importlib
-
-    found = {}
-    for arch, module, name in (("flux", "comfy.ldm.flux.model", "Flux"), ("chroma", "comfy.ldm.chroma.model", "Chroma"),
-                               ("chroma", "comfy.ldm.chroma_radiance.model", "ChromaRadiance"),
-                               ("hunyuan_video", "comfy.ldm.hunyuan_video.model", "HunyuanVideo"),
-                               ("sd3", "comfy.ldm.modules.diffusionmodules.mmdit", "OpenAISignatureMMDITWrapper"),
-                               ("wan", "comfy.ldm.wan.model", "WanModel"),
-                               ("wan", "comfy.ldm.wan.model", "CameraWanModel"),
-                               ("wan", "comfy.ldm.wan.model", "HumoWanModel"),
-                               ("qwen_image", "comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel"),
-                               ("ltxv", "comfy.ldm.lightricks.model", "LTXVModel"),
-                               ("auraflow", "comfy.ldm.aura.mmdit", "MMDiT"),
-                               ("lumina2", "comfy.ldm.lumina.model", "NextDiT"),
-                               ("omnigen2", "comfy.ldm.omnigen.omnigen2", "OmniGen2Transformer2DModel")):
-        try:
-            found[getattr(importlib.import_module(module), name)] = arch
-        except (ImportError, AttributeError):
-            pass
-    return found
-
-
-def dit_span(model, head: int, tail: int):
-    """(architecture, the block keys of the cached span) or a ValueError saying why this model can't be cached."""
-    dm = model.get_model_object("diffusion_model")
-    arch = _dit_classes().get(type(dm))
-    if arch in ("flux", "chroma", "hunyuan_video", "auraflow"):   # double-stream blocks, then single-stream ones on
-        # the joined stream ([txt; img], HunyuanVideo's [img; txt])
-        keys = dit_layout.block_keys(dm)
-    elif arch is not None:                 # one list of joint blocks
-        blocks = {"sd3": "joint_blocks", "wan": "blocks", "qwen_image": "transformer_blocks",
-                  "ltxv": "transformer_blocks", "lumina2": "layers", "omnigen2": "layers"}[arch]
-        keys = [("double_block", i) for i in range(len(getattr(dm, blocks)))]
-    else:
-        between = {"VaceWanModel": "VACE adds its control hints", "AnimateWanModel": "Animate adds its face "
-                   "features", "WanModel_S2V": "speech-to-video adds its audio features"}.get(type(dm).__name__)
-        variant = ""
-        if between:
-            variant = f" ({between} between the blocks, which a block cache would skip or count twice)"
-        elif any(c.__name__ == "WanModel" and isinstance(dm, c) for c in _dit_classes()):
-            variant = f" (a Wan variant, {type(dm).__name__}, this cache has not been tested on)"
-        raise ValueError(f"DiT block cache: {type(model.model).__name__} ({type(dm).__name__}) is not supported"
-                         f"{variant}; it caches the transformer blocks of Flux, Chroma, SD3/SD3.5, Wan 2.1/2.2 (text- "
-                         "and image-to-video, camera control, HuMo), HunyuanVideo, Qwen-Image, LTX-Video, AuraFlow, "
-                         "Lumina 2 and OmniGen2 models. "
-                         "For SD1.5/SDXL U-Nets use a U-Net cache such as DeepCache.")
-    if head + tail >= len(keys):
-        raise ValueError(f"DiT block cache: this {arch} model has {len(keys)} blocks; head_blocks + tail_blocks "
-                         f"({head} + {tail}) must leave at least one block to cache")
-    return arch, keys[head:len(keys) - tail]
 
 
 def check_alone(model_options: dict) -> None:
