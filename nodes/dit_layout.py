@@ -26,7 +26,8 @@ def hidream_image_tokens(patch: int, x, image_cond=None) -> int:
 
 
 def cached_dit_classes() -> dict:
-    """ComfyUI's DiT classes the DiT Block Cache knows, by architecture name (a class this ComfyUI lacks is left out)."""
+    """ComfyUI's DiT classes the DiT Block Cache knows, by architecture name (a class this ComfyUI lacks is left
+    out)."""
     import importlib
 
     found = {}

@@ -60,8 +60,8 @@ def _skipped(node, log):
 
 CACHES = [("sd15", "TrainFreeDeepCache"), ("sdxl", "TrainFreeDeepCache"), ("flux", "TrainFreeDiTCache")]
 GUIDANCE = [("sd15", "TrainFreePAG"), ("flux", "TrainFreePAG"), ("sd15", "TrainFreeAdaptiveGuidance"),
-            ("sd15", "TrainFreeNASA"), ("flux", "TrainFreeNASA"), ("hidream", "TrainFreeNASA"), ("hidream", "TrainFreePAG"),
-            ("lumina2", "TrainFreeNASA"), ("omnigen2", "TrainFreeNASA")]
+            ("sd15", "TrainFreeNASA"), ("flux", "TrainFreeNASA"), ("hidream", "TrainFreeNASA"),
+            ("hidream", "TrainFreePAG"), ("lumina2", "TrainFreeNASA"), ("omnigen2", "TrainFreeNASA")]
 # a mask's bounds crop as an area does; the caches, which keep an entry per kind of call, get both
 REGIONAL = [("area", a, n) for a, n in CACHES + GUIDANCE] + [("mask", a, n) for a, n in CACHES]
 
