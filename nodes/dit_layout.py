@@ -18,6 +18,12 @@ def block_keys(dm) -> list[tuple[str, int]]:
     return [("double_block", i) for i in range(doubles)] + [("single_block", i) for i in range(singles)]
 
 
+def image_tokens(x, refs, p: int) -> int:
+    """The image tokens of a forward in patches of ``p``: the latent's ``x`` and the reference latents' ``refs`` (None:
+    none), each padded to the patch size as Lumina 2 and OmniGen2 pad them."""
+    return sum(-(-t.shape[-2] // p) * -(-t.shape[-1] // p) for t in [x, *(refs or ())])
+
+
 def hidream_image_tokens(patch: int, x, image_cond=None) -> int:
     """The image tokens of every HiDream attention call: the latent ``x`` (with an edit model's ``image_cond`` joined
     on its width) in patches of ``patch``."""

@@ -25,8 +25,6 @@ runs the same steps (``steered``) from its own wrapper, nodes/nasa_omnigen2.py.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 import comfy.patcher_extension as pe
@@ -34,19 +32,19 @@ import comfy.patcher_extension as pe
 from ..guidance import nasa as nasa_math
 from . import attention_chain
 from .attention_chain import chained
+from .dit_layout import image_tokens
 from .nasa_dit import _to_batch as _batch
 
 NAME = "NASA (TrainFree) on Lumina 2"
 
 
 def check_negative(negative):
-    """The negative's tokens, or a ValueError where its attention mask has zeros (padding NASA cannot place)."""
+    """A ValueError where the negative's attention mask has zeros (padding NASA cannot place)."""
     mask = negative[1].get("attention_mask")
     if mask is not None and int(mask.sum()) != mask.numel():
         raise ValueError("NASA: the negative's conditioning carries padding (an attention mask with zeros), which NASA "
                          "does not support on Lumina 2 and OmniGen2; encode the negative prompt on its own with "
                          "CLIPTextEncode")
-    return negative[0]
 
 
 class _ShiftedRope(torch.nn.Module):
@@ -154,11 +152,10 @@ def wrapper(neg, alpha, window, counts):
         t_pos = check_prompt(NAME, num_tokens, context, attention_mask)
         dm = executor.class_obj
         extra = _batch(neg.get(context.device, context.dtype), x.shape[0])
-        t_neg, p = extra.shape[1], dm.patch_size
-        img = math.ceil(x.shape[-2] / p) * math.ceil(x.shape[-1] / p)
+        t_neg = extra.shape[1]
         return steered(NAME, lambda to: executor(x, timesteps, torch.cat([context, extra], dim=1), t_pos + t_neg,
                                                  attention_mask, *rest, **dict(kwargs, transformer_options=to)),
-                       to, rows, dm, t_pos, t_neg, img, counts, alpha)
+                       to, rows, dm, t_pos, t_neg, image_tokens(x, None, dm.patch_size), counts, alpha)
     return wrap
 
 

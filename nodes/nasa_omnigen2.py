@@ -21,7 +21,7 @@ import comfy.patcher_extension as pe
 
 from . import nasa_lumina
 from .nasa_dit import _to_batch as _batch
-from .pag_omnigen2 import image_tokens
+from .dit_layout import image_tokens
 
 NAME = "NASA (TrainFree) on OmniGen2"
 

@@ -11,12 +11,11 @@ hands on the prompt's calls without them).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..guidance import pag as pag_math
 from . import attention_chain, pag_counted
+from .dit_layout import image_tokens
 
 
 def _perturbed(q, k, v, caps, img, mask):
@@ -46,7 +45,7 @@ def perturb(to, counts, layers):
         added = attention_chain.text_tokens_added(kwargs.get("transformer_options"), "context")   # NASA's, outside
         caps = [int(c) for c in attention_mask.sum(dim=1).tolist()] if attention_mask is not None else \
             [int(num_tokens) - added] * x.shape[0]
-        state.update(caps=caps, img=math.ceil(x.shape[-2] / p) * math.ceil(x.shape[-1] / p))
+        state.update(caps=caps, img=image_tokens(x, None, p))
 
     def perturbed(state, *a, **kw):
         q, k, v = a[:3]

@@ -13,13 +13,12 @@ the text; they are not counted (NASA's override hands on the prompt's calls with
 """
 from __future__ import annotations
 
-import math
-
 import comfy.ldm.omnigen.omnigen2 as omnigen_model
 import comfy.patcher_extension as pe
 
 from ..guidance import pag as pag_math
 from . import attention_chain, pag_counted
+from .dit_layout import image_tokens
 
 
 def is_omnigen2(dm) -> bool:
@@ -30,11 +29,6 @@ def layer_counts(dm) -> tuple[int, int, int, int]:
     """(calls before the main layers without reference latents, the reference refiner's calls, main layers, patch
     size), read once when patching."""
     return len(dm.context_refiner) + len(dm.noise_refiner), len(dm.ref_image_refiner), len(dm.layers), dm.patch_size
-
-
-def image_tokens(x, refs, p: int) -> int:
-    """The image tokens of a forward: the latent's ``x`` and the reference latents' ``refs`` (None: no edit)."""
-    return sum(math.ceil(t.shape[-2] / p) * math.ceil(t.shape[-1] / p) for t in [x, *(refs or ())])
 
 
 def perturb(to, counts, layers):
