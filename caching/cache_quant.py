@@ -270,11 +270,12 @@ def _added(added: dict, out: dict, args: dict, img_first: bool = False) -> dict:
     """``added`` plus what the model put on the stream between a span block's output ``out`` and the next span
     block's input ``args`` (Flux adds ControlNet residuals there), in the next block's form ([txt; img] once the
     span crosses into single-stream blocks). The cached residual leaves these out, so a cached step gets
-    the current step's additions, not the ones of its full step."""
+    the current step's additions, not the ones of its full step. A stream the blocks read but do not return (the
+    text of Wan's and Cosmos-Predict2's blocks) is not on the stream between them."""
     now = {}
     for k in ("img", "txt"):
         a = args.get(k)
-        if isinstance(a, torch.Tensor):
+        if isinstance(a, torch.Tensor) and k in out:
             now[k] = _reference(added, k, a, img_first) + (a - _reference(out, k, a, img_first))
     return now
 

@@ -9,8 +9,9 @@
   inputs (NASA on HiDream) records how many, so a wrapper inside it that counts the prompt's tokens (PAG's) can tell
   them from the prompt's.
 * ``counting`` / ``skipped``: an override that numbers a forward's calls registers its counter; where a block cache
-  skips layers of a network whose calls are numbered (the block patches nodes/block_patches.py gives Lumina 2), it
-  says how many calls the skipped layers would have made, so the numbers after them stay the layers' own.
+  skips blocks of a network whose calls are numbered (the block patches nodes/block_patches.py gives Lumina 2,
+  OmniGen2, HiDream and Cosmos-Predict2), it says how many calls the skipped blocks would have made, so the numbers
+  after them stay the blocks' own.
 """
 from __future__ import annotations
 

@@ -1,14 +1,17 @@
 """The blocks of ComfyUI's DiTs, keyed as their ``patches_replace["dit"]`` entries are: the Flux-layout ones
-(double-stream blocks, then single-stream blocks on the joined stream: Flux, Chroma, HunyuanVideo and AuraFlow), the
+(double-stream blocks, then single-stream blocks on the joined stream: Flux, Chroma, HunyuanVideo, AuraFlow and
+HiDream, whose blocks nodes/block_patches.py hands over), the
 span of them the DiT Block Cache (nodes/cache_quant.py) caches, and the image tokens of HiDream's attention calls."""
 from __future__ import annotations
 
 
 def double_single(dm) -> tuple[int, int]:
     """(double-stream blocks, single-stream blocks) of the network ``dm`` (AuraFlow names its lists
-    ``double_layers`` / ``single_layers``)."""
+    ``double_layers`` / ``single_layers``, HiDream ``double_stream_blocks`` / ``single_stream_blocks``)."""
     if hasattr(dm, "double_layers"):
         return len(dm.double_layers), len(dm.single_layers)
+    if hasattr(dm, "double_stream_blocks"):
+        return len(dm.double_stream_blocks), len(dm.single_stream_blocks)
     return len(dm.double_blocks), len(dm.single_blocks)
 
 
@@ -48,7 +51,9 @@ def cached_dit_classes() -> dict:
                                ("ltxv", "comfy.ldm.lightricks.model", "LTXVModel"),
                                ("auraflow", "comfy.ldm.aura.mmdit", "MMDiT"),
                                ("lumina2", "comfy.ldm.lumina.model", "NextDiT"),
-                               ("omnigen2", "comfy.ldm.omnigen.omnigen2", "OmniGen2Transformer2DModel")):
+                               ("omnigen2", "comfy.ldm.omnigen.omnigen2", "OmniGen2Transformer2DModel"),
+                               ("hidream", "comfy.ldm.hidream.model", "HiDreamImageTransformer2DModel"),
+                               ("cosmos_predict2", "comfy.ldm.cosmos.predict2", "MiniTrainDIT")):
         try:
             found[getattr(importlib.import_module(module), name)] = arch
         except (ImportError, AttributeError):
@@ -60,12 +65,13 @@ def dit_span(model, head: int, tail: int):
     """(architecture, the block keys of the cached span) or a ValueError saying why this model can't be cached."""
     dm = model.get_model_object("diffusion_model")
     arch = cached_dit_classes().get(type(dm))
-    if arch in ("flux", "chroma", "hunyuan_video", "auraflow"):   # double-stream blocks, then single-stream ones on
-        # the joined stream ([txt; img], HunyuanVideo's [img; txt])
+    if arch in ("flux", "chroma", "hunyuan_video", "auraflow", "hidream"):   # double-stream blocks, then
+        # single-stream ones on the joined stream ([txt; img], HunyuanVideo's and HiDream's [img; txt])
         keys = block_keys(dm)
     elif arch is not None:                 # one list of joint blocks
         blocks = {"sd3": "joint_blocks", "wan": "blocks", "qwen_image": "transformer_blocks",
-                  "ltxv": "transformer_blocks", "lumina2": "layers", "omnigen2": "layers"}[arch]
+                  "ltxv": "transformer_blocks", "lumina2": "layers", "omnigen2": "layers",
+                  "cosmos_predict2": "blocks"}[arch]
         keys = [("double_block", i) for i in range(len(getattr(dm, blocks)))]
     else:
         between = {"VaceWanModel": "VACE adds its control hints", "AnimateWanModel": "Animate adds its face "
@@ -78,7 +84,7 @@ def dit_span(model, head: int, tail: int):
         raise ValueError(f"DiT block cache: {type(model.model).__name__} ({type(dm).__name__}) is not supported"
                          f"{variant}; it caches the transformer blocks of Flux, Chroma, SD3/SD3.5, Wan 2.1/2.2 (text- "
                          "and image-to-video, camera control, HuMo), HunyuanVideo, Qwen-Image, LTX-Video, AuraFlow, "
-                         "Lumina 2 and OmniGen2 models. "
+                         "Lumina 2, OmniGen2, HiDream and Cosmos-Predict2 models. "
                          "For SD1.5/SDXL U-Nets use a U-Net cache such as DeepCache.")
     if head + tail >= len(keys):
         raise ValueError(f"DiT block cache: this {arch} model has {len(keys)} blocks; head_blocks + tail_blocks "

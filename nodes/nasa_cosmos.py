@@ -7,8 +7,9 @@ negative's T5 features to the context and installs, for that forward, an attenti
 in every cross-attention (the odd ones) the block's own k / v projections (and their norms) have made keys for both
 prompts, which the override splits, Z = Attn(Q, K+, V+) - alpha Attn(Q, K-, V-), exactly the U-Net formula; the
 self-attentions pass through. The negative-prompt call is marked as NASA's own (attention_chain), so PAG's call
-numbering and a second NASA node pass it by. A forward with another call count, or a cross-attention over another
-key count, stops with a clear error.
+numbering and a second NASA node pass it by. A block cached by the DiT Block Cache (nodes/block_patches.py) makes
+no call and reports its two. A forward with another call count, or a cross-attention over another key count, stops
+with a clear error.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def wrapper(neg, alpha, window, blocks):
             return executor(x, timesteps, context, *rest, **kwargs)
         extra = _batch(neg.get(context.device, context.dtype), x.shape[0])
         state = {"calls": 0}
-        to = dict(to)
+        to = attention_chain.counting(to, lambda n: state.update(calls=state["calls"] + n))   # a block cache's skips
         to["optimized_attention_override"] = _override(to.get("optimized_attention_override"), state, rows,
                                                        context.shape[1], extra.shape[1], alpha)
         out = executor(x, timesteps, torch.cat([context, extra], dim=1), *rest, **dict(kwargs, transformer_options=to))

@@ -260,3 +260,40 @@ def test_span_cache_under_torch_compile_matches_eager():
         assert (run.blocks_run, run.blocks_skipped) == (eager_run.blocks_run, eager_run.blocks_skipped) == (4, 8)
         assert len(run.entries) == 1
         assert torch.allclose(out, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_a_span_of_blocks_that_read_the_text_and_return_the_image_only():
+    """Wan's and Cosmos-Predict2's blocks take the text as an input and return the image stream alone. With a
+    ControlNet attached, the cache takes what the model adds between span blocks into account, and must not look for
+    a text output there: a cached step gets its own hints between the skipped blocks, not the full step's."""
+    g = torch.Generator().manual_seed(1)
+    w = [torch.randn(8, 8, generator=g) * 0.2 for _ in range(3)]
+    txt = torch.randn(1, 2, 8, generator=g)
+    ss = torch.linspace(1.0, 0.0, 7)
+
+    def forward(x, step, run, hint):
+        sigma = float(ss[step])
+        to = {"sigmas": torch.tensor([sigma]), "sample_sigmas": ss, "uuids": ["a"], "cond_or_uncond": [0]}
+        for i in range(3):
+            def block(a, i=i):
+                return {"img": a["img"] + 0.5 * torch.tanh(a["img"] @ w[i] + a["txt"].mean(1, keepdim=True))}
+            args = {"img": x, "txt": txt, "transformer_options": to}
+            x = (run.block(i, args, block) if run is not None else block(args))["img"] + hint   # a hint after each
+        return x
+
+    def sample(run):
+        x = torch.randn(1, 3, 8, generator=torch.Generator().manual_seed(5))
+        for step in range(6):
+            x = x + 0.1 * forward(x, step, run, 0.01 * (step + 1))
+        return x
+    ref = sample(None)
+    run = SpanRun(0, 2, full=[1, 0, 0, 1, 0, 0])
+    assert run.controlled
+    out = sample(run)
+    assert (run.blocks_run, run.blocks_skipped) == (6, 12)
+    assert 0 < float((out - ref).norm() / ref.norm()) < 0.05
+    x = torch.randn(1, 3, 8, generator=torch.Generator().manual_seed(6))
+    run = SpanRun(0, 2, full=[1, 0])
+    forward(x, 0, run, 0.5)
+    a, b = forward(x, 1, run, 0.2), forward(x, 1, run, -0.1)     # cached: all three hints are this step's
+    torch.testing.assert_close(a - b, torch.full_like(a, 3 * 0.3), rtol=0, atol=1e-5)

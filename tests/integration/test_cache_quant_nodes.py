@@ -1,6 +1,6 @@
 """DiT block cache (CacheQuant schedule) in real ComfyUI on tiny Flux, SD3, Wan, Chroma, Qwen-Image, HunyuanVideo,
-LTX-Video, AuraFlow, Lumina 2 and OmniGen2 models (the block patches the last two's forwards lack come from
-nodes/block_patches.py)."""
+LTX-Video, AuraFlow, Lumina 2, OmniGen2, HiDream and Cosmos-Predict2 models (the block patches the last four's
+forwards lack come from nodes/block_patches.py)."""
 import logging
 
 import pytest
@@ -12,7 +12,10 @@ from prompts import patched_ksampler
 SPANS = {"flux": (1, 1), "sd3": (1, 0), "wan": (1, 0), "chroma": (1, 1), "qwen_image": (1, 1),   # SD3 / Wan: 2 blocks
          "hunyuan_video": (1, 1), "chroma_radiance": (1, 1), "ltxv": (1, 1), "hunyuan_image": (1, 1),
          "wan_i2v": (1, 0), "auraflow": (1, 0),                   # AuraFlow: 1 double, 2 single blocks
-         "lumina2": (1, 0), "omnigen2": (1, 0)}                    # Lumina 2, OmniGen2: 2 main layers
+         "lumina2": (1, 0), "omnigen2": (1, 0),                    # Lumina 2, OmniGen2: 2 main layers
+         "hidream": (0, 0),           # HiDream: 1 double, 1 single block; the span crosses into the joined stream
+         "cosmos_predict2": (1, 0)}                                # Cosmos-Predict2: 2 blocks
+NO_PATCHES = ("lumina2", "omnigen2", "hidream", "cosmos_predict2")   # their forwards call no block patches
 ARCHS = list(SPANS)
 
 
@@ -54,16 +57,18 @@ def _counting(comfyui, model, arch):
     """A block replacement on every block that counts the calls reaching the real block (ours chains to it)."""
     calls = []
     dm = model.get_model_object("diffusion_model")
-    if arch in ("flux", "chroma", "hunyuan_video", "chroma_radiance", "hunyuan_image", "auraflow"):
+    if arch in ("flux", "chroma", "hunyuan_video", "chroma_radiance", "hunyuan_image", "auraflow", "hidream"):
         doubles, singles = (dm.double_layers, dm.single_layers) if arch == "auraflow" else \
+            (dm.double_stream_blocks, dm.single_stream_blocks) if arch == "hidream" else \
             (dm.double_blocks, dm.single_blocks)
         keys = [("double_block", i) for i in range(len(doubles))] + [("single_block", i) for i in range(len(singles))]
     else:
         blocks = {"sd3": "joint_blocks", "wan": "blocks", "wan_i2v": "blocks", "qwen_image": "transformer_blocks",
-                  "ltxv": "transformer_blocks", "lumina2": "layers", "omnigen2": "layers"}[arch]
+                  "ltxv": "transformer_blocks", "lumina2": "layers", "omnigen2": "layers",
+                  "cosmos_predict2": "blocks"}[arch]
         keys = [("double_block", i) for i in range(len(getattr(dm, blocks)))]
     m = model.clone()
-    if arch in ("lumina2", "omnigen2"):    # no block patches in their forwards: the pack's stand-in hands them over
+    if arch in NO_PATCHES:    # no block patches in their forwards: the pack's stand-in hands them over
         comfyui.module_of("TrainFreeDiTCache").block_patches.install(m, dm)
     for k in keys:
         m.set_model_patch_replace(lambda args, extra, k=k: (calls.append(k), extra["original_block"](args))[1],
@@ -103,7 +108,9 @@ def test_error_correction_reduces_the_deviation_of_plain_reuse(comfyui, models_d
         out = _sample(comfyui, _cache(comfyui, base, arch, schedule=sch), arch, steps=12, seed=4, size=24, cfg=cfg)
         errs[label] = float((out - ref).norm() / ref.norm())
     print(arch, cfg, errs)
-    if cfg == 1.0 and arch == "lumina2":   # measured 0.00576 vs 0.00609 (0.91-0.95 with other spans): DEC helps less
+    if cfg == 1.0 and arch in ("lumina2", "hidream", "cosmos_predict2"):   # DEC helps less on these tiny networks:
+        # measured lumina2 0.00576 vs 0.00609 (0.91-0.95 with other spans), hidream 0.00195 vs 0.00210 (this span
+        # crossing into the joined stream; 0.72-0.74 on one block), cosmos_predict2 0.00359 vs 0.00411 (0.87-0.90)
         assert errs["dec"] < 0.97 * errs["plain"]
     elif cfg == 1.0:        # measured: flux 0.00299 vs 0.00421, sd3 0.00084 vs 0.00229, wan 0.00229 vs 0.00347
         assert errs["dec"] < 0.75 * errs["plain"]

@@ -1,8 +1,8 @@
 """The DiT families that not every family-specific node supports (AuraFlow, HiDream-I1, Cosmos-Predict2, OmniGen2):
-each refusal reaches the user as the node's own message through ComfyUI's executor, naming the network and what to
-use instead, and the next prompt runs. (The family-independent nodes run their examples on these families in
-test_example_workflows; PAG on all four is tested in test_pag_other_dits, the DiT cache on AuraFlow and OmniGen2 in
-test_cache_quant_nodes, NASA on all four with the other DiTs.)"""
+DeepCache's refusal reaches the user as the node's own message through ComfyUI's executor, naming the network and
+what to use instead, and the next prompt runs. (The family-independent nodes run their examples on these families in
+test_example_workflows; PAG on all four is tested in test_pag_other_dits, the DiT cache on all four in
+test_cache_quant_nodes and test_block_patches, NASA on all four with the other DiTs.)"""
 import pytest
 from prompts import ksampler, patched_ksampler
 
@@ -13,14 +13,8 @@ NODES = {
                             "end_percent": 1.0},
                            r"DeepCache needs a U-Net with long skip connections .*with a {net}, which has none\. For "
                            r"DiT/flow models use the DiT Block Cache"),
-    "TrainFreeDiTCache": ({"interval": 3, "head_blocks": 1, "tail_blocks": 0},
-                          r"DiT block cache: \w+ \({net}\) is not supported; it caches the transformer blocks of .*"
-                          r"AuraFlow, Lumina 2 and OmniGen2 models\. For SD1\.5/SDXL U-Nets use a U-Net cache such "
-                          r"as DeepCache"),
 }
-REFUSED = [(node, arch) for node, archs in (("TrainFreeDeepCache", list(NETWORKS)),
-                                            ("TrainFreeDiTCache", ["hidream", "cosmos_predict2"]))
-           for arch in archs]
+REFUSED = [("TrainFreeDeepCache", arch) for arch in NETWORKS]
 
 
 @pytest.mark.parametrize("node,arch", REFUSED, ids=[f"{n}-{a}" for n, a in REFUSED])
