@@ -23,7 +23,7 @@ Departures from the paper (documented in docs/cache_quant.md):
   an output error at step i enters the sample (first-order error propagation of an Euler step); measured on the
   benchmark DiT it lowers the final deviation 17-24% against uniform reuse (unweighted: 0-17%) at the same
   full-step count;
-* statistics are pooled over the cond / uncond chunks of the calibration run (one map per step and channel);
+* statistics are pooled over the calibration samples and tokens, one map per step, branch (cond / uncond) and channel;
 * DEC's quantisation term is out of scope (no quantisation here).
 """
 from __future__ import annotations
@@ -268,10 +268,9 @@ def _name(f) -> str:
 
 def _added(added: dict, out: dict, args: dict, img_first: bool = False) -> dict:
     """``added`` plus what the model put on the stream between a span block's output ``out`` and the next span
-    block's input ``args`` (Flux adds ControlNet residuals there), in the next block's form ([txt; img] once the
-    span crosses into single-stream blocks). The cached residual leaves these out, so a cached step gets
-    the current step's additions, not the ones of its full step. A stream the blocks read but do not return (the
-    text of Wan's and Cosmos-Predict2's blocks) is not on the stream between them."""
+    block's input ``args`` (Flux's ControlNet residuals, Wan VACE's hints), in the next block's form ([txt; img] once
+    the span crosses into single-stream blocks; a stream the blocks read but do not return, Wan's text, is none). The
+    cached residual leaves these out, so a cached step gets the current step's additions, not its full step's."""
     now = {}
     for k in ("img", "txt"):
         a = args.get(k)
@@ -285,19 +284,19 @@ class SpanRun:
 
     ``block(key, args, call)`` is what every span block's replacement does (``call(args)`` runs the block, or the
     replacement that was there before). ``full[i]`` says whether step i runs the span; ``corr`` maps an output
-    name to per-step DEC tensors (a [T, 2, C], b [T, 2, C]: per branch cond / uncond); ``calibrator`` records every full residual. Caches are
-    kept per chunk (cond uuids, cond/uncond layout, shapes), so chunks and resolutions never share a residual.
+    name to per-step DEC tensors (a [T, 2, C], b [T, 2, C]: per branch cond / uncond); ``calibrator`` records every
+    full residual. Caches are kept per chunk (cond uuids, cond/uncond layout, shapes), so chunks and resolutions never
+    share a residual.
     ``img_first``: single-stream blocks run on [img; txt] (HunyuanVideo), not [txt; img] (Flux, Chroma)."""
 
     def __init__(self, first, last, full=None, corr=None, calibrator=None, img_first=False):
         self.first, self.last, self.full, self.corr, self.calibrator = first, last, full, corr or {}, calibrator
-        self.img_first = img_first
-        self.entries, self.current, self.step = {}, None, 0
+        self.img_first, self.entries, self.current, self.step = img_first, {}, None, 0
         self.blocks_run = self.blocks_skipped = self.held_bytes = 0
-        self.cached_now = False
+        self.cached_now, self._ab = False, {}
         self.controlled = True  # a ControlNet may add between blocks (the caller clears it when none is attached)
+        self.hinted = False     # the network itself adds between blocks in every forward (VACE's control hints)
         self.times = []        # (cached?, seconds) per timed evaluation, filled by the caller
-        self._ab = {}
 
     def is_full(self, step: int) -> bool:
         return self.full is None or step >= len(self.full) or bool(self.full[step])
@@ -387,8 +386,9 @@ class SpanRun:
     def _skip(self, key, args):
         chunk, _, _, branches, _ = self.current
         self.blocks_skipped += 1
-        if key != self.last:                          # skipped block: pass its inputs through
-            return {k: args[k] for k in ("img", "txt") if k in args}
+        if key != self.last:         # skipped: inputs passed on (the first copied: VACE adds to them in place)
+            return {k: args[k].clone() if key == self.first and isinstance(args[k], torch.Tensor) else args[k]
+                    for k in ("img", "txt") if k in args}
         self.current = None                           # the last block's input: the span input plus what the model
         here = {k: args[k] for k in ("img", "txt") if isinstance(args.get(k), torch.Tensor)}   # added since (fresh)
         return {k: (_reference(here, k, r, self.img_first) + self._correct(k, r, branches)

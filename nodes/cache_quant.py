@@ -76,6 +76,11 @@ class _Config:
         self.node_id, self.calibrator, self.last_report, self.last_held = node_id, calibrator, None, 0
 
     def new_run(self, steps: int) -> SpanRun:
+        run = self._new_run(steps)
+        run.hinted = self.arch == "wan_vace"          # VACE adds its control hints after some blocks
+        return run
+
+    def _new_run(self, steps: int) -> SpanRun:
         first, last, img_first = self.span[0], self.span[-1], self.arch in ("hunyuan_video", "hidream")
         if self.calibrator is not None:
             return SpanRun(first, last, None, None, self.calibrator, img_first=img_first)
@@ -128,7 +133,8 @@ def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
     if run is None:
         return executor(model, conds, x_in, timestep, model_options)
     run.cached_now = False
-    run.controlled = any(isinstance(c, dict) and c.get("control") is not None for cs in conds if cs for c in cs)
+    run.controlled = run.hinted or any(isinstance(c, dict) and c.get("control") is not None
+                                       for cs in conds if cs for c in cs)
     t0 = time.perf_counter()
     out = executor(model, conds, x_in, timestep, model_options)
     _sync(x_in)

@@ -47,6 +47,7 @@ def cached_dit_classes() -> dict:
                                ("wan", "comfy.ldm.wan.model", "WanModel"),
                                ("wan", "comfy.ldm.wan.model", "CameraWanModel"),
                                ("wan", "comfy.ldm.wan.model", "HumoWanModel"),
+                               ("wan_vace", "comfy.ldm.wan.model", "VaceWanModel"),
                                ("qwen_image", "comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel"),
                                ("ltxv", "comfy.ldm.lightricks.model", "LTXVModel"),
                                ("auraflow", "comfy.ldm.aura.mmdit", "MMDiT"),
@@ -69,22 +70,22 @@ def dit_span(model, head: int, tail: int):
         # single-stream ones on the joined stream ([txt; img], HunyuanVideo's and HiDream's [img; txt])
         keys = block_keys(dm)
     elif arch is not None:                 # one list of joint blocks
-        blocks = {"sd3": "joint_blocks", "wan": "blocks", "qwen_image": "transformer_blocks",
+        blocks = {"sd3": "joint_blocks", "wan": "blocks", "wan_vace": "blocks", "qwen_image": "transformer_blocks",
                   "ltxv": "transformer_blocks", "lumina2": "layers", "omnigen2": "layers",
                   "cosmos_predict2": "blocks"}[arch]
         keys = [("double_block", i) for i in range(len(getattr(dm, blocks)))]
     else:
-        between = {"VaceWanModel": "VACE adds its control hints", "AnimateWanModel": "Animate adds its face "
-                   "features", "WanModel_S2V": "speech-to-video adds its audio features"}.get(type(dm).__name__)
+        between = {"AnimateWanModel": "Animate adds its face features", "WanModel_S2V": "speech-to-video adds its "
+                   "audio features"}.get(type(dm).__name__)
         variant = ""
         if between:
-            variant = f" ({between} between the blocks, which a block cache would skip or count twice)"
+            variant = f" ({between} between the blocks, computed from the stream a block cache would skip)"
         elif any(c.__name__ == "WanModel" and isinstance(dm, c) for c in cached_dit_classes()):
             variant = f" (a Wan variant, {type(dm).__name__}, this cache has not been tested on)"
         raise ValueError(f"DiT block cache: {type(model.model).__name__} ({type(dm).__name__}) is not supported"
                          f"{variant}; it caches the transformer blocks of Flux, Chroma, SD3/SD3.5, Wan 2.1/2.2 (text- "
-                         "and image-to-video, camera control, HuMo), HunyuanVideo, Qwen-Image, LTX-Video, AuraFlow, "
-                         "Lumina 2, OmniGen2, HiDream and Cosmos-Predict2 models. "
+                         "and image-to-video, camera control, HuMo, VACE), HunyuanVideo, Qwen-Image, LTX-Video, "
+                         "AuraFlow, Lumina 2, OmniGen2, HiDream and Cosmos-Predict2 models. "
                          "For SD1.5/SDXL U-Nets use a U-Net cache such as DeepCache.")
     if head + tail >= len(keys):
         raise ValueError(f"DiT block cache: this {arch} model has {len(keys)} blocks; head_blocks + tail_blocks "

@@ -12,6 +12,7 @@ from prompts import patched_ksampler
 SPANS = {"flux": (1, 1), "sd3": (1, 0), "wan": (1, 0), "chroma": (1, 1), "qwen_image": (1, 1),   # SD3 / Wan: 2 blocks
          "hunyuan_video": (1, 1), "chroma_radiance": (1, 1), "ltxv": (1, 1), "hunyuan_image": (1, 1),
          "wan_i2v": (1, 0), "auraflow": (1, 0),                   # AuraFlow: 1 double, 2 single blocks
+         "wan_vace": (0, 0),                      # Wan VACE: its control block's hint added inside the span
          "lumina2": (1, 0), "omnigen2": (1, 0),                    # Lumina 2, OmniGen2: 2 main layers
          "hidream": (0, 0),           # HiDream: 1 double, 1 single block; the span crosses into the joined stream
          "cosmos_predict2": (1, 0)}                                # Cosmos-Predict2: 2 blocks
@@ -63,9 +64,9 @@ def _counting(comfyui, model, arch):
             (dm.double_blocks, dm.single_blocks)
         keys = [("double_block", i) for i in range(len(doubles))] + [("single_block", i) for i in range(len(singles))]
     else:
-        blocks = {"sd3": "joint_blocks", "wan": "blocks", "wan_i2v": "blocks", "qwen_image": "transformer_blocks",
-                  "ltxv": "transformer_blocks", "lumina2": "layers", "omnigen2": "layers",
-                  "cosmos_predict2": "blocks"}[arch]
+        blocks = {"sd3": "joint_blocks", "wan": "blocks", "wan_i2v": "blocks", "wan_vace": "blocks",
+                  "qwen_image": "transformer_blocks", "ltxv": "transformer_blocks", "lumina2": "layers",
+                  "omnigen2": "layers", "cosmos_predict2": "blocks"}[arch]
         keys = [("double_block", i) for i in range(len(getattr(dm, blocks)))]
     m = model.clone()
     if arch in NO_PATCHES:    # no block patches in their forwards: the pack's stand-in hands them over
@@ -176,9 +177,9 @@ def test_unsupported_models_and_stacked_caches_are_refused(comfyui):
     for arch in ("sd15", "sdxl"):
         with pytest.raises(ValueError, match="not supported.*Flux, Chroma, SD3.*Wan.*HunyuanVideo.*Qwen-Image"):
             _node(comfyui, "TrainFreeDiTCache").patch(tiny.build(arch), 3, 1, 1)
-    with pytest.raises(ValueError, match=r"WAN21_Vace \(VaceWanModel\) is not supported \(VACE adds its control "
-                                         "hints between the blocks"):
-        _node(comfyui, "TrainFreeDiTCache").patch(tiny.build("wan_vace"), 3, 1, 0)
+    with pytest.raises(ValueError, match=r"\(AnimateWanModel\) is not supported \(Animate adds its face features "
+                                         "between the blocks, computed from the stream a block cache would skip\)"):
+        _node(comfyui, "TrainFreeDiTCache").patch(tiny.build("wan_animate"), 3, 1, 0)
     import comfy.ldm.wan.model as wan_model
 
     future = tiny.build("wan")         # a Wan variant this ComfyUI does not have yet

@@ -1,5 +1,6 @@
-"""Wan's variants (camera control, HuMo, Animate, speech-to-video) and Wan 2.1 image-to-video run without CLIP-vision
-tokens: what NASA steers in each, PAG and the DiT cache on them, and the variants refused, with their reasons."""
+"""Wan's variants (camera control, HuMo, Animate, speech-to-video, VACE) and Wan 2.1 image-to-video run without
+CLIP-vision tokens: what NASA steers in each, PAG and the DiT cache on them, and the variants refused, with their
+reasons."""
 import pytest
 import torch
 from nasa_cases import nasa as _nasa
@@ -102,7 +103,8 @@ def test_pag_and_the_dit_cache_run_on_the_variants(comfyui, arch):
 
 def test_speech_to_video_is_refused_by_name(comfyui):
     """ComfyUI 0.3.64's S2V network calls its blocks without the transformer options (PAG's and NASA's attention
-    changes could not reach them) and adds audio features between the blocks (a block cache would count them twice)."""
+    changes could not reach them) and adds audio features between the blocks, computed from the stream a block cache
+    would skip."""
     tiny = _tiny(comfyui)
     base = tiny.build("wan_s2v")
     nodes = comfyui.nodes.NODE_CLASS_MAPPINGS
@@ -112,3 +114,63 @@ def test_speech_to_video_is_refused_by_name(comfyui):
             call()
     with pytest.raises(ValueError, match="speech-to-video adds its audio features between the blocks"):
         nodes["TrainFreeDiTCache"]().patch(base, 1, 1, 0)
+
+
+def _vace(tiny, seed, strength=1.0):
+    """The prompt with a random control video (the tiny model's 16 + 16 control channels, its mask left to ComfyUI)."""
+    (t, extra), = tiny.conditioning("wan_vace", 1)
+    video = torch.randn(1, 32, 2, 8, 8, generator=torch.Generator().manual_seed(seed))
+    return [[t, dict(extra, vace_frames=[video], vace_strength=[strength])]]
+
+
+def test_dit_cache_on_vace_passes_each_steps_control_hints_on(comfyui, monkeypatch, caplog):
+    """VACE's control blocks add their hints to the stream after blocks 0 and 1, computed from the control video and
+    the patch-embedded input alone. The cache over both blocks (head 0, tail 0) at a cached step passes block 0's input
+    on, the network adds this step's hint, and block 1 gives the stored residual less the full step's hints. Interval
+    1 is bit-identical; at interval 3 the control blocks see the patch-embedded input at every step (a skipped block
+    must not hand on the network's own input, to which the hint is then added in place); another control video
+    changes the cached sample as it changes the plain one; with the hints taken for part of the residual (a mutation)
+    the cached sample is further from the plain one."""
+    import logging
+
+    tiny = _tiny(comfyui)
+    cfg = tiny._config("wan_vace")
+    cfg.unet_config["vace_layers"] = 2           # a control block after each of the two blocks, as real VACE has
+    base = tiny.patcher(cfg)                     # them every few blocks
+    dm = base.model.diffusion_model
+    assert dm.vace_layers_mapping == {0: 0, 1: 1}
+    cache = comfyui.nodes.NODE_CLASS_MAPPINGS["TrainFreeDiTCache"]()
+    noise = _noise("wan_vace")
+    ref = _sample(base, _vace(tiny, 7), _vace(tiny, 7), noise, steps=8)
+    assert torch.equal(_sample(cache.patch(base, 1, 0, 0)[0], _vace(tiny, 7), _vace(tiny, 7), noise, steps=8), ref)
+    embedded, seen = [], []
+    def embed(m, i, out):                       # a copy: the network's input is a view of this output
+        embedded.append(out.flatten(2).transpose(1, 2).clone())
+
+    def control(m, a, kw):
+        seen.append(float((kw["x"] - embedded[-1]).abs().max()))
+    hooks = [dm.patch_embedding.register_forward_hook(embed),
+             *(block.register_forward_pre_hook(control, with_kwargs=True) for block in dm.vace_blocks)]
+    try:
+        with caplog.at_level(logging.INFO, logger="trainfree"):
+            out = _sample(cache.patch(base, 3, 0, 0)[0], _vace(tiny, 7), _vace(tiny, 7), noise, steps=8)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert "3 full and 5 cached evaluations; span blocks run 6, skipped 10" in caplog.text
+    assert len(seen) == 16 and max(seen) == 0.0
+    err = float((out - ref).norm() / ref.norm())
+    assert 0 < err < 0.05
+    other = _sample(cache.patch(base, 3, 0, 0)[0], _vace(tiny, 8), _vace(tiny, 8), noise, steps=8)
+    effect = _sample(base, _vace(tiny, 8), _vace(tiny, 8), noise, steps=8) - ref
+    assert float(((other - out) - effect).norm() / effect.norm()) < 0.05          # measured 0.004 (effect: 6%)
+    mod = comfyui.module_of("TrainFreeDiTCache")
+    real = mod._Config.new_run
+
+    def unhinted(self, steps):
+        run = real(self, steps)
+        run.hinted = False
+        return run
+    monkeypatch.setattr(mod._Config, "new_run", unhinted)
+    wrong = _sample(cache.patch(base, 3, 0, 0)[0], _vace(tiny, 7), _vace(tiny, 7), noise, steps=8)
+    assert float((wrong - ref).norm() / ref.norm()) > 10 * err           # measured 0.065 against 0.0027

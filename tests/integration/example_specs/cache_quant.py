@@ -62,5 +62,5 @@ GRAPHS = {
 FOR_TEST = {"TrainFreeDiTCache": {"head_blocks": 1, "tail_blocks": 0},
             "TrainFreeCacheQuantCalibrate": {"head_blocks": 1, "tail_blocks": 0, "overwrite": True}}
 LOADERS = {"TrainFreeCacheQuantLoad": "cache_quant_calibrate_and_sample.json"}
-ARCHS = {name: ["flux", "sd3", "wan", "wan_i2v", "wan22", "chroma", "qwen_image", "hunyuan_video", "ltxv", "auraflow",
-                "lumina2", "omnigen2", "hidream", "cosmos_predict2"] for name in GRAPHS}
+ARCHS = {name: ["flux", "sd3", "wan", "wan_i2v", "wan_vace", "wan22", "chroma", "qwen_image", "hunyuan_video", "ltxv",
+                "auraflow", "lumina2", "omnigen2", "hidream", "cosmos_predict2"] for name in GRAPHS}
