@@ -17,11 +17,11 @@ the block to its replacement with the arguments and the ``original_block`` Comfy
 * Cosmos-Predict2 block i, as Wan's blocks: ("double_block", i), ``{"img", "txt", "vec", "pe", "adaln_lora",
   "extra_pos_emb"}`` -> ``{"img"}``.
 
-(all with ``transformer_options``). The blocks are the network's own modules (their weights, LoRA-patched or not, are
-not copied), so only the loops change. When a replacement skips its block (a block cache's cached step), the
-attention calls the block would have made (two in a Cosmos block, one elsewhere) are reported
-(attention_chain.skipped), so the call numbering of PAG and NASA on these networks keeps counting the blocks after it
-as their own.
+(all with ``transformer_options``; a keyword a later ComfyUI's loop adds reaches the block as it is). The blocks are
+the network's own modules (their weights, LoRA-patched or not, are not copied), so only the loops change. When a
+replacement skips its block (a block cache's cached step), the attention calls the block would have made (two in a
+Cosmos block, one elsewhere) are reported (attention_chain.skipped), so the call numbering of PAG and NASA on these
+networks keeps counting the blocks after it as their own.
 """
 from __future__ import annotations
 
@@ -63,11 +63,11 @@ def _hand(key, calls, args, block):
 
 def _layer(i, layer):
     """Lumina 2 / OmniGen2 main layer i."""
-    def run(x, mask, freqs_cis, adaln_input, transformer_options=None):
+    def run(x, mask, freqs_cis, adaln_input, transformer_options=None, **later):
         args = {"img": x, "vec": adaln_input, "pe": freqs_cis, "attn_mask": mask,
                 "transformer_options": transformer_options if transformer_options is not None else {}}
         return _hand(("double_block", i), 1, args, lambda a: {"img": layer(
-            a["img"], a["attn_mask"], a["pe"], a["vec"], transformer_options=a["transformer_options"])})["img"]
+            a["img"], a["attn_mask"], a["pe"], a["vec"], transformer_options=a["transformer_options"], **later)})["img"]
     return run
 
 
@@ -75,7 +75,7 @@ def _hidream(kind):
     def make(i, block):
         """HiDream double- or single-stream block i (``text_tokens`` None in the single-stream ones)."""
         def run(image_tokens, image_tokens_masks=None, text_tokens=None, adaln_input=None, rope=None,
-                transformer_options=None):
+                transformer_options=None, **later):
             args = {"img": image_tokens, "vec": adaln_input, "pe": rope, "attn_mask": image_tokens_masks,
                     "transformer_options": transformer_options if transformer_options is not None else {}}
             if kind == "double":
@@ -83,7 +83,7 @@ def _hidream(kind):
 
             def call(a):
                 out = block(image_tokens=a["img"], image_tokens_masks=a["attn_mask"], text_tokens=a.get("txt"),
-                            adaln_input=a["vec"], rope=a["pe"], transformer_options=a["transformer_options"])
+                            adaln_input=a["vec"], rope=a["pe"], transformer_options=a["transformer_options"], **later)
                 return {"img": out[0], "txt": out[1]} if kind == "double" else {"img": out}
             out = _hand((f"{kind}_block", i), 1, args, call)
             return (out["img"], out["txt"]) if kind == "double" else out["img"]
@@ -94,13 +94,13 @@ def _hidream(kind):
 def _cosmos(i, block):
     """Cosmos-Predict2 block i (a self- and a cross-attention)."""
     def run(x, emb, crossattn_emb, rope_emb_L_1_1_D=None, adaln_lora_B_T_3D=None, extra_per_block_pos_emb=None,
-            transformer_options=None):
+            transformer_options=None, **later):
         args = {"img": x, "txt": crossattn_emb, "vec": emb, "pe": rope_emb_L_1_1_D, "adaln_lora": adaln_lora_B_T_3D,
                 "extra_pos_emb": extra_per_block_pos_emb,
                 "transformer_options": transformer_options if transformer_options is not None else {}}
         return _hand(("double_block", i), 2, args, lambda a: {"img": block(
             a["img"], a["vec"], a["txt"], rope_emb_L_1_1_D=a["pe"], adaln_lora_B_T_3D=a["adaln_lora"],
-            extra_per_block_pos_emb=a["extra_pos_emb"], transformer_options=a["transformer_options"])})["img"]
+            extra_per_block_pos_emb=a["extra_pos_emb"], transformer_options=a["transformer_options"], **later)})["img"]
     return run
 
 

@@ -152,3 +152,32 @@ def test_hidream_edit_model_through_the_joined_stream(comfyui, caplog):
     assert 0 < float((out - ref).norm() / ref.norm()) < 0.05
     effect = _sample(base, pos(8), pos(8), noise, steps=8) - ref         # what the image changes without the cache
     assert float(((other - out) - effect).norm() / effect.norm()) < 0.35            # measured 0.22
+
+
+# each family's stand-in called as its network's loop calls the block, with one keyword more
+CALLS = {"lumina2": lambda run, x: run(x, None, None, None, transformer_options={}, later=1),
+         "hidream": lambda run, x: run(image_tokens=x, image_tokens_masks=None, text_tokens=x, adaln_input=None,
+                                       rope=None, transformer_options={}, later=1),
+         "cosmos_predict2": lambda run, x: run(x, None, x, rope_emb_L_1_1_D=None, adaln_lora_B_T_3D=None,
+                                               extra_per_block_pos_emb=None, transformer_options={}, later=1)}
+
+
+@pytest.mark.parametrize("arch", ["lumina2", "hidream", "cosmos_predict2"])
+def test_a_keyword_a_later_comfyui_adds_reaches_the_block(comfyui, arch):
+    """A later ComfyUI may call its blocks with one keyword more (the kind of change that broke other packs' forward
+    patches): each stand-in hands it on to the block, with or without a replacement on it."""
+    mod = comfyui.module_of("TrainFreeDiTCache").block_patches
+    dm = _tiny(comfyui).build(arch).model.diffusion_model
+    seen = []
+
+    def block(*a, **kw):
+        seen.append(kw.get("later"))
+        x = kw.get("image_tokens", a[0] if a else None)
+        return (x, kw["text_tokens"]) if kw.get("text_tokens") is not None else x
+    x = torch.zeros(1, 4, 8)
+    name, make = mod.lists(dm)[0]
+    CALLS[arch](make(0, block), x)
+    to = {"patches_replace": {"dit": {("double_block", 0): lambda args, extra: (seen.append("replaced"),
+                                                                                 extra["original_block"](args))[1]}}}
+    CALLS[arch](lambda *a, **kw: make(0, block)(*a, **dict(kw, transformer_options=to)), x)
+    assert seen == [1, "replaced", 1]
