@@ -73,6 +73,7 @@ PATCHES = {
     "DiT cache auraflow": ("auraflow", [("TrainFreeDiTCache", {"interval": 3, "head_blocks": 1, "tail_blocks": 1})]),
     "DiT cache lumina2": ("lumina2", [("TrainFreeDiTCache", {"interval": 3, "head_blocks": 1, "tail_blocks": 0})]),
     "DiT cache omnigen2": ("omnigen2", [("TrainFreeDiTCache", {"interval": 3, "head_blocks": 1, "tail_blocks": 0})]),
+    "DiT cache wan_vace": ("wan_vace", [("TrainFreeDiTCache", {"interval": 3, "head_blocks": 0, "tail_blocks": 0})]),
     "DiT cache hidream": ("hidream", [("TrainFreeDiTCache", {"interval": 3, "head_blocks": 0, "tail_blocks": 0})]),
     "DiT cache cosmos": ("cosmos_predict2", [("TrainFreeDiTCache", {"interval": 3, "head_blocks": 1,
                                                                     "tail_blocks": 0})]),
