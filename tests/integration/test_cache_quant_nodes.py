@@ -178,7 +178,7 @@ def test_unsupported_models_and_stacked_caches_are_refused(comfyui):
         with pytest.raises(ValueError, match="not supported.*Flux, Chroma, SD3.*Wan.*HunyuanVideo.*Qwen-Image"):
             _node(comfyui, "TrainFreeDiTCache").patch(tiny.build(arch), 3, 1, 1)
     with pytest.raises(ValueError, match=r"\(AnimateWanModel\) is not supported \(Animate adds its face features "
-                                         "between the blocks, computed from the stream a block cache would skip\)"):
+                                         r"between the blocks, computed from the stream a block cache would skip\)"):
         _node(comfyui, "TrainFreeDiTCache").patch(tiny.build("wan_animate"), 3, 1, 0)
     import comfy.ldm.wan.model as wan_model
 
