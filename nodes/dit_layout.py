@@ -1,7 +1,7 @@
 """The blocks of ComfyUI's DiTs, keyed as their ``patches_replace["dit"]`` entries are: the Flux-layout ones
 (double-stream blocks, then single-stream blocks on the joined stream: Flux, Chroma, HunyuanVideo, AuraFlow and
-HiDream, whose blocks nodes/block_patches.py hands over), the
-span of them the DiT Block Cache (nodes/cache_quant.py) caches, and the image tokens of HiDream's attention calls."""
+HiDream, whose blocks nodes/block_patches.py hands over), the span of them the DiT Block Cache (nodes/cache_quant.py)
+caches, and the image tokens of HiDream's attention calls."""
 from __future__ import annotations
 
 
