@@ -175,7 +175,7 @@ def test_a_keyword_a_later_comfyui_adds_reaches_the_block(comfyui, arch):
         x = kw.get("image_tokens", a[0] if a else None)
         return (x, kw["text_tokens"]) if kw.get("text_tokens") is not None else x
     x = torch.zeros(1, 4, 8)
-    name, make = mod.lists(dm)[0]
+    _, make = mod.lists(dm)[0]
     CALLS[arch](make(0, block), x)
     to = {"patches_replace": {"dit": {("double_block", 0): lambda args, extra: (seen.append("replaced"),
                                                                                  extra["original_block"](args))[1]}}}
