@@ -4,7 +4,8 @@
 
 The claim measured (SNOOPI, arXiv 2412.02687): with NASA a 1-4 step model at cfg 1 steers away from what the
 negative prompt describes. On randomly initialised ComfyUI models (the test suite's tiny SD1.5, SDXL, SD3, Flux,
-Wan, Chroma, Qwen-Image, LTX-Video, AuraFlow, HiDream, Cosmos-Predict2, Lumina 2, OmniGen2, real ComfyUI classes)
+Wan, Chroma, Qwen-Image, LTX-Video, AuraFlow, HiDream, Cosmos-Predict2, Lumina 2, OmniGen2, PixArt-alpha / Sigma
+(40 x 40 latents, the smallest they take), real ComfyUI classes)
 "what the negative prompt describes" is taken as x_neg, the sample of the negative prompt itself (same noise, same
 steps, cfg 1; on HiDream with the positive's pooled vector, which modulates every block of the tiny model so strongly
 that it would be most of the difference, and which NASA, as CFG's negative text, cannot reach). For each method, in
@@ -64,7 +65,8 @@ def measure(arch, steps, seeds, size, model=None, cond=None):
         pos, neg = cond(1000 + seed), cond(2000 + seed)
         if arch == "hidream":   # the pooled vector (NASA leaves it to the prompt) would be most of x_pos - x_neg
             neg = [[neg[0][0], dict(neg[0][1], pooled_output=pos[0][1]["pooled_output"])]]
-        shape = tiny.latent_shape(arch, 1, (size, size))
+        side = max(size, *tiny.SMALLEST.get(arch, (0,)))        # PixArt takes no latent below 33 x 33
+        shape = tiny.latent_shape(arch, 1, (side, side))
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
         x_pos, _ = _sample(model, pos, pos, noise, steps, 1.0)
         x_neg, _ = _sample(model, neg, neg, noise, steps, 1.0)
@@ -106,7 +108,7 @@ def main(argv=None):
     ap.add_argument("--archs", nargs="+",
                     default=["sd15", "sdxl", "sd3", "flux", "wan", "chroma", "qwen_image", "ltxv", "hunyuan_video",
                              "hunyuan_image", "wan_i2v", "wan_vace", "auraflow", "hidream", "cosmos_predict2",
-                             "lumina2", "omnigen2"])
+                             "lumina2", "omnigen2", "pixart", "pixart_sigma"])
     ap.add_argument("--wide", action="store_true", help="also time wider random SD1.5 UNet and Flux DiT (32x32 latent), interleaved, fastest of 5")
     a = ap.parse_args(argv)
     _setup()

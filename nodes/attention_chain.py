@@ -3,15 +3,15 @@
 * ``chained`` hands a call on to the override installed before this one, or to ComfyUI's attention.
 * ``own`` marks the extra attention calls a node makes on its own account (NASA's negative-prompt attentions), and
   ``is_own`` tells them apart: an override that numbers the network's calls (PAG on HiDream, Cosmos-Predict2,
-  Lumina 2; NASA on Wan and HiDream) passes them by without counting or changing them. The mark rides in the call's
-  ``transformer_options``, so it reaches every override further down the chain.
+  PixArt, Lumina 2; NASA on Wan and HiDream) passes them by without counting or changing them. The mark rides in
+  the call's ``transformer_options``, so it reaches every override further down the chain.
 * ``add_text_tokens`` / ``text_tokens_added``: a DIFFUSION_MODEL wrapper that appends text tokens to a network's
   inputs (NASA on HiDream) records how many, so a wrapper inside it that counts the prompt's tokens (PAG's) can tell
   them from the prompt's.
 * ``counting`` / ``skipped``: an override that numbers a forward's calls registers its counter; where a block cache
   skips blocks of a network whose calls are numbered (the block patches nodes/block_patches.py gives Lumina 2,
-  OmniGen2, HiDream and Cosmos-Predict2), it says how many calls the skipped blocks would have made, so the numbers
-  after them stay the blocks' own.
+  OmniGen2, HiDream, Cosmos-Predict2 and PixArt), it says how many calls the skipped blocks would have made, so the
+  numbers after them stay the blocks' own.
 """
 from __future__ import annotations
 

@@ -1,12 +1,15 @@
 """Block patches for the DiTs whose forwards do not offer them in ComfyUI 0.3.64: Lumina Image 2.0 (NextDiT) and
-OmniGen2 (main layers), HiDream-I1 / E1 (double- and single-stream blocks) and Cosmos-Predict2 (blocks).
+OmniGen2 (main layers), HiDream-I1 / E1 (double- and single-stream blocks), Cosmos-Predict2 and PixArt-alpha / Sigma
+(blocks).
 
 ComfyUI's DiTs hand each block to ``transformer_options["patches_replace"]["dit"][key]`` when a node has put a
 replacement there; these networks loop over their block lists instead (NextDiT: ``for layer in self.layers: x =
 layer(x, mask, freqs_cis, adaln_input, transformer_options=...)``). For the forwards of a model that carries such
-replacements, a DIFFUSION_MODEL wrapper (OmniGen2, whose forward calls none: APPLY_MODEL) puts stand-ins for the
-block lists in place (and the network's own back afterwards): iterating one gives, per block, a callable that hands
-the block to its replacement with the arguments and the ``original_block`` ComfyUI's own DiTs use:
+replacements, a DIFFUSION_MODEL wrapper (OmniGen2, whose forward calls none: APPLY_MODEL; PixArt, whose forward
+calls none either and hands its blocks no options: APPLY_MODEL, the options from nodes/pixart_options.py) puts
+stand-ins for the block lists in place (and the network's own back afterwards): iterating one gives, per block, a
+callable that hands the block to its replacement with the arguments and the ``original_block`` ComfyUI's own DiTs
+use:
 
 * Lumina 2 / OmniGen2 layer i, as Flux's single blocks: key ("double_block", i), ``{"img", "vec", "pe",
   "attn_mask"}`` -> ``{"img"}``;
@@ -15,13 +18,15 @@ the block to its replacement with the arguments and the ``original_block`` Comfy
   block i: ("single_block", i), ``{"img", "vec", "pe", "attn_mask"}`` -> ``{"img"}`` on the joined stream, image
   first;
 * Cosmos-Predict2 block i, as Wan's blocks: ("double_block", i), ``{"img", "txt", "vec", "pe", "adaln_lora",
-  "extra_pos_emb"}`` -> ``{"img"}``.
+  "extra_pos_emb"}`` -> ``{"img"}``;
+* PixArt block i, as Wan's blocks: ("double_block", i), ``{"img", "txt", "vec", "attn_mask", "hw"}`` -> ``{"img"}``
+  (``txt``: the batch's embedded captions, joined into one row as PixArt's cross-attention takes them).
 
 (all with ``transformer_options``; a keyword a later ComfyUI's loop adds reaches the block as it is). The blocks are
 the network's own modules (their weights, LoRA-patched or not, are not copied), so only the loops change. When a
 replacement skips its block (a block cache's cached step), the attention calls the block would have made (two in a
-Cosmos block, one elsewhere) are reported (attention_chain.skipped), so the call numbering of PAG and NASA on these
-networks keeps counting the blocks after it as their own.
+Cosmos or PixArt block, one elsewhere) are reported (attention_chain.skipped), so the call numbering of PAG and NASA
+on these networks keeps counting the blocks after it as their own.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ import torch
 
 import comfy.patcher_extension as pe
 
-from . import attention_chain
+from . import attention_chain, pixart_options
 
 KEY = "trainfree_block_patches"
 
@@ -104,11 +109,21 @@ def _cosmos(i, block):
     return run
 
 
+def _pixart(i, block):
+    """PixArt block i (a self- and a cross-attention); the forward's options come from nodes/pixart_options.py."""
+    def run(x, y, t, mask=None, HW=None, **later):
+        args = {"img": x, "txt": y, "vec": t, "attn_mask": mask, "hw": HW,
+                "transformer_options": pixart_options.current()}
+        return _hand(("double_block", i), 2, args, lambda a: {"img": block(
+            a["img"], a["txt"], a["vec"], a["attn_mask"], a["hw"], **later)})["img"]
+    return run
+
+
 # the network's block lists by class name, each with the callable that hands its block i over
 LISTS = {"NextDiT": (("layers", _layer),), "OmniGen2Transformer2DModel": (("layers", _layer),),
          "HiDreamImageTransformer2DModel": (("double_stream_blocks", _hidream("double")),
                                             ("single_stream_blocks", _hidream("single"))),
-         "MiniTrainDIT": (("blocks", _cosmos),)}
+         "MiniTrainDIT": (("blocks", _cosmos),), "PixArtMS": (("blocks", _pixart),)}
 
 
 def lists(dm) -> tuple:
@@ -159,9 +174,12 @@ def _wrapper(executor, *args, **kwargs):
 
 
 def install(m, dm) -> None:
-    """Give the clone ``m`` of a Lumina 2, OmniGen2, HiDream or Cosmos-Predict2 model (network ``dm``) block patches,
-    unless its network has its own."""
+    """Give the clone ``m`` of a Lumina 2, OmniGen2, HiDream, Cosmos-Predict2 or PixArt model (network ``dm``) block
+    patches, unless its network has its own."""
     if not native(dm):
         lists(dm)
-        omnigen = type(dm).__name__.startswith("OmniGen2")
-        m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL if omnigen else pe.WrappersMP.DIFFUSION_MODEL, KEY, _wrapper)
+        pixart = pixart_options.is_pixart(dm)
+        if pixart:
+            pixart_options.install(m)
+        around = pixart or type(dm).__name__.startswith("OmniGen2")
+        m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL if around else pe.WrappersMP.DIFFUSION_MODEL, KEY, _wrapper)

@@ -1,9 +1,9 @@
 """CacheQuant-scheduled block cache for DiTs (Flux, Chroma, SD3, Wan, HunyuanVideo, Qwen-Image, LTX-Video,
-AuraFlow, Lumina 2, OmniGen2, HiDream, Cosmos-Predict2): calibrate, load, patch a MODEL.
+AuraFlow, Lumina 2, OmniGen2, HiDream, Cosmos-Predict2, PixArt): calibrate, load, patch a MODEL.
 
 The span's blocks are replaced through ``transformer_options["patches_replace"]["dit"]`` (each replacement runs the
-block's own ``original_block``, or the replacement that was there before: no forward is copied; Lumina 2,
-OmniGen2, HiDream and Cosmos-Predict2, whose forwards call no block patches, get them from nodes/block_patches.py); a
+block's own ``original_block``, or the replacement that was there before: no forward is copied; Lumina 2, OmniGen2,
+HiDream, Cosmos-Predict2 and PixArt, whose forwards call no block patches, get them from nodes/block_patches.py); a
 keyed OUTER_SAMPLE wrapper gives every sampling run fresh state and clears it in a ``finally``; a keyed
 CALC_COND_BATCH wrapper times full and cached evaluations for the speed-up report.
 """
@@ -195,7 +195,7 @@ def apply_cache(model, cfg: _Config):
     dit = to.get("patches_replace", {}).get("dit", {})
     for key in cfg.span:
         m.set_model_patch_replace(_Replace(key, dit.get(key)), "dit", key[0], key[1])
-    if cfg.arch in ("lumina2", "omnigen2", "hidream", "cosmos_predict2"):   # their forwards call no block patches
+    if cfg.arch in ("lumina2", "omnigen2", "hidream", "cosmos_predict2", "pixart"):   # no block patches in forward
         block_patches.install(m, model.get_model_object("diffusion_model"))
     m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY, _outer_sample)
     m.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, KEY, _calc_cond_batch)
@@ -226,7 +226,7 @@ class TrainFreeCacheQuantCalibrate:
         return {"required": {
             "model": ("MODEL", {"tooltip": "The DiT to calibrate (Flux, Chroma, SD3, Wan, HunyuanVideo, "
                                            "Qwen-Image, LTX-Video, AuraFlow, Lumina 2, OmniGen2, HiDream, "
-                                           "Cosmos-Predict2), with its LoRAs applied."}),
+                                           "Cosmos-Predict2, PixArt), with its LoRAs applied."}),
             "positive": ("CONDITIONING", {"tooltip": "A typical prompt."}),
             "negative": ("CONDITIONING", {"tooltip": "The negative prompt (used when cfg > 1)."}),
             "latent_image": ("LATENT", {"tooltip": "Latent of the size you will generate; its batch are the "
@@ -316,7 +316,7 @@ class TrainFreeCacheQuantLoad:
 
 class TrainFreeDiTCache:
     DESCRIPTION = ("Block cache for DiTs (Flux, Chroma, SD3, Wan, HunyuanVideo, Qwen-Image, LTX-Video, AuraFlow, "
-                   "Lumina 2, OmniGen2, HiDream, Cosmos-Predict2): at "
+                   "Lumina 2, OmniGen2, HiDream, Cosmos-Predict2, PixArt-alpha / Sigma): at "
                    "full steps the middle blocks run and their residual (output - input) is stored; at cached steps "
                    "they are skipped and the stored residual, corrected by CacheQuant's per-channel map, is added "
                    "instead. With a schedule (Calibrate / Load node) the full steps are CacheQuant's "
@@ -331,7 +331,7 @@ class TrainFreeDiTCache:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "A Flux, Chroma, SD3, Wan, HunyuanVideo, Qwen-Image, LTX-Video, AuraFlow, "
-                                           "Lumina 2, OmniGen2, HiDream or Cosmos-Predict2 model."}),
+                                           "Lumina 2, OmniGen2, HiDream, Cosmos-Predict2 or PixArt model."}),
             "interval": ("INT", {"default": 3, "min": 1, "max": 20, "tooltip": "Without a schedule: every N-th step "
                                                                                "is full (1 = no caching)."}),
             **SPAN_INPUTS,

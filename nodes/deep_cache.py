@@ -218,7 +218,8 @@ def unet_of(model):
         raise ValueError(f"DeepCache needs a U-Net with long skip connections (SD1.x, SD2.x, SDXL, SVD); this model "
                          f"is {type(model.model).__name__} with a {type(dm).__name__}, which has none. For DiT/flow "
                          f"models use the DiT Block Cache (TrainFree; Flux, Chroma, SD3, Wan, HunyuanVideo, "
-                         f"Qwen-Image, LTX-Video, AuraFlow) or core EasyCache.")
+                         f"Qwen-Image, LTX-Video, AuraFlow, Lumina 2, OmniGen2, HiDream, Cosmos-Predict2, PixArt) or "
+                         f"core EasyCache.")
     return dm
 
 

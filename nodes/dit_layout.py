@@ -54,7 +54,8 @@ def cached_dit_classes() -> dict:
                                ("lumina2", "comfy.ldm.lumina.model", "NextDiT"),
                                ("omnigen2", "comfy.ldm.omnigen.omnigen2", "OmniGen2Transformer2DModel"),
                                ("hidream", "comfy.ldm.hidream.model", "HiDreamImageTransformer2DModel"),
-                               ("cosmos_predict2", "comfy.ldm.cosmos.predict2", "MiniTrainDIT")):
+                               ("cosmos_predict2", "comfy.ldm.cosmos.predict2", "MiniTrainDIT"),
+                               ("pixart", "comfy.ldm.pixart.pixartms", "PixArtMS")):
         try:
             found[getattr(importlib.import_module(module), name)] = arch
         except (ImportError, AttributeError):
@@ -72,7 +73,7 @@ def dit_span(model, head: int, tail: int):
     elif arch is not None:                 # one list of joint blocks
         blocks = {"sd3": "joint_blocks", "wan": "blocks", "wan_vace": "blocks", "qwen_image": "transformer_blocks",
                   "ltxv": "transformer_blocks", "lumina2": "layers", "omnigen2": "layers",
-                  "cosmos_predict2": "blocks"}[arch]
+                  "cosmos_predict2": "blocks", "pixart": "blocks"}[arch]
         keys = [("double_block", i) for i in range(len(getattr(dm, blocks)))]
     else:
         between = {"AnimateWanModel": "Animate adds its face features", "WanModel_S2V": "speech-to-video adds its "
@@ -85,7 +86,7 @@ def dit_span(model, head: int, tail: int):
         raise ValueError(f"DiT block cache: {type(model.model).__name__} ({type(dm).__name__}) is not supported"
                          f"{variant}; it caches the transformer blocks of Flux, Chroma, SD3/SD3.5, Wan 2.1/2.2 (text- "
                          "and image-to-video, camera control, HuMo, VACE), HunyuanVideo, Qwen-Image, LTX-Video, "
-                         "AuraFlow, Lumina 2, OmniGen2, HiDream and Cosmos-Predict2 models. "
+                         "AuraFlow, Lumina 2, OmniGen2, HiDream, Cosmos-Predict2 and PixArt-alpha / Sigma models. "
                          "For SD1.5/SDXL U-Nets use a U-Net cache such as DeepCache.")
     if head + tail >= len(keys):
         raise ValueError(f"DiT block cache: this {arch} model has {len(keys)} blocks; head_blocks + tail_blocks "

@@ -1,5 +1,5 @@
 """NASA (negative-away steer attention) as a MODEL patch: UNets via attn2 replace, DiTs via block patches (HiDream,
-Cosmos-Predict2, Lumina 2: a wrapper and an attention override).
+Cosmos-Predict2, Lumina 2, PixArt: a wrapper and an attention override).
 
 UNet: an ``attn2`` replace on every cross-attention layer (chaining any earlier replace, which then
 computes Z+); the negative prompt's keys and values come from the layer's own ``to_k``/``to_v`` at run
@@ -10,7 +10,8 @@ network's inputs, an attention override splits every joint attention, in nodes/n
 same: the negative's T5 features appended to the context, every cross-attention split, in nodes/nasa_cosmos.py.
 Lumina Image 2.0 (NextDiT), the same: the negative's tokens appended to the caption, the rotary positions after the
 prompt's tokens moved back by the negative's length, every attention split, in nodes/nasa_lumina.py; OmniGen2, whose
-network follows it, the same from an APPLY_MODEL wrapper, in nodes/nasa_omnigen2.py.
+network follows it, the same from an APPLY_MODEL wrapper, in nodes/nasa_omnigen2.py. PixArt-alpha / Sigma (the
+paper's own family): as Cosmos-Predict2, from an APPLY_MODEL wrapper, in nodes/nasa_cosmos.py.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import comfy.ldm.hunyuan_video.model as hunyuan_model
 import comfy.ldm.lightricks.model as ltxv_model
 import comfy.ldm.lumina.model as lumina_model
 import comfy.ldm.omnigen.omnigen2 as omnigen_model
+import comfy.ldm.pixart.pixartms as pixart_model
 import comfy.ldm.modules.attention as attention
 import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
 import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
@@ -138,8 +140,8 @@ class TrainFreeNASA:
                    "their one-step/LCM/Lightning/DMD2 distillations), Flux, Chroma, SD3, Qwen-Image, "
                    "HunyuanVideo / HunyuanImage 2.1, AuraFlow, HiDream-I1 / E1 (joint attention: the negative tokens "
                    "ride along as extra text tokens the prompt never sees), Wan (text-to-video, image-to-video, "
-                   "VACE), LTX-Video, Cosmos-Predict2, Lumina Image 2.0 and OmniGen2. "
-                   f"From {PAPER}.")
+                   "VACE), LTX-Video, Cosmos-Predict2, Lumina Image 2.0, OmniGen2 and PixArt-alpha / Sigma (the "
+                   f"paper's own family, e.g. its one-step PixArt-alpha distillation). From {PAPER}.")
     CATEGORY = "trainfree/guidance"
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The model with the negative prompt applied in cross-attention; sample it at cfg 1.",)
@@ -151,7 +153,8 @@ class TrainFreeNASA:
             "model": ("MODEL", {"tooltip": "The model to patch: a UNet (SD1.x/SD2.x/SDXL family), Flux, Chroma, SD3, "
                                            "Qwen-Image, Wan (text-to-video, image-to-video, VACE), LTX-Video, "
                                            "HunyuanVideo, HunyuanImage 2.1, AuraFlow, HiDream-I1 / E1, "
-                                           "Cosmos-Predict2, Lumina Image 2.0 or OmniGen2. Place it after other nodes "
+                                           "Cosmos-Predict2, Lumina Image 2.0, OmniGen2 or PixArt-alpha / Sigma. "
+                                           "Place it after other nodes "
                                            "that replace cross-attention (IPAdapter); it chains."}),
             "negative": ("CONDITIONING", {"tooltip": "The negative prompt (from the same text encoder as the positive). "
                                                      "The paper uses a generic 'worst quality, low quality, ...'."}),
@@ -191,7 +194,7 @@ class TrainFreeNASA:
         if arch == "hidream":            # its Llama features ride along with the T5 tokens
             nasa_hidream.patch(m, dm, neg, neg_llama, alpha, window)
             return (m,)
-        if arch == "cosmos_predict2":
+        if arch in ("cosmos_predict2", "pixart"):
             nasa_cosmos.patch(m, dm, neg, alpha, window)
             return (m,)
         if arch in ("lumina2", "omnigen2"):
@@ -245,6 +248,8 @@ def _architecture(dm):
         return "lumina2", dm.cap_embedder[-1].in_features
     if isinstance(dm, omnigen_model.OmniGen2Transformer2DModel):
         return "omnigen2", dm.time_caption_embed.caption_embedder[-1].in_features
+    if isinstance(dm, pixart_model.PixArtMS):        # PixArt-alpha / Sigma (and one-step distillations of them)
+        return "pixart", dm.y_embedder.y_proj.fc1.in_features
     if type(dm) is wan_model.WanModel_S2V:
         raise ValueError("NASA: Wan speech-to-video (S2V) is not supported: ComfyUI's S2V network does not hand its "
                          "blocks the transformer options that carry NASA's attention change")
@@ -255,8 +260,8 @@ def _architecture(dm):
         return "wan", dm.text_embedding[0].in_features
     raise ValueError(f"NASA (TrainFree) supports UNet models (SD1.x, SD2.x, SDXL), Flux, Chroma, SD3, Qwen-Image, "
                      f"Wan (text-to-video, image-to-video, VACE, camera control, HuMo, Animate), LTX-Video, "
-                     f"HunyuanVideo, AuraFlow, HiDream, Cosmos-Predict2, Lumina 2 and OmniGen2; this model's network "
-                     f"is {type(dm).__name__}.")
+                     f"HunyuanVideo, AuraFlow, HiDream, Cosmos-Predict2, Lumina 2, OmniGen2 and PixArt; this model's "
+                     f"network is {type(dm).__name__}.")
 
 
 NODES = {"TrainFreeNASA": (TrainFreeNASA, "NASA negative prompt at cfg 1 (TrainFree)")}

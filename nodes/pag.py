@@ -72,15 +72,15 @@ def architecture(model) -> str:
         return "lumina2"
     if isinstance(dm, aura_model.MMDiT):             # AuraFlow (Pony V7)
         return "auraflow"
-    counted = pag_counted.architecture(dm)          # HiDream-I1, Cosmos-Predict2
+    counted = pag_counted.architecture(dm)          # HiDream-I1, Cosmos-Predict2, PixArt-alpha / Sigma
     if counted is not None:
         return counted
     if pag_omnigen2.is_omnigen2(dm):
         return "omnigen2"
     raise ValueError(f"Perturbed-Attention Guidance (TrainFree) supports UNet models (SD1.x, SD2.x, SDXL), SD3, "
                      f"Flux, Chroma, Qwen-Image, Wan, LTX-Video, HunyuanVideo, Lumina 2, AuraFlow, HiDream, "
-                     f"Cosmos-Predict2 and OmniGen2; this model's network is {type(dm).__name__}. For other DiTs use "
-                     f"core's SkipLayerGuidanceDiT.")
+                     f"Cosmos-Predict2, OmniGen2 and PixArt; this model's network is {type(dm).__name__}. For other "
+                     f"DiTs use core's SkipLayerGuidanceDiT.")
 
 
 def available_layers(model, arch: str) -> list[tuple[str, int, int | None]]:
@@ -178,9 +178,9 @@ def flipped_blocks(model) -> frozenset:
 def perturbed_options(model_options, arch, layers, flipped=frozenset(), counts=None):
     """A copy of model_options whose forward perturbs ``layers``; the original is not modified. ``flipped``: the
     model's ``flipped_blocks``, ``counts`` its ``pag_lumina.layer_counts`` (Lumina 2), ``pag_omnigen2.layer_counts``
-    (OmniGen2) or ``pag_counted.layout`` (HiDream, Cosmos-Predict2), read once when patching: the post-CFG function
-    must not hold its own ModelPatcher, a reference cycle that would keep the whole model alive after ComfyUI drops
-    it."""
+    (OmniGen2) or ``pag_counted.layout`` (HiDream, Cosmos-Predict2, PixArt), read once when patching: the post-CFG
+    function must not hold its own ModelPatcher, a reference cycle that would keep the whole model alive after
+    ComfyUI drops it."""
     opts = model_options.copy()
     if arch == "unet":
         for kind, idx, t in layers:
@@ -193,7 +193,7 @@ def perturbed_options(model_options, arch, layers, flipped=frozenset(), counts=N
     if arch == "lumina2":                           # no block patches: attention calls numbered per forward
         pag_lumina.perturb(to, counts, [idx for _, idx, _ in layers])
         return opts
-    if arch in pag_counted.KINDS_OF:                 # the same on HiDream and Cosmos-Predict2
+    if arch in pag_counted.KINDS_OF:                 # the same on HiDream, Cosmos-Predict2 and PixArt
         pag_counted.perturb(to, arch, counts, layers)
         return opts
     if arch == "omnigen2":                           # and on OmniGen2, around apply_model
@@ -238,8 +238,8 @@ class TrainFreePAG:
                    "the self-attention of those layers replaced by the identity, and the result pushed away from it: "
                    "D = CFG + scale (D_cond - D_perturbed). Works with CFG or at cfg 1, with plain KSampler and "
                    "SamplerCustomAdvanced, and chains with other patches. UNets (SD1.x/SDXL), SD3, Flux, Chroma, "
-                   "Qwen-Image, Wan, LTX-Video, HunyuanVideo, Lumina 2, AuraFlow, HiDream, Cosmos-Predict2 and "
-                   "OmniGen2; on "
+                   "Qwen-Image, Wan, LTX-Video, HunyuanVideo, Lumina 2, AuraFlow, HiDream, Cosmos-Predict2, "
+                   "OmniGen2 and PixArt-alpha / Sigma; on "
                    f"DiTs with joint text-image attention only the image-image part is perturbed. From {PAPER}.")
     CATEGORY = "trainfree/guidance"
     RETURN_TYPES = ("MODEL",)
@@ -250,8 +250,8 @@ class TrainFreePAG:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model to patch (UNet, SD3, Flux, Chroma, Qwen-Image, Wan, "
-                                          "LTX-Video, HunyuanVideo, Lumina 2, AuraFlow, HiDream, Cosmos-Predict2 or "
-                                          "OmniGen2; chains with other patches)."}),
+                                          "LTX-Video, HunyuanVideo, Lumina 2, AuraFlow, HiDream, Cosmos-Predict2, "
+                                          "OmniGen2 or PixArt; chains with other patches)."}),
             "scale": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 100.0, "step": 0.01, "round": 0.01,
                                 "tooltip": "PAG scale s. Paper/official defaults: 3.0 together with CFG (4.0), 5.0 at "
                                            "cfg 1. 0 = off (no extra model call)."}),
@@ -261,7 +261,8 @@ class TrainFreePAG:
                                              "at half depth on DiTs. UNet: input.N, middle.0, output.N (add .T for one "
                                              "transformer of that block); Flux, Chroma, HunyuanVideo, AuraFlow, "
                                              "HiDream: double.N, single.N; SD3: joint.N; Wan, Qwen-Image, LTX-Video, "
-                                             "Lumina 2, Cosmos-Predict2, OmniGen2: block.N; ranges like double.2-4. "
+                                             "Lumina 2, Cosmos-Predict2, OmniGen2, PixArt: block.N; ranges like "
+                                             "double.2-4. "
                                              "Unknown names are refused with the list of valid ones."}),
             "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
                                         "tooltip": "Start of the sampling range where PAG is applied (0 = first step). "

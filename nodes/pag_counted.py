@@ -1,4 +1,4 @@
-"""PAG on HiDream-I1 and Cosmos-Predict2, whose forwards call no block patches in ComfyUI 0.3.64.
+"""PAG on HiDream-I1, Cosmos-Predict2 and PixArt-alpha / Sigma, whose forwards call no block patches in ComfyUI 0.3.64.
 
 In the perturbed pass only, a DIFFUSION_MODEL wrapper numbers the attention calls of each forward and an attention
 override perturbs those of the chosen blocks; the wrapper checks the count at the end of the forward and stops with a
@@ -12,6 +12,8 @@ pag_lumina.py, uses too).
   ``image_cond`` joined on its width) and checked against the call's length minus the text tokens.
 * Cosmos-Predict2: two calls per block, a self-attention over the video tokens, then a cross-attention to the
   text; the chosen blocks' self-attention returns V (the identity map), their cross-attention is left alone.
+* PixArt: the same, counted around apply_model (its forward calls no DIFFUSION_MODEL wrapper); its attention calls
+  get the forward's options from nodes/pixart_options.py, whose wrapper the perturbed pass gets too.
 """
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ import comfy.ldm.hidream.model as hidream_model
 import comfy.patcher_extension as pe
 
 from ..guidance import pag as pag_math
-from . import attention_chain, dit_layout
+from . import attention_chain, dit_layout, pixart_options
 
-KINDS_OF = {"hidream": ("double", "single"), "cosmos_predict2": ("block",)}
+KINDS_OF = {"hidream": ("double", "single"), "cosmos_predict2": ("block",), "pixart": ("block",)}
+NAMES = {"hidream": "HiDream", "cosmos_predict2": "Cosmos-Predict2", "pixart": "PixArt"}
 
 
 def architecture(dm) -> str | None:
@@ -30,6 +33,8 @@ def architecture(dm) -> str | None:
         return "hidream"
     if isinstance(dm, cosmos_model.MiniTrainDIT):
         return "cosmos_predict2"
+    if pixart_options.is_pixart(dm):
+        return "pixart"
     return None
 
 
@@ -100,7 +105,7 @@ def perturb(to, arch, lay, layers):
     """Install the call numbering and the override in ``to`` (the perturbed pass's transformer_options, a copy):
     ``lay`` the model's ``layout``, ``layers`` the (kind, index, None) layers to perturb."""
     expected, numbers, patch = lay
-    name = {"hidream": "HiDream", "cosmos_predict2": "Cosmos-Predict2"}[arch]
+    name = NAMES[arch]
 
     def on_forward(state, dm, x, *args, **kwargs):
         if arch == "hidream":           # (x, t, y, context, llama3, image_cond, ...)
@@ -109,7 +114,7 @@ def perturb(to, arch, lay, layers):
             state["img"], state["txt"] = _hidream_tokens(patch, x, args[2], args[3], image_cond, to)
 
     def rows(state, n):
-        if arch == "cosmos_predict2":
+        if arch != "hidream":
             return None                              # the self-attention: output V
         if n - state["txt"] != state["img"]:
             raise RuntimeError(f"PAG (TrainFree) on HiDream: an attention call over {n} tokens, {state['img']} image "
@@ -122,5 +127,8 @@ def perturb(to, arch, lay, layers):
                             "expected; this ComfyUI's network calls attention differently, so PAG cannot find its "
                             "layers")
 
+    if arch == "pixart":
+        pixart_options.into(to)
     numbered(to, expected, {numbers[(kind, idx)] for kind, idx, _ in layers}, on_forward,
-             lambda state, *a, **kw: pag_math.perturbed_call(lambda n: rows(state, n), *a, **kw), mismatch)
+             lambda state, *a, **kw: pag_math.perturbed_call(lambda n: rows(state, n), *a, **kw), mismatch,
+             pe.WrappersMP.APPLY_MODEL if arch == "pixart" else pe.WrappersMP.DIFFUSION_MODEL)

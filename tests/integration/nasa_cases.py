@@ -3,7 +3,7 @@ import torch
 from test_nodes import tiny_models
 
 DITS = ("sd3", "flux", "wan", "wan_i2v", "wan_vace", "chroma", "chroma_radiance", "qwen_image", "ltxv", "hunyuan_video",
-        "hunyuan_image", "auraflow", "hidream", "cosmos_predict2", "lumina2", "omnigen2")
+        "hunyuan_image", "auraflow", "hidream", "cosmos_predict2", "lumina2", "omnigen2", "pixart")
 
 
 def tiny(comfyui):

@@ -1,9 +1,12 @@
-"""API-format prompts for the integration tests."""
+"""API-format prompts for the integration tests (a family whose network takes no 8 x 8 latent, PixArt, gets the
+smallest one it takes, tiny_models.PIXELS)."""
+from test_nodes.tiny_models import PIXELS
 
 
 def custom_advanced(sampler_type, sampler_inputs, arch="sd15", steps=6, cfg=4.0, size=64, batch=1,
                     scheduler="normal", seed=0, flip_sigmas=False):
     """Tiny checkpoint -> text encode -> SamplerCustomAdvanced with a pack SAMPLER -> decode, stats."""
+    size = max(size, PIXELS.get(arch, 0))
     p = {
         "ckpt": {"class_type": "TrainFreeTestTinyCheckpoint", "inputs": {"arch": arch, "seed": 0}},
         "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a lighthouse"}},
@@ -28,6 +31,7 @@ def custom_advanced(sampler_type, sampler_inputs, arch="sd15", steps=6, cfg=4.0,
 
 def ksampler(sampler_name, arch="sd15", steps=6, cfg=4.0, size=64, scheduler="normal", seed=0, batch=1):
     """The plain KSampler graph with a sampler picked from its dropdown."""
+    size = max(size, PIXELS.get(arch, 0))
     return {
         "ckpt": {"class_type": "TrainFreeTestTinyCheckpoint", "inputs": {"arch": arch, "seed": 0}},
         "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a lighthouse"}},

@@ -1,5 +1,6 @@
 """The block patches the pack gives the DiTs whose forwards do not call them in ComfyUI 0.3.64 (nodes/block_patches.py:
-Lumina 2's and OmniGen2's main layers, HiDream's double- and single-stream blocks, Cosmos-Predict2's blocks): the DiT
+Lumina 2's and OmniGen2's main layers, HiDream's double- and single-stream blocks, Cosmos-Predict2's and PixArt's
+blocks): the DiT
 cache through them, beside PAG's and NASA's call numbering (a cached block makes no attention call, which they are
 told), and the network left as it was."""
 import logging
@@ -12,17 +13,19 @@ from nasa_cases import sample as _sample
 from nasa_cases import tiny as _tiny
 from probes import perturbed_calls
 
-ARCHS = ("lumina2", "omnigen2", "hidream", "cosmos_predict2")
-NAMES = {"lumina2": "Lumina 2", "omnigen2": "OmniGen2", "hidream": "HiDream", "cosmos_predict2": "Cosmos-Predict2"}
+ARCHS = ("lumina2", "omnigen2", "hidream", "cosmos_predict2", "pixart")
+NAMES = {"lumina2": "Lumina 2", "omnigen2": "OmniGen2", "hidream": "HiDream", "cosmos_predict2": "Cosmos-Predict2",
+         "pixart": "PixArt"}
 # per family: the block PAG perturbs (after the one the cache skips), the call it sees (length, image rows), and the
 # attention calls of a forward with the cached block's left uncounted, of those expected
 PAG_AFTER_CACHED = {"lumina2": ("block.1", (32, (16, 32)), 3, 4), "omnigen2": ("block.1", (32, (16, 32)), 3, 4),
                     "hidream": ("single.0", (64, (0, 16)), 1, 2),        # [16 image; 16 T5; 2 x 16 Llama]
-                    "cosmos_predict2": ("block.1", (16, None), 2, 4)}    # a self-attention (its output V), 2 per block
+                    "cosmos_predict2": ("block.1", (16, None), 2, 4),    # a self-attention (its output V), 2 per block
+                    "pixart": ("block.1", (400, None), 2, 4)}            # the same over a 40 x 40 latent
 LISTS = {"lumina2": ("layers",), "omnigen2": ("layers",), "hidream": ("double_stream_blocks", "single_stream_blocks"),
-         "cosmos_predict2": ("blocks",)}
+         "cosmos_predict2": ("blocks",), "pixart": ("blocks",)}
 LAST = {"lumina2": ("double_block", 1), "omnigen2": ("double_block", 1), "hidream": ("single_block", 0),
-        "cosmos_predict2": ("double_block", 1)}
+        "cosmos_predict2": ("double_block", 1), "pixart": ("double_block", 1)}
 
 
 def _negative(tiny, arch, tokens=9):
@@ -30,7 +33,7 @@ def _negative(tiny, arch, tokens=9):
     (t, extra), = tiny.conditioning(arch, 3)
     if arch == "hidream":
         return [[t, dict(extra, conditioning_llama3=extra["conditioning_llama3"][:, :, :tokens])]]
-    if arch == "cosmos_predict2":
+    if arch in ("cosmos_predict2", "pixart"):
         return [[t[:, :tokens], {}]]
     return [[t[:, :tokens], {"attention_mask": torch.ones(1, tokens, dtype=torch.long)}]]
 
@@ -159,10 +162,11 @@ CALLS = {"lumina2": lambda run, x: run(x, None, None, None, transformer_options=
          "hidream": lambda run, x: run(image_tokens=x, image_tokens_masks=None, text_tokens=x, adaln_input=None,
                                        rope=None, transformer_options={}, later=1),
          "cosmos_predict2": lambda run, x: run(x, None, x, rope_emb_L_1_1_D=None, adaln_lora_B_T_3D=None,
-                                               extra_per_block_pos_emb=None, transformer_options={}, later=1)}
+                                               extra_per_block_pos_emb=None, transformer_options={}, later=1),
+         "pixart": lambda run, x: run(x, x, None, None, (2, 2), later=1)}
 
 
-@pytest.mark.parametrize("arch", ["lumina2", "hidream", "cosmos_predict2"])
+@pytest.mark.parametrize("arch", ["lumina2", "hidream", "cosmos_predict2", "pixart"])
 def test_a_keyword_a_later_comfyui_adds_reaches_the_block(comfyui, arch):
     """A later ComfyUI may call its blocks with one keyword more (the kind of change that broke other packs' forward
     patches): each stand-in hands it on to the block, with or without a replacement on it."""
@@ -179,5 +183,12 @@ def test_a_keyword_a_later_comfyui_adds_reaches_the_block(comfyui, arch):
     CALLS[arch](make(0, block), x)
     to = {"patches_replace": {"dit": {("double_block", 0): lambda args, extra: (seen.append("replaced"),
                                                                                  extra["original_block"](args))[1]}}}
-    CALLS[arch](lambda *a, **kw: make(0, block)(*a, **dict(kw, transformer_options=to)), x)
+    if arch == "pixart":        # its forward's options come from nodes/pixart_options.py, not from its loop
+        mod.pixart_options._running.append(to)
+        try:
+            CALLS[arch](make(0, block), x)
+        finally:
+            mod.pixart_options._running.pop()
+    else:
+        CALLS[arch](lambda *a, **kw: make(0, block)(*a, **dict(kw, transformer_options=to)), x)
     assert seen == [1, "replaced", 1]

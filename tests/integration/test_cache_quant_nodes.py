@@ -1,6 +1,6 @@
 """DiT block cache (CacheQuant schedule) in real ComfyUI on tiny Flux, SD3, Wan, Chroma, Qwen-Image, HunyuanVideo,
-LTX-Video, AuraFlow, Lumina 2, OmniGen2, HiDream and Cosmos-Predict2 models (the block patches the last four's
-forwards lack come from nodes/block_patches.py)."""
+LTX-Video, AuraFlow, Lumina 2, OmniGen2, HiDream, Cosmos-Predict2 and PixArt models (the block patches the last five's
+forwards lack come from nodes/block_patches.py; PixArt's smallest latent is 40 x 40)."""
 import logging
 
 import pytest
@@ -15,8 +15,8 @@ SPANS = {"flux": (1, 1), "sd3": (1, 0), "wan": (1, 0), "chroma": (1, 1), "qwen_i
          "wan_vace": (0, 0),                      # Wan VACE: its control block's hint added inside the span
          "lumina2": (1, 0), "omnigen2": (1, 0),                    # Lumina 2, OmniGen2: 2 main layers
          "hidream": (0, 0),           # HiDream: 1 double, 1 single block; the span crosses into the joined stream
-         "cosmos_predict2": (1, 0)}                                # Cosmos-Predict2: 2 blocks
-NO_PATCHES = ("lumina2", "omnigen2", "hidream", "cosmos_predict2")   # their forwards call no block patches
+         "cosmos_predict2": (1, 0), "pixart": (1, 0)}              # Cosmos-Predict2, PixArt: 2 blocks
+NO_PATCHES = ("lumina2", "omnigen2", "hidream", "cosmos_predict2", "pixart")   # no block patches in their forwards
 ARCHS = list(SPANS)
 
 
@@ -32,6 +32,7 @@ def _sample(comfyui, model, arch, steps=8, cfg=3.0, batch=1, size=8, seed=4, pro
     import comfy.sample
 
     tiny = _tiny(comfyui)
+    size = max(size, *tiny.SMALLEST.get(arch, (0,)))
     latent = comfy.sample.fix_empty_latent_channels(model, torch.zeros(batch, 4, size, size))
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
     pos = tiny.conditioning(arch, prompts[0], batch)
@@ -48,6 +49,7 @@ def _calibrate(comfyui, model, arch, steps=8, correction=True, name="cq", cfg=3.
                batch=1):
     tiny = _tiny(comfyui)
     head, tail = SPANS[arch]
+    size = max(size, *tiny.SMALLEST.get(arch, (0,)))
     return _node(comfyui, "TrainFreeCacheQuantCalibrate").calibrate(
         model, tiny.conditioning(arch, 1), tiny.conditioning(arch, 2), {"samples": torch.zeros(batch, 4, size, size)},
         seed,
@@ -66,7 +68,7 @@ def _counting(comfyui, model, arch):
     else:
         blocks = {"sd3": "joint_blocks", "wan": "blocks", "wan_i2v": "blocks", "wan_vace": "blocks",
                   "qwen_image": "transformer_blocks", "ltxv": "transformer_blocks", "lumina2": "layers",
-                  "omnigen2": "layers", "cosmos_predict2": "blocks"}[arch]
+                  "omnigen2": "layers", "cosmos_predict2": "blocks", "pixart": "blocks"}[arch]
         keys = [("double_block", i) for i in range(len(getattr(dm, blocks)))]
     m = model.clone()
     if arch in NO_PATCHES:    # no block patches in their forwards: the pack's stand-in hands them over

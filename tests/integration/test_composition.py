@@ -23,12 +23,12 @@ CHAINS = {
 }
 CHAINS["chroma"] = CHAINS["qwen_image"] = CHAINS["hunyuan_video"] = CHAINS["auraflow"] = CHAINS["flux"]
 CHAINS["lumina2"] = CHAINS["flux"][:2] + [("TrainFreeDiTCache", {"interval": 3, "head_blocks": 1, "tail_blocks": 0})]
-CHAINS["omnigen2"] = CHAINS["hidream"] = CHAINS["cosmos_predict2"] = CHAINS["lumina2"]   # 2 blocks in all
+CHAINS["omnigen2"] = CHAINS["hidream"] = CHAINS["cosmos_predict2"] = CHAINS["pixart"] = CHAINS["lumina2"]   # 2 blocks
 CHAINS["wan_vace"] = CHAINS["flux"][:2] + [("TrainFreeDiTCache", {"interval": 3, "head_blocks": 0, "tail_blocks": 0})]
 CACHED = {"sd15": r"DeepCache: (\d+) of \d+ UNet calls used the shallow branch",   # the caches' own reports
           "flux": r"DiT block cache .*: \d+ full and (\d+) cached evaluations"}
 for arch in ("chroma", "qwen_image", "hunyuan_video", "auraflow", "lumina2", "omnigen2", "hidream", "cosmos_predict2",
-             "wan_vace"):
+             "pixart", "wan_vace"):
     CACHED[arch] = CACHED["flux"]
 
 
@@ -42,7 +42,7 @@ def _run(comfyui, prompt, caplog):
 
 
 @pytest.mark.parametrize("arch", ["sd15", "flux", "chroma", "qwen_image", "hunyuan_video", "auraflow", "lumina2",
-                                  "hidream", "cosmos_predict2", "omnigen2", "wan_vace"])
+                                  "hidream", "cosmos_predict2", "omnigen2", "pixart", "wan_vace"])
 @pytest.mark.parametrize("order", ["guidance first", "cache first"])
 def test_two_guidance_nodes_and_a_cache_all_act(comfyui, caplog, arch, order):
     chain = CHAINS[arch] if order == "guidance first" else CHAINS[arch][::-1]

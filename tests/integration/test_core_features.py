@@ -9,7 +9,8 @@
   (a patch dropped under compilation moves it 100x more) and the caches must still skip work. NASA, PAG
   and the DiT cache together on Flux gave another result under compilation until the DiT cache kept its
   bookkeeping out of the compiler's traces. On HiDream, NASA's wrapper and attention override and PAG's call
-  numbering act under compilation too, with the DiT cache on the block patches the pack gives HiDream.
+  numbering act under compilation too, with the DiT cache on the block patches the pack gives HiDream; the same
+  on PixArt, whose attention calls get the forward's options from the pack.
 """
 import re
 import shutil
@@ -31,7 +32,7 @@ PATCHES = {   # node -> (its inputs, the neutral setting, an acting setting)
 # the tiny models with 2 blocks in all cache the first: Lumina 2's and OmniGen2's main layers, HiDream's double- and
 # single-stream block, Cosmos-Predict2's blocks
 TWO_BLOCKS = {(a, "TrainFreeDiTCache"): {"head_blocks": 0} for a in ("lumina2", "omnigen2", "hidream",
-                                                                     "cosmos_predict2")}
+                                                                     "cosmos_predict2", "pixart")}
 CACHED = {"TrainFreeDeepCache": r"DeepCache: (\d+) of \d+ UNet calls used the shallow branch",
           "TrainFreeDiTCache": r"DiT block cache .*: \d+ full and (\d+) cached evaluations",
           "TrainFreeAdaptiveGuidance": r"Adaptive Guidance skipped (\d+) of"}
@@ -97,12 +98,15 @@ CHAINS = {"sd15": ["TrainFreeAdaptiveGuidance", "TrainFreePAG", "TrainFreeDeepCa
           # pack's block patches for the cache
           "lumina2": ["TrainFreeNASA", "TrainFreePAG", "TrainFreeDiTCache"],   # the same, a rotary embedder and the
           # layers swapped per forward
-          "omnigen2": ["TrainFreeNASA", "TrainFreePAG", "TrainFreeDiTCache"]}   # the same, from APPLY_MODEL wrappers
+          "omnigen2": ["TrainFreeNASA", "TrainFreePAG", "TrainFreeDiTCache"],   # the same, from APPLY_MODEL wrappers
+          "pixart": ["TrainFreeNASA", "TrainFreePAG", "TrainFreeDiTCache"]}    # the same; its attention calls given
+# the forward's options (nodes/pixart_options.py) under compilation too
 
 
 @pytest.mark.skipif(_compiler_missing(), reason="torch.compile's inductor backend needs a C compiler on the CPU")
 @pytest.mark.parametrize("arch,where", [("sd15", "before"), ("sd15", "after"), ("flux", "after"), ("hidream", "after"),
-                                        ("lumina2", "after"), ("omnigen2", "after"), ("omnigen2", "before")])
+                                        ("lumina2", "after"), ("omnigen2", "after"), ("omnigen2", "before"),
+                                        ("pixart", "after"), ("pixart", "before")])
 def test_patches_under_torch_compile(comfyui, caplog, arch, where):
     import torch._dynamo
 

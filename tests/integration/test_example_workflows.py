@@ -6,6 +6,7 @@ import pytest
 
 import example_specs
 from harness import ROOT
+from test_nodes.tiny_models import PIXELS
 from workflow_format import ui_to_api
 
 EXAMPLES = sorted((ROOT / "example_workflows").glob("*.json"))
@@ -26,7 +27,7 @@ def _for_test(api: dict, arch: str, dtype: str = "float32") -> dict:
             node["class_type"] = "TrainFreeTestTinyCheckpoint"
             node["inputs"] = {"arch": arch, "seed": 0, "dtype": dtype}
         elif node["class_type"] == "EmptyLatentImage":
-            node["inputs"].update(width=64, height=64)
+            node["inputs"].update(width=PIXELS.get(arch, 64), height=PIXELS.get(arch, 64))
         elif node["class_type"] == "TrainFreeDPMSolverV3Calibrate":
             node["inputs"].update(samples=8, grid_points=8, data_steps=5, overwrite=True)
         elif node["class_type"] == "TrainFreeScheduleSearch":
@@ -52,7 +53,7 @@ def test_every_node_has_an_example(comfyui):
 OTHERS = [(p, a) for p in EXAMPLES if p.stem not in ARCHS
           for a in ("sd3", "chroma", "chroma_radiance", "qwen_image", "wan", "wan_i2v", "wan_vace", "wan22",
                     "hunyuan_video", "hunyuan_image", "ltxv", "lumina2", "auraflow", "hidream", "cosmos_predict2",
-                    "omnigen2", "svd")]
+                    "omnigen2", "pixart", "pixart_sigma", "svd")]
 
 
 @pytest.mark.parametrize("path,arch", OTHERS, ids=[f"{p.stem}-{a}" for p, a in OTHERS])

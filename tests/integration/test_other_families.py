@@ -1,4 +1,5 @@
-"""The DiT families that not every family-specific node supports (AuraFlow, HiDream-I1, Cosmos-Predict2, OmniGen2):
+"""The DiT families that not every family-specific node supports (AuraFlow, HiDream-I1, Cosmos-Predict2, OmniGen2,
+PixArt-alpha / Sigma):
 DeepCache's refusal reaches the user as the node's own message through ComfyUI's executor, naming the network and
 what to use instead, and the next prompt runs. (The family-independent nodes run their examples on these families in
 test_example_workflows; PAG on all four is tested in test_pag_other_dits, the DiT cache on all four in
@@ -7,7 +8,7 @@ import pytest
 from prompts import ksampler, patched_ksampler
 
 NETWORKS = {"auraflow": "MMDiT", "hidream": "HiDreamImageTransformer2DModel", "cosmos_predict2": "MiniTrainDIT",
-            "omnigen2": "OmniGen2Transformer2DModel"}
+            "omnigen2": "OmniGen2Transformer2DModel", "pixart": "PixArtMS"}
 NODES = {
     "TrainFreeDeepCache": ({"cache_interval": 3, "cache_depth": 1, "schedule": "uniform", "start_percent": 0.0,
                             "end_percent": 1.0},

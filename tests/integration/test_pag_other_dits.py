@@ -1,5 +1,6 @@
-"""TrainFreePAG on AuraFlow (block patches, as Flux), HiDream-I1, Cosmos-Predict2 and OmniGen2 (no block patches in
-ComfyUI 0.3.64: attention calls numbered per forward, nodes/pag_counted.py, nodes/pag_omnigen2.py): the chosen
+"""TrainFreePAG on AuraFlow (block patches, as Flux), HiDream-I1, Cosmos-Predict2, OmniGen2 and PixArt (no block
+patches in ComfyUI 0.3.64: attention calls numbered per forward, nodes/pag_counted.py, nodes/pag_omnigen2.py; PixArt's
+calls given the forward's options, nodes/pixart_options.py): the chosen
 block's attention equals an independent masked attention, one perturbed call per chosen block and forward on the
 image rows (a second latent size, a batch, an edit model's image joined to the latent, OmniGen2's reference images),
 a clear stop where the call count differs, and the numbering beside core's EasyCache, which skips whole forwards."""
@@ -9,7 +10,9 @@ import re
 import pytest
 import torch
 
-ARCHS = ("auraflow", "hidream", "cosmos_predict2", "omnigen2")
+ARCHS = ("auraflow", "hidream", "cosmos_predict2", "omnigen2", "pixart")
+# (latent size, image tokens) of each family's tests: 8 x 8 in patches of 2, PixArt's smallest and an oblong one
+SIZES = {"pixart": (((40, 40), 400), ((36, 44), 396))}
 
 
 def _tiny(comfyui):
@@ -38,7 +41,7 @@ def _build(comfyui, arch):
     return m
 
 
-def _latent(tiny, arch, batch=1, size=(8, 8), seed=0):
+def _latent(tiny, arch, batch=1, size=None, seed=0):
     return torch.randn(tiny.latent_shape(arch, batch, size), generator=torch.Generator().manual_seed(seed))
 
 
@@ -49,12 +52,15 @@ def _attention_module(dm, arch, kind, index):
         return (dm.double_stream_blocks if kind == "double" else dm.single_stream_blocks)[index].block.attn1
     if arch == "omnigen2":
         return dm.layers[index].attn
+    if arch == "pixart":
+        return dm.blocks[index].attn
     return dm.blocks[index].self_attn
 
 
 def _image_rows(arch, n, img):
     """Where the image tokens are, as read in ComfyUI 0.3.64's networks: AuraFlow [register + text; image], OmniGen2
-    [text; reference images; image], HiDream [image; text], Cosmos a pure self-attention over the video tokens."""
+    [text; reference images; image], HiDream [image; text], Cosmos and PixArt a pure self-attention over the image
+    tokens."""
     if arch in ("auraflow", "omnigen2"):
         return n - img, n
     return 0, img
@@ -65,7 +71,7 @@ def _manual(monkeypatch, dm, arch, kind, index, img):
     every other image key from each image query (the text keys and its own key stay visible)."""
     import importlib
 
-    module = importlib.import_module(type(dm).__module__)
+    module = importlib.import_module("comfy.ldm.pixart.blocks" if arch == "pixart" else type(dm).__module__)
     name = "optimized_attention_masked" if arch == "omnigen2" else "optimized_attention"
     real_attention = getattr(module, name)
     active = [False]
@@ -96,13 +102,14 @@ def _manual(monkeypatch, dm, arch, kind, index, img):
 
 LAYERS = [("auraflow", "double", 0), ("auraflow", "single", 1), ("hidream", "double", 0), ("hidream", "single", 0),
           ("cosmos_predict2", "block", 0), ("cosmos_predict2", "block", 1), ("omnigen2", "block", 0),
-          ("omnigen2", "block", 1)]
+          ("omnigen2", "block", 1), ("pixart", "block", 0), ("pixart", "block", 1)]
 
 
 @pytest.mark.parametrize("arch,kind,index", LAYERS)
 def test_the_perturbed_block_equals_an_independent_masked_attention(comfyui, monkeypatch, arch, kind, index):
     """The perturbed prediction equals the model whose chosen attention runs ComfyUI's own attention with an explicit
-    mask: image queries see the text keys and their own key only (Cosmos' self-attention: its own key only, V)."""
+    mask: image queries see the text keys and their own key only (Cosmos' and PixArt's self-attention: its own key
+    only, V)."""
     m = _build(comfyui, arch)
     mod = comfyui.module_of("TrainFreePAG")
     dm = m.model.diffusion_model
@@ -112,7 +119,7 @@ def test_the_perturbed_block_equals_an_independent_masked_attention(comfyui, mon
     opts = mod.perturbed_options(m.model_options, arch, [(kind, index, None)], counts=counts)
     ours = _apply(m, arch, x, opts["transformer_options"])
     plain = _apply(m, arch, x, m.model_options["transformer_options"])
-    _manual(monkeypatch, dm, arch, kind, index, img=16)            # an 8x8 latent in 2x2 patches
+    _manual(monkeypatch, dm, arch, kind, index, img=SIZES.get(arch, (((8, 8), 16),))[0][1])
     manual = _apply(m, arch, x, m.model_options["transformer_options"])
     monkeypatch.undo()
     assert (ours - plain).abs().max() > 1e-4 * plain.abs().max()
@@ -135,13 +142,14 @@ def _spy(monkeypatch, mod):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_one_perturbed_call_per_chosen_block_and_step_on_the_image_rows(comfyui, monkeypatch, arch):
     """Sampling with CFG (a batch of 2, 3 steps): one perturbed call per chosen block per step, on the conditional
-    rows only, with the image rows of that latent size; the same model then runs a 6x10 latent (15 patches)."""
+    rows only, with the image rows of that latent size; the same model then runs a 6x10 latent (15 patches; PixArt:
+    40 x 40, then 36 x 44)."""
     import comfy.sample
 
     m = _build(comfyui, arch)
     mod = comfyui.module_of("TrainFreePAG")
     layers = {"auraflow": "double.0, single.1", "hidream": "double.0, single.0", "cosmos_predict2": "block.1",
-              "omnigen2": "block.0, block.1"}[arch]
+              "omnigen2": "block.0, block.1", "pixart": "block.0"}[arch]
     guided = _pag(comfyui, m, 3.0, layers)
     seen = _spy(monkeypatch, mod)
     prompts = 1 if arch == "omnigen2" else 2      # 0.3.64's OmniGen2 sums a batch of prompts' masks into one count
@@ -149,13 +157,13 @@ def test_one_perturbed_call_per_chosen_block_and_step_on_the_image_rows(comfyui,
     # text tokens beside the image: AuraFlow's register tokens and prompt; HiDream's T5 and twice a Llama layer
     text = m.model.diffusion_model.register_tokens.shape[1] + 16 if arch == "auraflow" else \
         16 + 2 * 16 if arch == "hidream" else 16 if arch == "omnigen2" else 0
-    for size, img in (((8, 8), 16), ((6, 10), 15)):
+    for size, img in SIZES.get(arch, (((8, 8), 16), ((6, 10), 15))):
         seen.clear()
         noise = _latent(m.tiny, arch, 2, size, seed=4)
         comfy.sample.sample(guided, noise, 3, 3.0, "euler", "normal", pos, neg, torch.zeros_like(noise), seed=4,
                             disable_pbar=True)
         n = img + text
-        rows = None if arch == "cosmos_predict2" else _image_rows(arch, n, img)
+        rows = None if arch in ("cosmos_predict2", "pixart") else _image_rows(arch, n, img)
         assert seen == [(2, n, rows)] * (3 * len(layers.split(",")))
 
 
@@ -216,14 +224,14 @@ def test_omnigen2_stops_on_another_call_count_or_layout(comfyui, monkeypatch):
         _apply(m, "omnigen2", _latent(m.tiny, "omnigen2"), opts["transformer_options"])
 
 
-@pytest.mark.parametrize("arch", ["hidream", "cosmos_predict2"])
+@pytest.mark.parametrize("arch", ["hidream", "cosmos_predict2", "pixart"])
 def test_another_attention_count_stops_with_a_clear_error(comfyui, arch):
     m = _build(comfyui, arch)
     mod = comfyui.module_of("TrainFreePAG")
     calls, numbers, patch = mod.pag_counted.layout(m.model.diffusion_model, arch)
     opts = mod.perturbed_options(m.model_options, arch, [(mod.pag_counted.KINDS_OF[arch][0], 0, None)],
                                  counts=(calls + 1, numbers, patch))
-    name = {"hidream": "HiDream", "cosmos_predict2": "Cosmos-Predict2"}[arch]
+    name = mod.pag_counted.NAMES[arch]
     with pytest.raises(RuntimeError, match=rf"PAG \(TrainFree\) on {name}: the network made {calls} attention calls, "
                                            rf"{calls + 1} expected"):
         _apply(m, arch, _latent(m.tiny, arch), opts["transformer_options"])

@@ -12,10 +12,11 @@ CKPT = "flux1-dev-fp8.safetensors"
 STEPS, CFG, SAMPLER, SCHEDULER = 20, 1.0, "euler", "simple"
 NAME = "flux_dev_cache_20steps"
 CACHE_NOTE = ("DiT Block Cache (TrainFree), for Flux / Chroma / SD3 / Wan / HunyuanVideo / Qwen-Image / LTX-Video / "
-              "AuraFlow / Lumina 2 / OmniGen2 / HiDream / Cosmos-Predict2: the middle transformer blocks run on every "
-              "interval-th step only; in between, their stored residual is added instead. After each run the console "
-              "and this node show how many evaluations were cached and the measured speed-up. interval 3 is about "
-              "2x on Flux; 2 is gentler. Stacks with guidance patches; refuses EasyCache/LazyCache on the same model.")
+              "AuraFlow / Lumina 2 / OmniGen2 / HiDream / Cosmos-Predict2 / PixArt: the middle transformer blocks run "
+              "on every interval-th step only; in between, their stored residual is added instead. After each run the "
+              "console and this node show how many evaluations were cached and the measured speed-up. interval 3 is "
+              "about 2x on Flux; 2 is gentler. Stacks with guidance patches; refuses EasyCache/LazyCache on the same "
+              "model.")
 CALIB_NOTE = ("CacheQuant (TrainFree): the Calibrate node samples once with all blocks, then picks which steps run "
               "the blocks by dynamic programming and fits a per-channel correction of the reused residuals. Use the "
               "same steps, cfg, sampler, scheduler and image size as the KSampler. The schedule is saved under "
@@ -57,10 +58,12 @@ GRAPHS = {
                                                          "trainfree_cache_quant"),
     "cache_quant_load_and_sample": lambda b: _graph(b, [3, 1, 1], "load", LOAD_NOTE, "trainfree_cache_quant_load"),
 }
-# the tiny SD3 / Wan / Lumina 2 / OmniGen2 / HiDream / Cosmos-Predict2 test models have 2 blocks (the others 3 or 4):
+# the tiny SD3 / Wan / Lumina 2 / OmniGen2 / HiDream / Cosmos-Predict2 / PixArt test models have 2 blocks (the
+# others 3 or 4):
 # keep the last one in the cached span; calibrate anew per model
 FOR_TEST = {"TrainFreeDiTCache": {"head_blocks": 1, "tail_blocks": 0},
             "TrainFreeCacheQuantCalibrate": {"head_blocks": 1, "tail_blocks": 0, "overwrite": True}}
 LOADERS = {"TrainFreeCacheQuantLoad": "cache_quant_calibrate_and_sample.json"}
 ARCHS = {name: ["flux", "sd3", "wan", "wan_i2v", "wan_vace", "wan22", "chroma", "qwen_image", "hunyuan_video", "ltxv",
-                "auraflow", "lumina2", "omnigen2", "hidream", "cosmos_predict2"] for name in GRAPHS}
+                "auraflow", "lumina2", "omnigen2", "hidream", "cosmos_predict2", "pixart", "pixart_sigma"]
+         for name in GRAPHS}

@@ -5,7 +5,8 @@ SOCKETS = {"TrainFreeNASA": ([("model", "MODEL"), ("negative", "CONDITIONING")],
 NOTE = ("NASA (negative-away steer attention): a negative prompt for 1-4 step distilled models at cfg 1. Load an "
         "LCM / Lightning / Hyper-SD / DMD2 / Turbo checkpoint (or Flux schnell, SD3.5 Turbo, a distilled Wan, "
         "Qwen-Image with a Lightning LoRA, a distilled Chroma or LTX-Video, HiDream Dev / Fast, HunyuanVideo, which "
-        "runs at cfg 1 with its embedded guidance) here. The negative prompt enters "
+        "runs at cfg 1 with its embedded guidance; or PixArt-alpha / Sigma, the paper's own family) here. The "
+        "negative prompt enters "
         "through the NASA node, not through CFG: every cross-attention subtracts alpha x the attention to the "
         "negative prompt. alpha: 0.1 (SD1.5-based, paper), 0.2 (SD2.1-based), 0.5 (PixArt). KSampler's negative "
         "input is unused at cfg 1.")
@@ -32,4 +33,4 @@ def _graph(b):
 GRAPHS = {"nasa": _graph}
 ARCHS = {"nasa": ["sd15", "sdxl", "sd3", "flux", "chroma", "qwen_image", "ltxv", "hunyuan_video", "hunyuan_image",
                   "wan_i2v", "wan_vace", "wan22", "auraflow", "hidream", "cosmos_predict2", "lumina2",
-                  "omnigen2"]}
+                  "omnigen2", "pixart", "pixart_sigma"]}

@@ -7,7 +7,7 @@ NOTE = ("Perturbed-Attention Guidance on chosen layers: one extra model call per
         "with CFG 4 (scale 5 at cfg 1), SD1.5/SDXL layer middle.0 (empty 'layers' = that default; DiTs: the block "
         "at half depth). Layers: input.N / middle.0 / output.N (UNet), double.N / single.N (Flux, Chroma, "
         "HunyuanVideo, AuraFlow, HiDream), joint.N (SD3), block.N (Wan, Qwen-Image, LTX-Video, Lumina 2, "
-        "Cosmos-Predict2, OmniGen2).")
+        "Cosmos-Predict2, OmniGen2, PixArt).")
 
 
 def _graph(b):
@@ -16,4 +16,5 @@ def _graph(b):
 
 GRAPHS = {"pag": _graph}
 ARCHS = {"pag": ["sd15", "sdxl", "sd3", "flux", "chroma", "qwen_image", "ltxv", "hunyuan_video", "wan_i2v",
-                 "wan_vace", "wan22", "lumina2", "auraflow", "hidream", "cosmos_predict2", "omnigen2"]}
+                 "wan_vace", "wan22", "lumina2", "auraflow", "hidream", "cosmos_predict2", "omnigen2", "pixart",
+                 "pixart_sigma"]}

@@ -18,10 +18,11 @@ TI2V 5B: Wan 2.1's network on a 48-channel latent; its image-to-video fixes the 
 ComfyUI then gives each frame its own timestep). ``OTHER_DITS``:
 "auraflow" (AuraFlow / Pony V7: Flux-like double and single blocks behind register tokens), "hidream" (HiDream-I1:
 a T5 context and stacked Llama layers' features, ``conditioning_llama3``), "cosmos_predict2" (Cosmos-Predict2
-text-to-image: EDM sigmas, a 5-D latent of one frame) and "omnigen2" (OmniGen2); PixArt and Mochi were left out
-(ComfyUI's PixArt needs latents of 32 or more, Mochi's blocks assert their full width). "svd" is Stable Video
-Diffusion's video U-Net (EDM v-prediction; the batch is the frames; the prompt is one CLIP-vision token and the start
-image's latent, concatenated to the input).
+text-to-image: EDM sigmas, a 5-D latent of one frame), "omnigen2" (OmniGen2), "pixart" (PixArt-alpha: a linear
+beta schedule, sigma_max about 157; self- and cross-attention blocks; size micro-conditions; its latents 40 x 40,
+``SMALLEST``) and "pixart_sigma" (PixArt-Sigma: no micro-conditions, SDXL's latent); Mochi was left out (its
+blocks assert their full width). "svd" is Stable Video Diffusion's video U-Net (EDM v-prediction; the batch is the
+frames; the prompt is one CLIP-vision token and the start image's latent, concatenated to the input).
 
 ``VARIANTS`` are v-prediction UNets, built as their base arch with core's ModelSamplingDiscrete applied: "sd15_v"
 (SD2.x-style v-prediction) and "sdxl_vzsnr" (v-prediction with zero terminal SNR, as the v-pred SDXL finetunes;
@@ -32,7 +33,7 @@ from __future__ import annotations
 import torch
 
 # DiT families that not every family-specific node (PAG, NASA, the caches) supports: what runs there, what is refused
-OTHER_DITS = ("auraflow", "hidream", "cosmos_predict2", "omnigen2")
+OTHER_DITS = ("auraflow", "hidream", "cosmos_predict2", "omnigen2", "pixart", "pixart_sigma")
 ARCHS = ("sd15", "sdxl", "sd3", "flux", "wan", "chroma", "chroma_radiance", "qwen_image", "hunyuan_video", "hunyuan_image",
          "ltxv", "wan_i2v", "wan_vace", "lumina2", "wan_camera", "wan_humo", "wan_animate", "wan_s2v", "wan22",
          *OTHER_DITS, "svd")
@@ -41,7 +42,12 @@ WAN_VARIANTS = ("wan_camera", "wan_humo", "wan_animate", "wan_s2v")
 LATENT_DIMS = {"sd15": 2, "sdxl": 2, "sd3": 2, "flux": 2, "wan": 3, "chroma": 2, "chroma_radiance": 2, "qwen_image": 3,
                "hunyuan_video": 3, "hunyuan_image": 2, "ltxv": 3, "wan_i2v": 3, "wan_vace": 3, "lumina2": 2, "wan22": 3,
                **{a: 3 for a in WAN_VARIANTS}, "auraflow": 2, "hidream": 2, "cosmos_predict2": 3, "omnigen2": 2,
-               "svd": 2}
+               "pixart": 2, "pixart_sigma": 2, "svd": 2}
+# the smallest latents ComfyUI's network of a family takes, where 8 x 8 is too small: PixArt's position embedding
+# divides by its base size, round(latent side / 64) * 64 / patch, which is 0 below a side of 33 (real PixArt latents:
+# 64 and up)
+SMALLEST = {"pixart": (40, 40), "pixart_sigma": (40, 40)}
+PIXELS = {arch: 8 * max(size) for arch, size in SMALLEST.items()}   # the EmptyLatentImage side that gives it
 # frames of the 5-D latents the tests sample (Qwen-Image, an image model, keeps a frame axis of 1)
 FRAMES = {"wan": 2, "ltxv": 2, "qwen_image": 1, "hunyuan_video": 1, "wan_i2v": 2, "wan_vace": 2, "wan22": 2,
           **{a: 2 for a in WAN_VARIANTS}, "cosmos_predict2": 1}
@@ -192,6 +198,14 @@ def _other_dit(arch):
                             "norm_eps": 1e-5, "num_attention_heads": 2, "num_kv_heads": 1, "num_layers": 2,
                             "num_refiner_layers": 1, "out_channels": None, "patch_size": 2, "text_feat_dim": 64,
                             "timestep_scale": 1000.0})
+    if arch == "pixart":        # PixArt-alpha: self-attention, cross-attention to T5, adaLN-single; no block patches
+        return sm.PixArtAlpha({"image_model": "pixart_alpha", "input_size": 32, "patch_size": 2, "in_channels": 4,
+                               "hidden_size": 96, "depth": 2, "num_heads": 2, "caption_channels": 64,
+                               "pe_interpolation": 1.0, "micro_condition": True, "model_max_length": 16})
+    if arch == "pixart_sigma":  # PixArt-Sigma: the same network without size micro-conditions, on SDXL's latent
+        return sm.PixArtSigma({"image_model": "pixart_sigma", "input_size": 32, "patch_size": 2, "in_channels": 4,
+                               "hidden_size": 64, "depth": 2, "num_heads": 2, "caption_channels": 64,
+                               "micro_condition": False, "model_max_length": 16})
     raise ValueError(f"unknown tiny arch {arch!r}")
 
 
@@ -267,9 +281,11 @@ def patcher(cfg, seed: int = 0, dtype: torch.dtype = torch.float32):
                                             offload_device=mm.unet_offload_device())
 
 
-def latent_shape(arch: str, batch: int = 1, size=(8, 8)) -> tuple:
-    """The shape of a latent of ``arch`` (its channels; a frame axis where it has one) with spatial ``size``."""
+def latent_shape(arch: str, batch: int = 1, size=None) -> tuple:
+    """The shape of a latent of ``arch`` (its channels; a frame axis where it has one) with spatial ``size`` (default:
+    8 x 8, or the smallest one the family takes, ``SMALLEST``)."""
     base = VARIANTS.get(arch, (arch,))[0]
+    size = size or SMALLEST.get(base, (8, 8))
     frames = (FRAMES[base],) if base in FRAMES else ()
     return (batch, _config(base).latent_format.latent_channels) + frames + tuple(size)
 
