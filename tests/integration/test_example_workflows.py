@@ -14,9 +14,11 @@ LOADERS = {"TrainFreeDPMSolverV3Load": "dpm_solver_v3_calibrate_and_sample.json"
            "TrainFreeDCSolverLoad": "dc_solver_search_and_sample.json", **example_specs.collect("LOADERS")}
 FOR_TEST = example_specs.collect("FOR_TEST")
 ARCHS = example_specs.collect("ARCHS")
-# every example that runs on SD1.5 also runs on a v-prediction, zero-terminal-SNR SDXL (sigma_max about 4500)
+# every example that runs on SD1.5 also runs on a v-prediction, zero-terminal-SNR SDXL (sigma_max about 4500) and
+# on an EDM-preconditioned one (Playground v2.5: continuous sigmas 0.002 to 80)
+SAMPLINGS = ["sdxl_vzsnr", "sdxl_edm"]
 CASES = [(p, arch) for p in EXAMPLES for archs in [ARCHS.get(p.stem, ["sd15", "flux"])]
-         for arch in archs + (["sdxl_vzsnr"] if "sd15" in archs else [])]
+         for arch in archs + (SAMPLINGS if "sd15" in archs else [])]
 
 
 def _for_test(api: dict, arch: str, dtype: str = "float32") -> dict:
@@ -61,8 +63,8 @@ def test_family_independent_example_runs_on_other_families(comfyui, path: Path, 
     _run_example(comfyui, path, arch)
 
 
-HALF = [(p, a) for p, a in CASES if a != "sdxl_vzsnr"]
-UNETS = ("sd15", "sdxl", "sdxl_vzsnr", "svd")
+HALF = [(p, a) for p, a in CASES if a not in SAMPLINGS]
+UNETS = ("sd15", "sdxl", *SAMPLINGS, "svd")
 
 
 @pytest.mark.parametrize("path,arch", HALF, ids=[f"{p.stem}-{a}" for p, a in HALF])

@@ -24,9 +24,10 @@ beta schedule, sigma_max about 157; self- and cross-attention blocks; size micro
 blocks assert their full width). "svd" is Stable Video Diffusion's video U-Net (EDM v-prediction; the batch is the
 frames; the prompt is one CLIP-vision token and the start image's latent, concatenated to the input).
 
-``VARIANTS`` are v-prediction UNets, built as their base arch with core's ModelSamplingDiscrete applied: "sd15_v"
-(SD2.x-style v-prediction) and "sdxl_vzsnr" (v-prediction with zero terminal SNR, as the v-pred SDXL finetunes;
-its sigma_max is about 4500 instead of 14.6).
+``VARIANTS`` are UNets built as their base arch with one of core's model sampling nodes applied: "sd15_v" (SD2.x-style
+v-prediction) and "sdxl_vzsnr" (v-prediction with zero terminal SNR, as the v-pred SDXL finetunes; its sigma_max is
+about 4500 instead of 14.6), with ModelSamplingDiscrete; "sdxl_edm" (Playground v2.5: EDM preconditioning, sigma_data
+0.5, continuous sigmas 0.002 to 80, its own latent format), with ModelSamplingContinuousEDM.
 """
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ PIXELS = {arch: 8 * max(size) for arch, size in SMALLEST.items()}   # the EmptyL
 FRAMES = {"wan": 2, "ltxv": 2, "qwen_image": 1, "hunyuan_video": 1, "wan_i2v": 2, "wan_vace": 2, "wan22": 2,
           **{a: 2 for a in WAN_VARIANTS}, "cosmos_predict2": 1}
 # name: (base arch, zsnr) of the v-prediction variants
-VARIANTS = {"sd15_v": ("sd15", False), "sdxl_vzsnr": ("sdxl", True)}
+VARIANTS = {"sd15_v": ("sd15", "v_prediction"), "sdxl_vzsnr": ("sdxl", "v_prediction zsnr"),
+            "sdxl_edm": ("sdxl", "edm_playground_v2.5")}
 CHOICES = ARCHS + tuple(VARIANTS)
 # (context tokens, context dim, pooled dim) the conditioning must have for each arch (Chroma reads no pooled
 # vector but, built on Flux, its conditioning must carry one)
@@ -246,10 +248,13 @@ def build(arch: str = "sd15", seed: int = 0, dtype: torch.dtype = torch.float32)
     """A ModelPatcher around a tiny random model of ``arch`` (one of ``CHOICES``) with weights in ``dtype`` (float16 /
     bfloat16: as ComfyUI runs them on GPUs)."""
     if arch in VARIANTS:
-        from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+        from comfy_extras.nodes_model_advanced import ModelSamplingContinuousEDM, ModelSamplingDiscrete
 
-        base, zsnr = VARIANTS[arch]
-        return ModelSamplingDiscrete().patch(patcher(_config(base), seed, dtype), "v_prediction", zsnr)[0]
+        base, sampling = VARIANTS[arch]
+        model = patcher(_config(base), seed, dtype)
+        if sampling.startswith("edm"):
+            return ModelSamplingContinuousEDM().patch(model, sampling, 80.0, 0.002)[0]
+        return ModelSamplingDiscrete().patch(model, "v_prediction", sampling.endswith("zsnr"))[0]
     return patcher(_config(arch), seed, dtype)
 
 
