@@ -65,7 +65,7 @@ def measure(arch, steps, seeds, size, model=None, cond=None):
         pos, neg = cond(1000 + seed), cond(2000 + seed)
         if arch == "hidream":   # the pooled vector (NASA leaves it to the prompt) would be most of x_pos - x_neg
             neg = [[neg[0][0], dict(neg[0][1], pooled_output=pos[0][1]["pooled_output"])]]
-        side = max(size, *tiny.SMALLEST.get(arch, (0,)))        # PixArt takes no latent below 33 x 33
+        side = tiny.side(arch, size)                            # PixArt takes no latent below 33 x 33
         shape = tiny.latent_shape(arch, 1, (side, side))
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
         x_pos, _ = _sample(model, pos, pos, noise, steps, 1.0)

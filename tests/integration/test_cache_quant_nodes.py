@@ -32,7 +32,7 @@ def _sample(comfyui, model, arch, steps=8, cfg=3.0, batch=1, size=8, seed=4, pro
     import comfy.sample
 
     tiny = _tiny(comfyui)
-    size = max(size, *tiny.SMALLEST.get(arch, (0,)))
+    size = tiny.side(arch, size)
     latent = comfy.sample.fix_empty_latent_channels(model, torch.zeros(batch, 4, size, size))
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
     pos = tiny.conditioning(arch, prompts[0], batch)
@@ -49,7 +49,7 @@ def _calibrate(comfyui, model, arch, steps=8, correction=True, name="cq", cfg=3.
                batch=1):
     tiny = _tiny(comfyui)
     head, tail = SPANS[arch]
-    size = max(size, *tiny.SMALLEST.get(arch, (0,)))
+    size = tiny.side(arch, size)
     return _node(comfyui, "TrainFreeCacheQuantCalibrate").calibrate(
         model, tiny.conditioning(arch, 1), tiny.conditioning(arch, 2), {"samples": torch.zeros(batch, 4, size, size)},
         seed,

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from prompts import ksampler, patched_ksampler
-from test_nodes.tiny_models import SMALLEST
+from test_nodes.tiny_models import side
 
 OTHER_CKPT_SEED = 777           # a checkpoint no other test prompt uses: a model of its own
 
@@ -131,7 +131,7 @@ def failing(model, at=3):
 def _sample(model, arch, cond, neg, steps=4, size=8, seed=0):
     import comfy.sample
 
-    size = max(size, *SMALLEST.get(arch, (0,)))
+    size = side(arch, size)
     latent = comfy.sample.fix_empty_latent_channels(model, torch.zeros(1, 4, size, size))
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
     return comfy.sample.sample(model, noise, steps, 1.0, "euler", "normal", cond, neg, latent, seed=seed,
@@ -175,7 +175,7 @@ def test_patches_hold_no_tensors_after_a_run(comfyui, name):
     import comfy.sample
 
     def run():
-        latent = comfy.sample.fix_empty_latent_channels(m, torch.zeros(2, 4, *tiny.SMALLEST.get(arch, (8, 8))))
+        latent = comfy.sample.fix_empty_latent_channels(m, torch.zeros(2, 4, tiny.side(arch, 8), tiny.side(arch, 8)))
         noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(3))
         return comfy.sample.sample(m, noise, 6, 4.0, "euler", "normal", cond, neg, latent, seed=3, disable_pbar=True)
 

@@ -52,7 +52,7 @@ PIXELS = {arch: 8 * max(size) for arch, size in SMALLEST.items()}   # the EmptyL
 # frames of the 5-D latents the tests sample (Qwen-Image, an image model, keeps a frame axis of 1)
 FRAMES = {"wan": 2, "ltxv": 2, "qwen_image": 1, "hunyuan_video": 1, "wan_i2v": 2, "wan_vace": 2, "wan22": 2,
           **{a: 2 for a in WAN_VARIANTS}, "cosmos_predict2": 1}
-# name: (base arch, zsnr) of the v-prediction variants
+# name: (base arch, the sampling core's node applies) of the variants
 VARIANTS = {"sd15_v": ("sd15", "v_prediction"), "sdxl_vzsnr": ("sdxl", "v_prediction zsnr"),
             "sdxl_edm": ("sdxl", "edm_playground_v2.5")}
 CHOICES = ARCHS + tuple(VARIANTS)
@@ -284,6 +284,11 @@ def patcher(cfg, seed: int = 0, dtype: torch.dtype = torch.float32):
     model.diffusion_model.eval()
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
+
+
+def side(arch: str, size: int) -> int:
+    """``size``, or the smallest latent side ``arch``'s network takes where that is larger (``SMALLEST``)."""
+    return max(size, *SMALLEST.get(VARIANTS.get(arch, (arch,))[0], (0,)))
 
 
 def latent_shape(arch: str, batch: int = 1, size=None) -> tuple:
